@@ -1,0 +1,299 @@
+"""The step loop: schedule -> propose -> verify -> commit -> emit.
+
+One ``step()`` runs one target forward over every scheduled sequence: prefill chunks and, for decoding
+sequences, a draft tree rooted at their last token (a root-only tree is plain decoding). Verification
+accepts a path of each tree (lossless: greedy equality, or rejection sampling against the request's own
+processed distribution), the KV rows of that path are compacted into the prefix, and the committed
+tokens are checked for stop conditions one by one, so nothing past a stop string, EOS or max_tokens is
+ever emitted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import EngineConfig
+from ..models.loader import DTYPES, LoadedModel, load_model
+from ..spec.tree import DraftTree
+from ..spec.verify import verify_tree
+from .kv_cache import KVCache
+from .runner import ModelRunner, RowSpec
+from .sampler import SamplingParams, process_logits, sample, token_logprobs
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class SeqDelta:
+    """What one step produced for one sequence (the unit of streaming)."""
+
+    request_id: str
+    index: int
+    seq_id: int
+    new_text: str
+    new_token_ids: list[int]
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]]
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class EngineCounters:
+    steps: int = 0
+    forward_seconds: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps_seq: int = 0      # (sequence, step) pairs that decoded
+    drafted: int = 0
+    accepted: int = 0
+    requests_finished: int = 0
+    by_strategy: dict[str, list[int]] = field(default_factory=dict)  # strategy -> [seq-steps, committed]
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.cfg = cfg
+        self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, cfg.cache_dir)
+        self.tokenizer = self.loaded.tokenizer
+        arch = self.loaded.arch
+        self.max_model_len = min(cfg.max_model_len, arch.max_position_embeddings)
+        dtype = DTYPES[cfg.dtype]
+        per_token = KVCache.bytes_per_token(arch, dtype)
+        reserve = cfg.spec.max_draft_tokens + 1
+        slot_len = self.max_model_len + reserve
+        full_budget = cfg.max_num_seqs * slot_len
+        if cfg.kv_cache_memory == 0:
+            budget = full_budget
+        elif cfg.kv_cache_memory > 1:
+            budget = int(cfg.kv_cache_memory // per_token)
+        else:
+            import psutil
+
+            budget = int(psutil.virtual_memory().available * cfg.kv_cache_memory // per_token)
+        budget = min(budget, full_budget)
+        if budget < slot_len:
+            raise ValueError(f"kv_cache_memory holds {budget} tokens, less than one sequence ({slot_len})")
+        self.kv = KVCache(arch, cfg.max_num_seqs, slot_len, dtype, cfg.device)
+        self.runner = ModelRunner(self.loaded.model, self.kv, cfg.device)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, budget, reserve)
+        self.eos_ids = set(self.loaded.eos_token_ids)
+        self.counters = EngineCounters()
+        self.seqs: dict[int, Sequence] = {}
+        self.requests: dict[str, list[Sequence]] = {}
+        self._ids = itertools.count()
+        self.spec = None  # set by attach_speculation(); None means plain decoding
+        self.step_listeners: list = []  # callables(engine, step_info) for metrics, traces, controllers
+
+    # ---- requests ----------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0, group: str | None = None) -> list[Sequence]:
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        vocab = self.loaded.arch.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens; the context length is {self.max_model_len} "
+                f"(leave room for at least one generated token)")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        group = group or (request_id if params.n > 1 else None)
+        seqs = []
+        for i in range(params.n):
+            p = params
+            if params.n > 1 and params.seed is not None:
+                p = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+            seq = Sequence(prompt_ids=ids, params=p, request_id=request_id, priority=priority, group=group,
+                           seq_id=next(self._ids))
+            seqs.append(seq)
+            self.seqs[seq.seq_id] = seq
+            self.scheduler.add(seq)
+            if self.spec is not None:
+                self.spec.add_request(seq)
+        self.requests[request_id] = seqs
+        return seqs
+
+    def abort(self, request_id: str) -> bool:
+        seqs = self.requests.pop(request_id, None)
+        if not seqs:
+            return False
+        for seq in seqs:
+            if not seq.finished:
+                self.scheduler.abort(seq.seq_id)
+                self._retire(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[SeqDelta]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        trees: dict[int, DraftTree] = {}
+        if self.spec is not None and batch.decode:
+            trees = self.spec.draft(batch.decode, batch.num_tokens)
+        rows: list[RowSpec] = []
+        for seq, n in batch.prefill:
+            final = seq.cache_len + n == len(seq.tokens)
+            rows.append(RowSpec(seq.slot, seq.cache_len, seq.tokens[seq.cache_len:seq.cache_len + n],
+                                logits_from=n - 1 if final else -1))
+        for seq in batch.decode:
+            tree = trees.get(seq.seq_id) or DraftTree.root_only(seq.tokens[-1])
+            trees[seq.seq_id] = tree
+            if len(tree) == 1:
+                rows.append(RowSpec(seq.slot, seq.cache_len, tree.tokens, logits_from=0))
+            else:
+                rows.append(RowSpec(seq.slot, seq.cache_len, tree.tokens, depths=tree.depths(),
+                                    tree_mask=tree.ancestor_mask(), logits_from=0))
+        want_aux = self.spec is not None and self.spec.wants_aux
+        t0 = time.perf_counter()
+        out = self.runner.run(rows, want_aux=want_aux)
+        seconds = time.perf_counter() - t0
+        num_tokens = sum(len(r.tokens) for r in rows)
+        self.counters.steps += 1
+        self.counters.forward_seconds += seconds
+
+        deltas: list[SeqDelta] = []
+        for i, (seq, n) in enumerate(batch.prefill):
+            self.counters.prompt_tokens += n
+            seq.cache_len += n
+            logits = out.logits[i]
+            if logits is not None:
+                token = self._sample_one(seq, logits[-1])
+                self._commit(seq, [token], [logits[-1]])
+            if self.spec is not None:
+                self.spec.observe_prefill(seq, n, out.aux[i])
+            deltas.append(self._delta(seq))
+        verdicts = []
+        for j, seq in enumerate(batch.decode):
+            i = len(batch.prefill) + j
+            tree = trees[seq.seq_id]
+            logits = out.logits[i]
+            accepted, next_token = self._verify(seq, tree, logits)
+            self.kv.compact(seq.slot, seq.cache_len, accepted)
+            seq.cache_len += len(accepted)
+            emitted = [tree.tokens[a] for a in accepted[1:]] + [next_token]
+            committed = self._commit(seq, emitted, [logits[a] for a in accepted])
+            self._count_decode(seq, tree, len(accepted) - 1, committed)
+            verdicts.append((seq, tree, accepted, next_token, out.aux[i], out.hidden[i]))
+            deltas.append(self._delta(seq))
+        if self.spec is not None:
+            self.spec.observe_step(verdicts, len(rows), num_tokens, seconds)
+        for listener in self.step_listeners:
+            listener(self, {"batch": len(rows), "tokens": num_tokens, "seconds": seconds,
+                            "decode": len(batch.decode), "prefill": len(batch.prefill)})
+        for seq in list(batch.decode) + [s for s, _ in batch.prefill]:
+            if seq.finished:
+                self.scheduler.finish(seq)
+        return deltas
+
+    def _verify(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        if seq.params.greedy:
+            if len(tree) == 1:
+                return [0], int(logits[0].argmax())
+            return verify_tree(tree, logits, greedy=True)
+        probs = process_logits(logits, seq.params)
+        if len(tree) == 1:
+            return [0], sample(probs[0], seq.generator)
+        return verify_tree(tree, probs, greedy=False, generator=seq.generator)
+
+    def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> int:
+        if seq.params.greedy:
+            return int(logits.argmax())
+        return sample(process_logits(logits[None], seq.params)[0], seq.generator)
+
+    def _count_decode(self, seq: Sequence, tree: DraftTree, accepted: int, committed: int) -> None:
+        c = self.counters
+        c.decode_steps_seq += 1
+        c.drafted += tree.num_draft
+        c.accepted += accepted
+        seq.stats.steps += 1
+        seq.stats.drafted += tree.num_draft
+        seq.stats.accepted += accepted
+        for stats in (c.by_strategy, seq.stats.by_strategy):
+            entry = stats.setdefault(tree.source if tree.num_draft else "off", [0, 0])
+            entry[0] += 1
+            entry[1] += committed
+
+    # ---- commit, stop conditions, emit -------------------------------------------------------
+    def _commit(self, seq: Sequence, tokens: list[int], logits_rows: list[torch.Tensor]) -> int:
+        """Append tokens one at a time until a stop condition; returns how many were committed."""
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        p = seq.params
+        done = 0
+        cut = False
+        for token, row in zip(tokens, logits_rows):
+            seq.tokens.append(token)
+            done += 1
+            if p.logprobs is not None:
+                seq.logprobs.append(token_logprobs(row, token, p.logprobs))
+            reason = None
+            if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                reason = "stop"
+            elif p.stop:
+                text = self._decode(seq)
+                # Only the tail can hold a new match: search from where the previous text could end one.
+                start = max(0, len(seq.text) - max(len(s) for s in p.stop))
+                hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
+                seq.text = text[:min(hits)] if hits else text
+                if hits:
+                    reason, cut = "stop", True
+            if reason is None and (seq.num_output >= p.max_tokens or len(seq.tokens) >= self.max_model_len):
+                reason = "length"
+            if reason is not None:
+                self._retire(seq, reason)
+                break
+        self.counters.generated_tokens += done
+        if not cut:
+            seq.text = self._decode(seq)
+        if self.spec is not None:
+            self.spec.on_commit(seq, seq.tokens[len(seq.tokens) - done:])
+        return done
+
+    def _decode(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.counters.requests_finished += 1
+        if self.spec is not None:
+            self.spec.finish(seq)
+
+    def _delta(self, seq: Sequence) -> SeqDelta:
+        text = seq.text
+        # Hold back a trailing replacement character: the rest of a multi-byte character is still coming.
+        safe = len(text) if seq.finished or not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+        new_text = text[seq.emitted_text:safe] if safe > seq.emitted_text else ""
+        seq.emitted_text = max(seq.emitted_text, safe)
+        new_ids = seq.output_ids[seq.emitted_tokens:]
+        new_lp = seq.logprobs[seq.emitted_tokens:] if seq.params.logprobs is not None else []
+        seq.emitted_tokens = seq.num_output
+        index = self.requests[seq.request_id].index(seq) if seq.request_id in self.requests else 0
+        return SeqDelta(seq.request_id, index, seq.seq_id, new_text, new_ids, new_lp, seq.finished,
+                        seq.finish_reason)
+
+    def release_request(self, request_id: str) -> None:
+        """Forget a finished request's bookkeeping (the API calls this once it has read the outputs)."""
+        for seq in self.requests.pop(request_id, []):
+            self.seqs.pop(seq.seq_id, None)

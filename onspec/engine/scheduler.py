@@ -1,0 +1,137 @@
+"""Continuous-batching bookkeeping: who runs this step and with how many tokens. Never touches a tensor.
+
+Each step every running sequence that is decoding gets one token (plus whatever draft budget the
+speculation controller later spends), and what is left of the per-step token budget goes to prefill
+chunks: first to sequences already part-way through their prompt, then to waiting requests in priority
+order (lower ``priority`` first, then arrival). A prompt longer than the budget is prefilled in chunks.
+
+KV memory is a token budget shared by all slots. When running sequences would outgrow it, the
+lowest-priority, latest-arrived sequence is preempted: its slot is freed and it returns to the waiting
+queue with its tokens, to be recomputed later (preemption by recompute; never a crash).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .sequence import Sequence, Status
+
+
+class SlotAllocator(Protocol):
+    num_free: int
+
+    def allocate(self) -> int: ...
+
+    def free(self, slot: int) -> None: ...
+
+
+@dataclass
+class ScheduledBatch:
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
+    decode: list[Sequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.prefill) + len(self.decode)
+
+
+def _order(seq: Sequence) -> tuple[int, float, int]:
+    return (seq.priority, seq.arrival, seq.seq_id)
+
+
+class Scheduler:
+    def __init__(self, slots: SlotAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+                 kv_token_budget: int, draft_reserve: int = 0) -> None:
+        self.slots = slots
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.kv_token_budget = kv_token_budget
+        self.draft_reserve = draft_reserve  # cache rows each decoding sequence may need for a draft tree
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- queue -------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.seq_id == seq_id:
+                    queue.remove(seq)
+                    self._release(seq)
+                    return seq
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        self._release(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _kv_need(self, seq: Sequence) -> int:
+        return len(seq.tokens) + 1 + self.draft_reserve
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot >= 0:
+            self.slots.free(seq.slot)
+        seq.slot = -1
+        seq.cache_len = 0
+
+    def _preempt(self, out: ScheduledBatch) -> None:
+        victim = max(self.running, key=_order)
+        self.running.remove(victim)
+        self._release(victim)
+        victim.status = Status.WAITING
+        victim.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(victim)
+        out.preempted.append(victim)
+
+    def schedule(self) -> ScheduledBatch:
+        out = ScheduledBatch()
+        # Keep the running set inside the KV budget (the newest, lowest-priority work yields first).
+        while len(self.running) > 1 and sum(self._kv_need(s) for s in self.running) > self.kv_token_budget:
+            self._preempt(out)
+        used_kv = sum(self._kv_need(s) for s in self.running)
+        budget = self.max_num_batched_tokens
+        for seq in sorted(self.running, key=_order):
+            if not seq.is_prefilling and budget > 0:
+                out.decode.append(seq)
+                budget -= 1
+        for seq in sorted(self.running, key=_order):
+            if seq.is_prefilling and budget > 0:
+                n = min(seq.num_pending, budget)
+                out.prefill.append((seq, n))
+                budget -= n
+        self.waiting.sort(key=_order)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.slots.num_free:
+            seq = self.waiting[0]
+            need = self._kv_need(seq)
+            if self.running and used_kv + need > self.kv_token_budget:
+                break
+            self.waiting.pop(0)
+            seq.slot = self.slots.allocate()
+            seq.cache_len = 0
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            used_kv += need
+            n = min(seq.num_pending, budget)
+            out.prefill.append((seq, n))
+            budget -= n
+        return out

@@ -1,0 +1,260 @@
+"""One decoder implementation for the llama, qwen2 and qwen3 families.
+
+The three differ only in small switches (qwen2: q/k/v bias; qwen3: RMSNorm on q and k per head), so one
+module with flags serves them all. It is our own code rather than transformers' because the engine needs
+things a generic framework does not give cheaply: several new tokens per sequence with an arbitrary
+(tree) attention mask over them, a preallocated slot KV cache written in place, hidden states of chosen
+layers for the learned drafter, and fused q/k/v and gate/up projections (fewer matrix products launch,
+which is most of the cost on a CPU).
+
+The model never sees a request: the runner hands it token ids, positions and an ``AttnBatch`` describing
+where each sequence's cache lives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, object], ...] | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ArchConfig":
+        archs = cfg.get("architectures") or []
+        model_type = cfg.get("model_type", "")
+        family = None
+        for a in archs:
+            family = SUPPORTED_ARCHITECTURES.get(a, family)
+        if family is None and model_type in ("llama", "qwen2", "qwen3", "mistral"):
+            family = "llama" if model_type == "mistral" else model_type
+        if family is None:
+            raise UnsupportedModelError(
+                f"unsupported architecture {archs or model_type!r}; onspec runs {sorted(set(SUPPORTED_ARCHITECTURES))}")
+        heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        rope = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ("default", "linear", "llama3"):
+                raise UnsupportedModelError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
+            scaling = tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict))))
+        return cls(
+            family=family,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+            qk_norm=family == "qwen3",
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        )
+
+
+def rope_inv_freq(arch: ArchConfig) -> torch.Tensor:
+    """Inverse frequencies, with linear or llama3 scaling applied (same maths as transformers)."""
+    d = arch.head_dim
+    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = dict(arch.rope_scaling or ())
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        inv = inv / float(sc["factor"])
+    elif kind == "llama3":
+        factor = float(sc["factor"])
+        low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        old_len = float(sc["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv.float()
+
+
+@dataclass
+class AttnBatch:
+    """Where each sequence's new tokens live, built by the runner.
+
+    Tokens arrive packed: ``N`` tokens of ``B`` sequences back to back (so the matrix products do no
+    padding work). Attention unpacks them into a padded ``[B, T]`` grid: ``token_index[i]`` is token i's
+    cell ``b * T + t`` (None when the grid is full and the packing is the identity).
+    ``mask``: bool [B, 1, T, P + T]; the first P columns are the cached prefix (P = longest cached length
+    in the batch), the last T the new tokens (causal for prefill, ancestor mask for draft trees).
+    Token i's K/V row is written to ``cache[write_slot[i], :, write_pos[i]]``.
+    """
+
+    B: int
+    T: int
+    token_index: torch.Tensor | None    # [N] long
+    slots: torch.Tensor                 # [B] long
+    slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: a view instead of a gather
+    prefix_len: int                     # P
+    mask: torch.Tensor | None           # None: attend to everything (one token per row, equal prefixes)
+    write_slot: torch.Tensor            # [N] long
+    write_pos: torch.Tensor             # [N] long
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, h, D]; cos/sin [N, 1, D] (rotate-half convention, as HF llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ArchConfig) -> None:
+        super().__init__()
+        self.a = a
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.qkv_proj = nn.Linear(a.hidden_size, q + 2 * kv, bias=a.attention_bias)
+        self.o_proj = nn.Linear(q, a.hidden_size, bias=False)
+        if a.qk_norm:
+            self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+            self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        a = self.a
+        N = x.shape[0]
+        h = self.input_layernorm(x)
+        q, k, v = self.qkv_proj(h).split([a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim,
+                                          a.num_kv_heads * a.head_dim], dim=-1)
+        q = q.view(N, a.num_heads, a.head_dim)
+        k = k.view(N, a.num_kv_heads, a.head_dim)
+        v = v.view(N, a.num_kv_heads, a.head_dim)
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = self._attend(q, k, v, k_cache, v_cache, batch)
+        # New rows go into the cache after attention (attention read them from `k`/`v` directly).
+        k_cache[batch.write_slot, :, batch.write_pos] = k
+        v_cache[batch.write_slot, :, batch.write_pos] = v
+        x = x + self.o_proj(attn)
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        """Packed q/k/v [N, h, D] -> packed attention output [N, heads * D]."""
+        a, B, T, N = self.a, batch.B, batch.T, q.shape[0]
+
+        def grid(t: torch.Tensor) -> torch.Tensor:  # packed [N, h, D] -> [B, h, T, D]
+            if batch.token_index is not None:
+                full = t.new_zeros(B * T, *t.shape[1:])
+                full[batch.token_index] = t
+                t = full
+            return t.view(B, T, *t.shape[1:]).transpose(1, 2)
+
+        q, k, v = grid(q), grid(k), grid(v)
+        P = batch.prefix_len
+        if P > 0:
+            if batch.slot_range is not None:
+                s0, s1 = batch.slot_range
+                k_prev, v_prev = k_cache[s0:s1, :, :P], v_cache[s0:s1, :, :P]
+            else:
+                k_prev, v_prev = k_cache[batch.slots, :, :P], v_cache[batch.slots, :, :P]
+            k, v = torch.cat((k_prev, k), dim=2), torch.cat((v_prev, v), dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask,
+                                             enable_gqa=a.num_kv_heads != a.num_heads)
+        out = out.transpose(1, 2).reshape(B * T, a.num_heads * a.head_dim)
+        return out[batch.token_index] if batch.token_index is not None else out
+
+
+class CausalLM(nn.Module):
+    """Token ids + positions + cache placement -> final hidden states (and chosen layers' inputs)."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq    # [N, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # [N, 1, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_k: list[torch.Tensor],
+                kv_v: list[torch.Tensor], batch: AttnBatch, aux_layers: tuple[int, ...] = ()
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Packed tokens [N] -> (final normed hidden [N, H], [residual entering each layer in aux_layers]).
+
+        ``aux_layers`` follow EAGLE-3's convention: index i is the residual stream entering layer i
+        (i == num_layers means the last layer's output before the final norm).
+        """
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        aux: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            if i in aux_layers:
+                aux.append(x)
+            x = layer(x, cos, sin, kv_k[i], kv_v[i], batch)
+        if self.arch.num_layers in aux_layers:
+            aux.append(x)
+        return self.norm(x), aux
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,488 @@
+"""Model-free drafting from suffix tries (SuffixDecoding, arXiv 2411.04975; Seer, arXiv 2511.14617).
+
+Why: LLM outputs repeat themselves: code edits copy the prompt, agents re-emit tool schemas, and the
+samples of one prompt (``n > 1``, RL rollout groups) share long stretches of text. A trie that counts
+every recent suffix predicts those continuations for free: no draft model, no GPU, a few tens of
+microseconds per step, and a per-node acceptance estimate the controller can budget with.
+
+What:
+
+* ``SuffixTree``: a suffix trie of bounded depth ``D`` with occurrence counts over a set of token
+  sequences, each under a hashable key. Every suffix of every sequence, cut to ``D`` tokens, is a path
+  from the root, and a node's count is the number of occurrences of its path. ``extend`` is
+  incremental (it advances one cursor per live suffix, at most ``D`` per appended token), ``remove``
+  takes a whole sequence back out (FIFO eviction), ``match`` finds the longest suffix of a context that
+  the trie holds, and ``speculate`` grows a draft tree best-first from there, scoring a path by the
+  product of its ``child_count / parent_count`` ratios, as SuffixDecoding does.
+* ``SuffixProposer``: the drafter the engine calls. Three trees feed it: one per request (its prompt
+  and output so far), one per group of sibling requests (their outputs, so sibling A's text drafts for
+  sibling B, as in Seer's grouped drafting) and a bounded FIFO store of recently finished outputs.
+
+Memory: a plain depth-``D`` trie costs about ``D`` nodes per token, since nearly every suffix becomes
+unique after a few tokens. So a node whose path has occurred exactly once is kept as a *leaf* that
+points into its sequence (``seq``, ``pos``) instead of spelling out the rest of the path: the path
+continues implicitly along ``seq[pos:end]`` and grows for free as the sequence is appended to (a
+suffix-tree trick: once a leaf, always a leaf). A leaf is split one level at a time when a second
+occurrence walks into it. That makes the trie about one object per token plus the shared
+(repeated) part, and makes appending cheap, since most cursors sit in their own leaf and have nothing
+to do.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from onspec.config import SpecConfig
+from onspec.spec.tree import DraftTree
+
+SOURCES: tuple[str, ...] = ("request", "group", "global")
+
+
+class _Node:
+    """A trie node. ``count`` = occurrences of the node's path.
+
+    Explicit node: ``seq is None``; every occurrence that goes on past it does so through ``children``.
+    Leaf: ``seq is not None`` and ``count == 1``; its one occurrence continues implicitly along
+    ``seq[pos : min(len(seq), end)]`` (``end`` = that occurrence's start + max_depth) and ``children``
+    is None. A split leaf keeps ``pos`` (the index just past its path), which its owner's cursor uses
+    to find its way down the newly explicit levels.
+    """
+
+    __slots__ = ("count", "children", "seq", "pos", "end")
+
+    def __init__(self, count: int, seq: list[int] | None = None, pos: int = 0, end: int = 0) -> None:
+        self.count = count
+        self.children: dict[int, _Node] | None = None
+        self.seq = seq
+        self.pos = pos
+        self.end = end
+
+
+# A position in the trie: (node, p). p == -1: at the explicit node itself (or at a leaf's own token);
+# p >= 0: inside leaf ``node``'s implicit tail, the next token being node.seq[p].
+_Locus = tuple[_Node, int]
+
+
+class _SeqState:
+    """One stored sequence: its tokens and a cursor for each suffix shorter than max_depth.
+
+    Cursor i (oldest first) belongs to the suffix that starts at ``len(tokens) - len(cur_nodes) + i``.
+    ``cur_nodes[i]`` is either the explicit node at the end of that suffix's path, or the leaf that holds
+    its (implicit) end; ``cur_pos[i]`` is the token index just past ``cur_nodes[i]``'s path.
+    """
+
+    __slots__ = ("tokens", "cur_nodes", "cur_pos")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.cur_nodes: list[_Node] = []
+        self.cur_pos: list[int] = []
+
+
+class SuffixTree:
+    """Bounded-depth suffix trie with occurrence counts over keyed token sequences."""
+
+    def __init__(self, max_depth: int) -> None:
+        if max_depth < 2:
+            raise ValueError(f"max_depth must be >= 2, got {max_depth}")
+        self.max_depth = max_depth
+        self._root = _Node(0)  # root.count = total number of tokens (= suffix starts)
+        self._seqs: dict[Hashable, _SeqState] = {}
+        self._num_nodes = 0  # materialized nodes, root excluded
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._seqs
+
+    @property
+    def num_nodes(self) -> int:
+        """Materialized nodes (root excluded); implicit leaf tails are not counted."""
+        return self._num_nodes
+
+    @property
+    def num_tokens(self) -> int:
+        return self._root.count
+
+    def sequence(self, key: Hashable) -> list[int]:
+        """The stored tokens of ``key`` (the live list: do not mutate it)."""
+        return self._seqs[key].tokens
+
+    # ---- updates ------------------------------------------------------------------------------
+    def extend(self, key: Hashable, new_tokens: Iterable[int]) -> None:
+        """Append ``new_tokens`` to sequence ``key`` (created if new); O(max_depth) per token."""
+        st = self._seqs.get(key)
+        if st is None:
+            st = self._seqs[key] = _SeqState()
+        toks, nodes, poss = st.tokens, st.cur_nodes, st.cur_pos
+        root, depth_cap = self._root, self.max_depth
+        for t in new_tokens:
+            n = len(toks)  # t goes to index n; it is appended only after all cursors moved (see below)
+            nodes.append(root)  # the new suffix starting at n: empty path, at the root
+            poss.append(n)
+            k = len(nodes)
+            # Newest (shortest) suffix first. A step can split a leaf only of an *older* suffix of this
+            # same sequence (a node at depth d reached by the suffix starting at j is on the path of a
+            # start j' < j); going newest-first, that owner is processed after the split and walks down
+            # to its new end. ``t`` is kept out of ``toks`` meanwhile so the split does not materialize
+            # ``t`` on the owner's behalf before the owner counts it itself (which would count it twice).
+            for i in range(k - 1, -1, -1):
+                node = nodes[i]
+                if node.seq is not None:
+                    continue  # still our own leaf: its implicit tail grows with ``toks`` for free
+                p = poss[i]
+                # A leaf of ours that got split: follow the levels materialized since, down to our end.
+                while p < n:
+                    node = node.children[toks[p]]  # type: ignore[index]
+                    p += 1
+                    if node.seq is not None:
+                        break
+                if node.seq is not None:
+                    nodes[i] = node
+                    poss[i] = p
+                    continue
+                # Explicit node at the end of this suffix's path: step by ``t``.
+                ch = node.children
+                if ch is None:
+                    ch = node.children = {}
+                child = ch.get(t)
+                if child is None:
+                    start = n - (k - 1 - i)
+                    child = ch[t] = _Node(1, toks, n + 1, start + depth_cap)
+                    self._num_nodes += 1
+                else:
+                    if child.seq is not None:
+                        self._split(child)
+                    child.count += 1
+                nodes[i] = child
+                poss[i] = n + 1
+            root.count += 1
+            toks.append(t)
+            if k >= depth_cap:  # the oldest suffix has reached max_depth tokens: it grows no more
+                del nodes[0]
+                del poss[0]
+
+    def _split(self, leaf: _Node) -> None:
+        """Make ``leaf`` explicit, materializing one level of its tail (a second occurrence arrives)."""
+        seq = leaf.seq
+        assert seq is not None
+        leaf.seq = None
+        p = leaf.pos
+        if p < len(seq) and p < leaf.end:
+            leaf.children = {seq[p]: _Node(1, seq, p + 1, leaf.end)}
+            self._num_nodes += 1
+        # else the owner's path ends here for now; its cursor steps from this node on its next append.
+
+    def remove(self, key: Hashable) -> bool:
+        """Remove every suffix of sequence ``key``; zero-count nodes are deleted. False if unknown."""
+        st = self._seqs.pop(key, None)
+        if st is None:
+            return False
+        toks, depth_cap, root = st.tokens, self.max_depth, self._root
+        n = len(toks)
+        root.count -= n
+        for j in range(n):
+            stop = min(n, j + depth_cap)
+            node, p = root, j
+            while p < stop:
+                tok = toks[p]
+                ch = node.children
+                assert ch is not None
+                child = ch[tok]
+                child.count -= 1
+                if child.count == 0:
+                    del ch[tok]
+                    if not ch:
+                        node.children = None
+                    # Its whole subtree was this one occurrence: the rest of this path, materialized
+                    # down to a leaf or to the path's end. Count those nodes out.
+                    while True:
+                        self._num_nodes -= 1
+                        p += 1
+                        if child.seq is not None or p >= stop:
+                            break
+                        child = child.children[toks[p]]  # type: ignore[index]
+                    break
+                node = child
+                p += 1
+        return True
+
+    # ---- queries ------------------------------------------------------------------------------
+    def _locate(self, tokens: Sequence[int], lo: int, hi: int) -> _Locus | None:
+        """The locus of path ``tokens[lo:hi]``, or None when the trie does not hold it."""
+        node, p = self._root, -1
+        for i in range(lo, hi):
+            tok = tokens[i]
+            if p >= 0:  # inside a leaf's implicit tail
+                seq = node.seq
+                assert seq is not None
+                if p < len(seq) and p < node.end and seq[p] == tok:
+                    p += 1
+                    continue
+                return None
+            ch = node.children
+            if ch is None:
+                return None
+            nxt = ch.get(tok)
+            if nxt is None:
+                return None
+            node = nxt
+            p = nxt.pos if nxt.seq is not None else -1
+        return node, p
+
+    def count(self, tokens: Sequence[int]) -> int:
+        """Occurrences of ``tokens`` as a substring (only tracked up to max_depth tokens)."""
+        if len(tokens) > self.max_depth:
+            return 0
+        loc = self._locate(tokens, 0, len(tokens))
+        return 0 if loc is None else loc[0].count
+
+    def match(self, context: Sequence[int], self_len: int = 0) -> tuple[_Locus, int]:
+        """Longest suffix of ``context`` (at most max_depth - 1 tokens, so one more can be drafted) that is
+        a path in the trie: ``(locus, match_len)``; match_len 0 means nothing matched.
+
+        ``self_len``: the last ``self_len`` tokens of ``context`` are themselves the end of a sequence stored
+        here (the live request). That occurrence has no continuation yet, so for suffixes no longer than
+        ``self_len`` it is not counted: a suffix matches only if it also occurs somewhere else.
+        """
+        n = len(context)
+        # Matching is monotone: if the last m tokens occur (elsewhere), so do the last m - 1 (the
+        # discount can only make a shorter suffix's count drop by the one occurrence a longer one lacks).
+        # So binary search the length: O(D log D) dict lookups.
+        lo, hi = 0, min(n, self.max_depth - 1)
+        best: _Locus = (self._root, -1)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            loc = self._locate(context, n - mid, n)
+            if loc is not None and loc[0].count > (1 if mid <= self_len else 0):
+                lo, best = mid, loc
+            else:
+                hi = mid - 1
+        return best, lo
+
+    def speculate(self, context: Sequence[int], max_nodes: int, min_prob: float, alpha: float,
+                  self_len: int = 0, source: str = "suffix") -> DraftTree:
+        """Draft tree rooted at ``context[-1]``, grown best-first from the longest matching suffix.
+
+        Nodes are taken in order of path probability (product of ``child.count / parent.count`` along the
+        path); expansion stops below ``min_prob``, at ``max_nodes`` drafted nodes, and at depth
+        ``alpha * match_len``. ``scores[i]`` is node i's count ratio, so ``path_scores()`` gives the path
+        probability. ``self_len`` as in ``match``.
+        """
+        if not context:
+            raise ValueError("speculate needs a non-empty context (its last token is the root)")
+        tokens, parents, scores = [context[-1]], [-1], [1.0]
+        (node, p), m = self.match(context, self_len)
+        depth_cap = min(int(alpha * m), self.max_depth - m)
+        if m == 0 or depth_cap <= 0 or max_nodes <= 0:
+            return DraftTree(tokens, parents, scores, source=source)
+        # Node counts include occurrences that end right there (sequence ends), so children may sum to
+        # less than the parent: divide by the node count anyway; the missing mass is "stop here".
+        # At the match itself the live request's own occurrence has no continuation: discount it.
+        denom = node.count - (1 if m <= self_len else 0)
+        heap: list[tuple[float, int, int, float, int, int, _Node, int]] = []
+        seq_no = 0  # tie-break: equal probabilities pop in push order (shallower, earlier first)
+
+        def push_children(nd: _Node, q: int, prob: float, parent: int, depth: int, den: int) -> None:
+            nonlocal seq_no
+            if q >= 0:  # inside a leaf tail: one continuation, ratio 1/1
+                seq = nd.seq
+                assert seq is not None
+                if q < len(seq) and q < nd.end:
+                    seq_no += 1
+                    heapq.heappush(heap, (-prob, seq_no, seq[q], 1.0, parent, depth, nd, q + 1))
+                return
+            ch = nd.children
+            if ch is None:
+                return
+            for tok, c in ch.items():
+                cond = c.count / den
+                pp = prob * cond
+                if pp >= min_prob:
+                    seq_no += 1
+                    heapq.heappush(heap, (-pp, seq_no, tok, cond, parent, depth, c,
+                                          c.pos if c.seq is not None else -1))
+
+        push_children(node, p, 1.0, 0, 1, denom)
+        while heap and len(tokens) <= max_nodes:
+            negp, _, tok, cond, parent, depth, nd, q = heapq.heappop(heap)
+            idx = len(tokens)
+            tokens.append(tok)
+            parents.append(parent)
+            scores.append(cond)
+            if depth < depth_cap:
+                push_children(nd, q, -negp, idx, depth + 1, nd.count)
+        return DraftTree(tokens, parents, scores, source=source)
+
+
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Request:
+    tree: SuffixTree                    # prompt + output of this request, under its seq_id
+    group: str | None
+    output: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Group:
+    tree: SuffixTree                    # outputs of the members (finished ones stay until the group ends)
+    members: set[int] = field(default_factory=set)
+
+
+class SuffixProposer:
+    """Model-free drafter over per-request, per-group and global suffix trees (see module docstring)."""
+
+    def __init__(self, cfg: SpecConfig) -> None:
+        self.cfg = cfg
+        self._reqs: dict[int, _Request] = {}
+        self._groups: dict[str, _Group] = {}
+        self._global = SuffixTree(cfg.suffix_max_depth)
+        self._global_fifo: deque[int] = deque()
+        self._global_next_key = 0  # global-store keys are internal: engine seq_ids may be reused
+        self._num_proposals = 0
+        self._num_draft_tokens = 0
+        self._expected_accepted = 0.0
+
+    # ---- request lifecycle --------------------------------------------------------------------
+    def add_request(self, seq_id: int, prompt: list[int], group: str | None = None) -> None:
+        if seq_id in self._reqs:
+            raise ValueError(f"request {seq_id} is already registered")
+        if not prompt:
+            raise ValueError("prompt must not be empty (its last token roots the first draft)")
+        tree = SuffixTree(self.cfg.suffix_max_depth)
+        tree.extend(seq_id, prompt)
+        self._reqs[seq_id] = _Request(tree=tree, group=group)
+        if group is not None:
+            g = self._groups.get(group)
+            if g is None:
+                g = self._groups[group] = _Group(tree=SuffixTree(self.cfg.suffix_max_depth))
+            g.members.add(seq_id)
+
+    def on_commit(self, seq_id: int, tokens: list[int]) -> None:
+        """``tokens`` were committed to the request (accepted drafts + the bonus/sampled token)."""
+        if not tokens:
+            return
+        req = self._reqs[seq_id]
+        req.tree.extend(seq_id, tokens)
+        req.output.extend(tokens)
+        if req.group is not None:
+            self._groups[req.group].tree.extend(seq_id, tokens)
+
+    def finish(self, seq_id: int, keep_output: bool = True) -> None:
+        """Drop the request; its output joins the global store unless ``keep_output`` is False (aborts).
+        Unknown ids are ignored, so cleanup paths may call this twice."""
+        req = self._reqs.pop(seq_id, None)
+        if req is None:
+            return
+        if req.group is not None:
+            g = self._groups[req.group]
+            g.members.discard(seq_id)
+            if not g.members:
+                del self._groups[req.group]
+        cap = self.cfg.global_store_requests
+        if keep_output and cap > 0 and req.output:
+            key = self._global_next_key
+            self._global_next_key += 1
+            self._global.extend(key, req.output)
+            self._global_fifo.append(key)
+            while len(self._global_fifo) > cap:
+                self._global.remove(self._global_fifo.popleft())
+
+    # ---- drafting -----------------------------------------------------------------------------
+    def propose(self, seq_id: int, max_nodes: int | None = None,
+                sources: tuple[str, ...] = SOURCES) -> DraftTree:
+        """Draft tree for ``seq_id`` rooted at its last context token (root only when nothing matches)."""
+        req = self._reqs[seq_id]
+        ctx = req.tree.sequence(seq_id)
+        if max_nodes is None:
+            max_nodes = self.cfg.max_draft_tokens
+        cfg = self.cfg
+        cands: list[DraftTree] = []
+        if max_nodes > 0:
+            for src in sources:
+                if src == "request":
+                    # The whole context is this tree's sequence: discount its own (live) occurrence.
+                    t = req.tree.speculate(ctx, max_nodes, cfg.suffix_min_prob, cfg.suffix_alpha,
+                                           self_len=len(ctx))
+                elif src == "group":
+                    if req.group is None:
+                        continue
+                    # The group tree holds this request's output too (that is how siblings see it).
+                    t = self._groups[req.group].tree.speculate(
+                        ctx, max_nodes, cfg.suffix_min_prob, cfg.suffix_alpha, self_len=len(req.output))
+                elif src == "global":
+                    if not len(self._global):
+                        continue
+                    t = self._global.speculate(ctx, max_nodes, cfg.suffix_min_prob, cfg.suffix_alpha)
+                else:
+                    raise ValueError(f"unknown suffix source {src!r}; expected a subset of {SOURCES}")
+                if t.num_draft:
+                    cands.append(t)
+        if not cands:
+            out = DraftTree.root_only(ctx[-1])
+            out.source = "suffix"
+        elif len(cands) == 1:
+            out = cands[0]
+        else:
+            out = _merge(cands, max_nodes)
+        self._num_proposals += 1
+        self._num_draft_tokens += out.num_draft
+        self._expected_accepted += sum(out.path_scores()[1:])
+        return out
+
+    # ---- accessors ----------------------------------------------------------------------------
+    def group_tree(self, group: str) -> SuffixTree | None:
+        """The shared tree of ``group`` (None once its last member finished), e.g. for a coordinator
+        that replicates group trees across engines."""
+        g = self._groups.get(group)
+        return None if g is None else g.tree
+
+    def stats(self) -> dict[str, float]:
+        n = self._num_proposals
+        return {
+            "requests": len(self._reqs),
+            "groups": len(self._groups),
+            "global_requests": len(self._global_fifo),
+            "global_nodes": self._global.num_nodes,
+            "proposals": n,
+            "mean_draft_tokens": self._num_draft_tokens / n if n else 0.0,
+            "mean_expected_accepted": self._expected_accepted / n if n else 0.0,
+        }
+
+
+def _merge(trees: list[DraftTree], max_nodes: int) -> DraftTree:
+    """Union of draft trees sharing a root, matched by token path; a node's path probability is the max
+    over the trees that hold it; then the ``max_nodes`` most probable nodes are kept.
+
+    Why merge rather than pick the tree with the highest expected accepted length (sum of path
+    probabilities): the best single tree is one of the candidate node sets of the union, and keeping the
+    top ``max_nodes`` nodes of the union scores at least as high, so merging never does worse by the
+    estimate, and it lets, say, the request tree's long copy and the group's sibling text share a budget.
+    Taking the max (not a sum) because sources with different match lengths have incomparable counts.
+    Since every tree's path probability falls along a path, so does the max: scores stay <= 1.
+    """
+    root = trees[0].tokens[0]
+    tokens, parents, path = [root], [-1], [1.0]
+    index: dict[tuple[int, int], int] = {}
+    for tree in trees:
+        ps = tree.path_scores()
+        remap = [0] * len(tree.tokens)
+        for i in range(1, len(tree.tokens)):
+            par = remap[tree.parents[i]]
+            key = (par, tree.tokens[i])
+            j = index.get(key)
+            if j is None:
+                j = index[key] = len(tokens)
+                tokens.append(tree.tokens[i])
+                parents.append(par)
+                path.append(ps[i])
+            elif ps[i] > path[j]:
+                path[j] = ps[i]
+            remap[i] = j
+    scores = [1.0] + [path[i] / path[parents[i]] for i in range(1, len(tokens))]
+    return DraftTree(tokens, parents, scores, source="suffix").prune(max_nodes + 1)

@@ -1,0 +1,124 @@
+"""DraftTree: the one shape every proposer returns and the verifier consumes.
+
+Node 0 is the root: the sequence's last committed token, which is not yet in the KV cache. Every other
+node is a drafted token whose parent index is smaller than its own, so node order is a topological order
+and a chain is simply the tree whose parents are ``[-1, 0, 1, 2, ...]``.
+
+For verification the target runs all nodes in one forward: node ``i`` sits at position
+``cache_len + depth[i]`` and may attend to the cached prefix plus its own ancestors (and itself).
+
+``child_dists`` is optional: ``child_dists[i]`` is the drafter's distribution q over the target
+vocabulary from which node ``i``'s children were *sampled* (i.i.d.). Children of a node without an
+entry are treated as point masses (deterministic proposals), which keeps rejection sampling lossless
+however they were chosen. ``scores[i]`` is the proposer's estimate that node ``i`` is accepted given
+its parent was (used by the controller to spend a draft budget where it pays).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int]
+    parents: list[int]
+    scores: list[float] = field(default_factory=list)
+    child_dists: dict[int, torch.Tensor] = field(default_factory=dict)
+    source: str = "none"
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents) or not self.tokens:
+            raise ValueError("DraftTree needs one parent per token and at least the root")
+        if self.parents[0] != -1:
+            raise ValueError("node 0 must be the root (parent -1)")
+        for i, p in enumerate(self.parents[1:], start=1):
+            if not 0 <= p < i:
+                raise ValueError(f"node {i} has parent {p}; parents must precede children")
+        if not self.scores:
+            self.scores = [1.0] * len(self.tokens)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def root_only(cls, root_token: int) -> "DraftTree":
+        return cls(tokens=[root_token], parents=[-1])
+
+    @classmethod
+    def chain(cls, root_token: int, draft: list[int], scores: list[float] | None = None,
+              source: str = "chain") -> "DraftTree":
+        n = len(draft)
+        return cls(tokens=[root_token, *draft], parents=list(range(-1, n)),
+                   scores=[1.0, *(scores or [1.0] * n)], source=source)
+
+    # ---- queries ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_draft(self) -> int:
+        return len(self.tokens) - 1
+
+    def depths(self) -> list[int]:
+        d = [0] * len(self.tokens)
+        for i in range(1, len(self.tokens)):
+            d[i] = d[self.parents[i]] + 1
+        return d
+
+    def children(self, i: int) -> list[int]:
+        return [j for j in range(i + 1, len(self.tokens)) if self.parents[j] == i]
+
+    def path(self, i: int) -> list[int]:
+        """Node indices from the root to ``i`` inclusive."""
+        out = []
+        while i != -1:
+            out.append(i)
+            i = self.parents[i]
+        return out[::-1]
+
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """Bool [n, n]: mask[i, j] is True when j is i or an ancestor of i."""
+        n = len(self.tokens)
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            mask[i, i] = True
+            p = self.parents[i]
+            if p >= 0:
+                mask[i] |= mask[p]
+        return mask
+
+    def path_scores(self) -> list[float]:
+        """Cumulative probability (product of scores) that each node is reached and accepted."""
+        out = [1.0] * len(self.tokens)
+        for i in range(1, len(self.tokens)):
+            out[i] = out[self.parents[i]] * self.scores[i]
+        return out
+
+    def prune(self, keep: int) -> "DraftTree":
+        """Keep the ``keep`` nodes (root included) with the highest cumulative score; ancestors of a kept
+        node always score at least as high, so the result is a valid tree."""
+        if keep >= len(self.tokens):
+            return self
+        cum = self.path_scores()
+        order = sorted(range(1, len(self.tokens)), key=lambda i: (-cum[i], i))[: max(0, keep - 1)]
+        kept = sorted([0, *order])
+        kept_set = set(kept)
+        # A node with equal cumulative score to its child could be ranked after it; repair by adding ancestors.
+        for i in list(kept):
+            p = self.parents[i]
+            while p > 0 and p not in kept_set:
+                kept_set.add(p)
+                p = self.parents[p]
+        kept = sorted(kept_set)
+        remap = {old: new for new, old in enumerate(kept)}
+        return DraftTree(
+            tokens=[self.tokens[i] for i in kept],
+            parents=[-1 if i == 0 else remap[self.parents[i]] for i in kept],
+            scores=[self.scores[i] for i in kept],
+            child_dists={remap[i]: d for i, d in self.child_dists.items() if i in remap},
+            source=self.source,
+        )
