@@ -261,23 +261,25 @@ class Engine:
             if reason is None and (seq.num_output >= p.max_tokens or len(seq.tokens) >= self.max_model_len):
                 reason = "length"
             if reason is not None:
-                self._retire(seq, reason)
+                self._retire(seq, reason, notify=False)
                 break
         self.counters.generated_tokens += done
         if not cut:
             seq.text = self._decode(seq)
         if self.spec is not None:
             self.spec.on_commit(seq, seq.tokens[len(seq.tokens) - done:])
+            if seq.finished:
+                self.spec.finish(seq)
         return done
 
     def _decode(self, seq: Sequence) -> str:
         return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
 
-    def _retire(self, seq: Sequence, reason: str) -> None:
+    def _retire(self, seq: Sequence, reason: str, notify: bool = True) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.counters.requests_finished += 1
-        if self.spec is not None:
+        if notify and self.spec is not None:
             self.spec.finish(seq)
 
     def _delta(self, seq: Sequence) -> SeqDelta:

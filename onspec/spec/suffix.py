@@ -325,6 +325,7 @@ class SuffixTree:
 class _Request:
     tree: SuffixTree                    # prompt + output of this request, under its seq_id
     group: str | None
+    key: int                            # unique per registration: its key in the group and global trees
     output: list[int] = field(default_factory=list)
 
 
@@ -343,7 +344,9 @@ class SuffixProposer:
         self._groups: dict[str, _Group] = {}
         self._global = SuffixTree(cfg.suffix_max_depth)
         self._global_fifo: deque[int] = deque()
-        self._global_next_key = 0  # global-store keys are internal: engine seq_ids may be reused
+        # Group/global tree keys are internal and never reused: an engine may reuse a seq_id while the
+        # finished request's output still sits in its group's tree.
+        self._next_key = 0
         self._num_proposals = 0
         self._num_draft_tokens = 0
         self._expected_accepted = 0.0
@@ -356,7 +359,8 @@ class SuffixProposer:
             raise ValueError("prompt must not be empty (its last token roots the first draft)")
         tree = SuffixTree(self.cfg.suffix_max_depth)
         tree.extend(seq_id, prompt)
-        self._reqs[seq_id] = _Request(tree=tree, group=group)
+        self._reqs[seq_id] = _Request(tree=tree, group=group, key=self._next_key)
+        self._next_key += 1
         if group is not None:
             g = self._groups.get(group)
             if g is None:
@@ -371,7 +375,7 @@ class SuffixProposer:
         req.tree.extend(seq_id, tokens)
         req.output.extend(tokens)
         if req.group is not None:
-            self._groups[req.group].tree.extend(seq_id, tokens)
+            self._groups[req.group].tree.extend(req.key, tokens)
 
     def finish(self, seq_id: int, keep_output: bool = True) -> None:
         """Drop the request; its output joins the global store unless ``keep_output`` is False (aborts).
@@ -386,10 +390,8 @@ class SuffixProposer:
                 del self._groups[req.group]
         cap = self.cfg.global_store_requests
         if keep_output and cap > 0 and req.output:
-            key = self._global_next_key
-            self._global_next_key += 1
-            self._global.extend(key, req.output)
-            self._global_fifo.append(key)
+            self._global.extend(req.key, req.output)
+            self._global_fifo.append(req.key)
             while len(self._global_fifo) > cap:
                 self._global.remove(self._global_fifo.popleft())
 

@@ -1,0 +1,294 @@
+"""Choose, each step, the speculation strategy and the draft budget from measured cost and acceptance.
+
+Two measured quantities drive every decision (the "TLT" and "Seer" designs, arXiv 2511.16665 and
+2511.14617, with the cost model measured rather than assumed):
+
+* ``StepCostModel``: seconds per target forward as a function of the tokens it verifies, profiled at
+  start-up and updated online (an exponential moving average per power-of-two bucket, interpolated).
+* per-strategy calibration: proposers score each draft node with an estimated acceptance probability;
+  the controller tracks, per strategy, how many tokens were actually accepted against how many the
+  scores predicted, and scales the scores by that ratio.
+
+Budget (Seer's marginal-benefit rule): every candidate node from every decoding request is ranked by
+its calibrated probability of being accepted (the product along its path, so a parent always ranks
+above its children). Adding the top ``k`` nodes to a step of ``B`` decoding rows is expected to commit
+``B + sum(top-k)`` tokens in ``cost(base + k)`` seconds; the controller picks the ``k`` that maximises
+tokens per second, which hands nodes to the requests that accept the most and yields ``k = 0``
+(speculation off) where verification costs more than it returns, e.g. at large batches.
+
+Strategy: each request's tree comes from the strategy with the best calibrated expected gain per
+drafted node; ``off`` is always a candidate. Forced modes (``suffix``, ``learned``, ``hybrid``) skip the
+choice but keep the budget rule unless ``mode`` asks for a fixed budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..config import SpecConfig
+from .tree import DraftTree
+
+
+class Proposer(Protocol):
+    """What a drafter implements. Proposers never mutate engine state: they return trees and observe."""
+
+    name: str
+    wants_aux: bool  # needs the target's auxiliary hidden states (learned drafters)
+
+    def add_request(self, seq) -> None: ...
+
+    def on_commit(self, seq, tokens: list[int]) -> None: ...
+
+    def finish(self, seq) -> None: ...
+
+    def observe_prefill(self, seq, n: int, aux: torch.Tensor | None) -> None: ...
+
+    def observe(self, verdicts: list) -> None: ...
+
+    def propose(self, seqs: list, budgets: dict[int, int]) -> dict[int, DraftTree]: ...
+
+
+class StepCostModel:
+    """Seconds per forward, by number of tokens in the forward (power-of-two buckets, EMA, interpolated)."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self.table: dict[int, float] = {}
+
+    @staticmethod
+    def bucket(tokens: int) -> int:
+        return 1 << max(0, math.ceil(math.log2(max(1, tokens))))
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        b = self.bucket(tokens)
+        old = self.table.get(b)
+        # Normalise to the bucket edge assuming cost linear within a bucket's upper half.
+        self.table[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def cost(self, tokens: int) -> float:
+        if not self.table:
+            return 1.0
+        keys = sorted(self.table)
+        if tokens <= keys[0]:
+            return self.table[keys[0]]
+        for lo, hi in zip(keys, keys[1:]):
+            if lo <= tokens <= hi:
+                w = (tokens - lo) / (hi - lo)
+                return (1 - w) * self.table[lo] + w * self.table[hi]
+        top = keys[-1]  # beyond the largest measured size: linear extrapolation from the origin
+        return self.table[top] * tokens / top
+
+
+@dataclass
+class StrategyStats:
+    predicted: float = 1e-6
+    accepted: float = 0.0
+    drafted: int = 0
+    steps: int = 0
+
+    def calibration(self, prior: float = 0.5, prior_weight: float = 8.0) -> float:
+        # Shrink towards a prior until enough nodes were verified (a few lucky steps prove little).
+        return (self.accepted + prior * prior_weight) / (self.predicted + prior_weight)
+
+
+@dataclass
+class Plan:
+    trees: dict[int, DraftTree]
+    budget: int
+    expected_tokens: float
+    expected_seconds: float
+
+
+@dataclass
+class Controller:
+    cfg: SpecConfig
+    cost: StepCostModel = field(default_factory=StepCostModel)
+    stats: dict[str, StrategyStats] = field(default_factory=dict)
+    decisions: dict[str, int] = field(default_factory=dict)  # how often each strategy won a request
+
+    def calibrated(self, tree: DraftTree) -> list[float]:
+        """Path probabilities scaled by the strategy's measured accepted/predicted ratio (capped at 1)."""
+        c = min(2.0, self.stats.setdefault(tree.source, StrategyStats()).calibration())
+        return [1.0] + [min(1.0, s * c) for s in tree.path_scores()[1:]]
+
+    def choose(self, candidates: dict[int, list[DraftTree]]) -> dict[int, DraftTree]:
+        """Per request: the candidate tree with the best calibrated expected accepted tokens per node."""
+        out = {}
+        for sid, trees in candidates.items():
+            best, best_gain = None, 0.0
+            for t in trees:
+                if t.num_draft == 0:
+                    continue
+                cal = self.calibrated(t)
+                gain = sum(cal[1:]) / (t.num_draft + 2.0)  # +2: prefer fewer nodes for the same gain
+                if gain > best_gain:
+                    best, best_gain = t, gain
+            if best is not None:
+                out[sid] = best
+                self.decisions[best.source] = self.decisions.get(best.source, 0) + 1
+            else:
+                self.decisions["off"] = self.decisions.get("off", 0) + 1
+        return out
+
+    def plan(self, trees: dict[int, DraftTree], base_tokens: int, num_decode: int) -> Plan:
+        """Spend the batch budget by marginal benefit; 0 nodes (off) when drafting does not pay."""
+        if num_decode >= self.cfg.off_batch_size:
+            trees = {}
+        nodes: list[tuple[float, int, int]] = []
+        for sid, tree in trees.items():
+            cal = self.calibrated(tree)
+            nodes.extend((cal[i], sid, i) for i in range(1, len(tree)))
+        nodes.sort(key=lambda x: -x[0])
+        nodes = nodes[: self.cfg.max_batch_draft_tokens]
+        best_k, best_rate = 0, num_decode / self.cost.cost(base_tokens)
+        gain = float(num_decode)
+        for k, (p, _, _) in enumerate(nodes, start=1):
+            gain += p
+            rate = gain / self.cost.cost(base_tokens + k)
+            if rate > best_rate * 1.0001:
+                best_k, best_rate = k, rate
+        keep: dict[int, int] = {}
+        for _, sid, _ in nodes[:best_k]:
+            keep[sid] = keep.get(sid, 1) + 1
+        pruned = {sid: trees[sid].prune(n) for sid, n in keep.items()}
+        exp_tokens = num_decode + sum(p for p, _, _ in nodes[:best_k])
+        return Plan(pruned, best_k, exp_tokens, self.cost.cost(base_tokens + best_k))
+
+    def observe(self, tree: DraftTree, accepted: int) -> None:
+        if tree.num_draft == 0:
+            return
+        st = self.stats.setdefault(tree.source, StrategyStats())
+        st.predicted += sum(tree.path_scores()[1:])
+        st.accepted += accepted
+        st.drafted += tree.num_draft
+        st.steps += 1
+
+
+class Speculation:
+    """Glue between the engine and the proposers: lifecycle hooks, drafting, verdict feedback."""
+
+    def __init__(self, engine, cfg: SpecConfig, proposers: dict[str, Proposer]) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.proposers = proposers
+        self.controller = Controller(cfg)
+        self.draft_seconds = 0.0
+        self.listeners: list = []  # callables(verdicts) e.g. the trace recorder of the online trainer
+
+    @property
+    def wants_aux(self) -> bool:
+        return any(p.wants_aux for p in self.proposers.values())
+
+    def strategies(self) -> list[str]:
+        mode = self.cfg.mode
+        if mode == "auto":
+            return list(self.proposers)
+        return [mode] if mode in self.proposers else []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def add_request(self, seq) -> None:
+        for p in self.proposers.values():
+            p.add_request(seq)
+
+    def on_commit(self, seq, tokens: list[int]) -> None:
+        for p in self.proposers.values():
+            p.on_commit(seq, tokens)
+
+    def finish(self, seq) -> None:
+        for p in self.proposers.values():
+            p.finish(seq)
+
+    def observe_prefill(self, seq, n: int, aux) -> None:
+        for p in self.proposers.values():
+            p.observe_prefill(seq, n, aux)
+
+    # ---- per step ----------------------------------------------------------------------------
+    def draft(self, decode_seqs: list, step_tokens: int) -> dict[int, DraftTree]:
+        names = self.strategies()
+        if not names or len(decode_seqs) >= self.cfg.off_batch_size or self.cfg.max_draft_tokens == 0:
+            return {}
+        t0 = time.perf_counter()
+        budgets = {s.seq_id: self.cfg.max_draft_tokens for s in decode_seqs}
+        candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in decode_seqs}
+        for name in names:
+            for sid, tree in self.proposers[name].propose(decode_seqs, budgets).items():
+                candidates[sid].append(tree)
+        chosen = self.controller.choose(candidates)
+        plan = self.controller.plan(chosen, step_tokens, len(decode_seqs))
+        self.draft_seconds += time.perf_counter() - t0
+        return plan.trees
+
+    def observe_step(self, verdicts: list, batch_rows: int, num_tokens: int, seconds: float) -> None:
+        self.controller.cost.observe(num_tokens, seconds)
+        for seq, tree, accepted, _next, _aux, _hidden in verdicts:
+            self.controller.observe(tree, len(accepted) - 1)
+        for p in self.proposers.values():
+            p.observe(verdicts)
+        for listener in self.listeners:
+            listener(verdicts)
+
+
+class SuffixAdapter:
+    """Adapts ``SuffixProposer`` (keyed by ids, pure token bookkeeping) to the ``Proposer`` protocol."""
+
+    name = "suffix"
+    wants_aux = False
+
+    def __init__(self, cfg: SpecConfig) -> None:
+        from .suffix import SuffixProposer
+
+        self.inner = SuffixProposer(cfg)
+
+    def add_request(self, seq) -> None:
+        self.inner.add_request(seq.seq_id, list(seq.tokens), seq.group)
+
+    def on_commit(self, seq, tokens: list[int]) -> None:
+        self.inner.on_commit(seq.seq_id, tokens)
+
+    def finish(self, seq) -> None:
+        self.inner.finish(seq.seq_id)
+
+    def observe_prefill(self, seq, n: int, aux) -> None:
+        pass
+
+    def observe(self, verdicts: list) -> None:
+        pass
+
+    def propose(self, seqs: list, budgets: dict[int, int]) -> dict[int, DraftTree]:
+        return {s.seq_id: self.inner.propose(s.seq_id, budgets[s.seq_id]) for s in seqs}
+
+
+def profile_costs(engine, controller: Controller, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+                  repeats: int = 2) -> None:
+    """Time target forwards of a few sizes on a scratch slot so the first decisions are informed."""
+    from ..engine.runner import RowSpec
+
+    if engine.kv.num_free == 0:
+        return
+    slot = engine.kv.allocate()
+    try:
+        for n in sizes:
+            if n > engine.kv.max_len:
+                break
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                engine.runner.run([RowSpec(slot, 0, [0] * n, logits_from=0)])
+                controller.cost.observe(n, time.perf_counter() - t0)
+    finally:
+        engine.kv.free(slot)
+
+
+def attach_speculation(engine, cfg: SpecConfig, extra: dict[str, Proposer] | None = None) -> Speculation:
+    """Give an engine speculative decoding: the suffix drafter always, plus any extra proposers."""
+    proposers: dict[str, Proposer] = {"suffix": SuffixAdapter(cfg)}
+    proposers.update(extra or {})
+    spec = Speculation(engine, cfg, proposers)
+    if cfg.profile_at_start:
+        profile_costs(engine, spec.controller)
+    engine.spec = spec
+    return spec
