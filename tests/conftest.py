@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models of each family (fast) and the real default model (loaded once)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from onspec.models.loader import load_model, resolve_model_dir
+
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 16}),
+}
+
+
+def make_tiny_model(out: Path, family: str = "llama", vocab_size: int = 512, seed: int = 0,
+                    rope_scaling: dict | None = None, tie: bool = True) -> Path:
+    """A random HF model directory of the given family, with the default model's tokenizer files
+    (the tokenizer's ids above ``vocab_size`` are never produced by the tiny model itself)."""
+    import transformers
+
+    arch, cfg_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=tie, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+        initializer_range=0.25, **extra)
+    if rope_scaling:
+        cfg.rope_scaling = rope_scaling
+    torch.manual_seed(seed)
+    # A wide init (0.25, not 0.02) gives peaked, varied next-token distributions instead of near-uniform
+    # ones, so greedy paths are diverse and argmax ties (which float noise could flip) do not occur.
+    model = getattr(transformers, arch)(cfg).to(torch.float32)
+    model.save_pretrained(out)
+    cfg_json = json.loads((out / "config.json").read_text())
+    cfg_json["architectures"] = [arch]
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    default_dir = resolve_model_dir("default")
+    for f in default_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("tiny")
+    return {fam: make_tiny_model(base / fam, fam) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def default_model_f32():
+    """The real default model in float32, loaded once per session (exactness tests)."""
+    return load_model("default", dtype="float32")
