@@ -59,19 +59,18 @@ class ModelRunner:
             wslot.extend([r.slot] * n)
             wpos.extend(range(r.cache_len, r.cache_len + n))
         dense = all(n == T for n in lens)
+        L = max(r.cache_len + n for r, n in zip(rows, lens))
         uniform = dense and T == 1 and all(r.cache_len == P for r in rows)
         mask = None
         if not uniform:
-            mask = torch.zeros(B, 1, T, P + T, dtype=torch.bool)
+            mask = torch.zeros(B, 1, T, L, dtype=torch.bool)
             causal = torch.ones(T, T, dtype=torch.bool).tril()
-            cols = torch.arange(P)
             for b, r in enumerate(rows):
-                n = len(r.tokens)
-                mask[b, 0, :, :P] = cols < r.cache_len
-                mask[b, 0, :n, P:P + n] = r.tree_mask if r.tree_mask is not None else causal[:n, :n]
-                if n < T:  # padding rows attend to themselves only, so softmax never sees an empty row
-                    mask[b, 0, n:, :] = False
-                    mask[b, 0, torch.arange(n, T), P + torch.arange(n, T)] = True
+                n, c = len(r.tokens), r.cache_len
+                mask[b, 0, :, :c] = True
+                mask[b, 0, :n, c:c + n] = r.tree_mask if r.tree_mask is not None else causal[:n, :n]
+                if n < T:  # padding rows attend to one real key only, so softmax never sees an empty row
+                    mask[b, 0, n:, 0] = True
         slots = [r.slot for r in rows]
         contiguous = slots == list(range(slots[0], slots[0] + B))
         dev = self.device
@@ -80,7 +79,7 @@ class ModelRunner:
             token_index=None if dense else torch.tensor(index, device=dev),
             slots=torch.tensor(slots, device=dev),
             slot_range=(slots[0], slots[0] + B) if contiguous else None,
-            prefix_len=P,
+            key_len=L,
             mask=mask.to(dev) if mask is not None else None,
             write_slot=torch.tensor(wslot, device=dev),
             write_pos=torch.tensor(wpos, device=dev),

@@ -119,9 +119,10 @@ class AttnBatch:
     Tokens arrive packed: ``N`` tokens of ``B`` sequences back to back (so the matrix products do no
     padding work). Attention unpacks them into a padded ``[B, T]`` grid: ``token_index[i]`` is token i's
     cell ``b * T + t`` (None when the grid is full and the packing is the identity).
-    ``mask``: bool [B, 1, T, P + T]; the first P columns are the cached prefix (P = longest cached length
-    in the batch), the last T the new tokens (causal for prefill, ancestor mask for draft trees).
-    Token i's K/V row is written to ``cache[write_slot[i], :, write_pos[i]]``.
+    Token i's K/V row is written to ``cache[write_slot[i], :, write_pos[i]]`` *before* attention, so keys
+    are read straight from the cache (a view when the slots are a contiguous run: no concatenation).
+    ``mask``: bool [B, 1, T, key_len] over absolute cache positions: a row sees its cached prefix and, among
+    its new tokens, what the causal (prefill) or ancestor (draft tree) mask allows.
     """
 
     B: int
@@ -129,7 +130,7 @@ class AttnBatch:
     token_index: torch.Tensor | None    # [N] long
     slots: torch.Tensor                 # [B] long
     slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: a view instead of a gather
-    prefix_len: int                     # P
+    key_len: int                        # cache positions attention reads: max(cache_len + new tokens)
     mask: torch.Tensor | None           # None: attend to everything (one token per row, equal prefixes)
     write_slot: torch.Tensor            # [N] long
     write_pos: torch.Tensor             # [N] long
@@ -183,35 +184,27 @@ class DecoderLayer(nn.Module):
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = self._attend(q, k, v, k_cache, v_cache, batch)
-        # New rows go into the cache after attention (attention read them from `k`/`v` directly).
         k_cache[batch.write_slot, :, batch.write_pos] = k
         v_cache[batch.write_slot, :, batch.write_pos] = v
-        x = x + self.o_proj(attn)
+        x = x + self.o_proj(self._attend(q, k_cache, v_cache, batch))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
-        """Packed q/k/v [N, h, D] -> packed attention output [N, heads * D]."""
-        a, B, T, N = self.a, batch.B, batch.T, q.shape[0]
-
-        def grid(t: torch.Tensor) -> torch.Tensor:  # packed [N, h, D] -> [B, h, T, D]
-            if batch.token_index is not None:
-                full = t.new_zeros(B * T, *t.shape[1:])
-                full[batch.token_index] = t
-                t = full
-            return t.view(B, T, *t.shape[1:]).transpose(1, 2)
-
-        q, k, v = grid(q), grid(k), grid(v)
-        P = batch.prefix_len
-        if P > 0:
-            if batch.slot_range is not None:
-                s0, s1 = batch.slot_range
-                k_prev, v_prev = k_cache[s0:s1, :, :P], v_cache[s0:s1, :, :P]
-            else:
-                k_prev, v_prev = k_cache[batch.slots, :, :P], v_cache[batch.slots, :, :P]
-            k, v = torch.cat((k_prev, k), dim=2), torch.cat((v_prev, v), dim=2)
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                batch: AttnBatch) -> torch.Tensor:
+        """Packed queries [N, h, D] against the cache -> packed attention output [N, heads * D]."""
+        a, B, T = self.a, batch.B, batch.T
+        if batch.token_index is not None:  # unpack into the padded [B, T] grid
+            full = q.new_zeros(B * T, *q.shape[1:])
+            full[batch.token_index] = q
+            q = full
+        q = q.view(B, T, a.num_heads, a.head_dim).transpose(1, 2)
+        L = batch.key_len
+        if batch.slot_range is not None:
+            s0, s1 = batch.slot_range
+            k, v = k_cache[s0:s1, :, :L], v_cache[s0:s1, :, :L]
+        else:
+            k, v = k_cache[batch.slots, :, :L], v_cache[batch.slots, :, :L]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask,
                                              enable_gqa=a.num_kv_heads != a.num_heads)
         out = out.transpose(1, 2).reshape(B * T, a.num_heads * a.head_dim)

@@ -251,7 +251,8 @@ class SuffixAdapter:
         self.inner.on_commit(seq.seq_id, tokens)
 
     def finish(self, seq) -> None:
-        self.inner.finish(seq.seq_id)
+        # Aborted outputs are partial and unwanted: keep them out of the global store.
+        self.inner.finish(seq.seq_id, keep_output=seq.finish_reason != "abort")
 
     def observe_prefill(self, seq, n: int, aux) -> None:
         pass

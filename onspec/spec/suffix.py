@@ -12,8 +12,9 @@ What:
   from the root, and a node's count is the number of occurrences of its path. ``extend`` is
   incremental (it advances one cursor per live suffix, at most ``D`` per appended token), ``remove``
   takes a whole sequence back out (FIFO eviction), ``match`` finds the longest suffix of a context that
-  the trie holds, and ``speculate`` grows a draft tree best-first from there, scoring a path by the
-  product of its ``child_count / parent_count`` ratios, as SuffixDecoding does.
+  the trie holds, and ``speculate`` grows a draft tree best-first from there (or from a shorter match
+  that leaves more of the bounded depth to draft), scoring a path by the product of its
+  ``child_count / parent_count`` ratios, as SuffixDecoding does.
 * ``SuffixProposer``: the drafter the engine calls. Three trees feed it: one per request (its prompt
   and output so far), one per group of sibling requests (their outputs, so sibling A's text drafts for
   sibling B, as in Seer's grouped drafting) and a bounded FIFO store of recently finished outputs.
@@ -267,20 +268,61 @@ class SuffixTree:
 
     def speculate(self, context: Sequence[int], max_nodes: int, min_prob: float, alpha: float,
                   self_len: int = 0, source: str = "suffix") -> DraftTree:
-        """Draft tree rooted at ``context[-1]``, grown best-first from the longest matching suffix.
+        """Draft tree rooted at ``context[-1]``, grown best-first from a matching suffix of ``context``.
 
         Nodes are taken in order of path probability (product of ``child.count / parent.count`` along the
         path); expansion stops below ``min_prob``, at ``max_nodes`` drafted nodes, and at depth
         ``alpha * match_len``. ``scores[i]`` is node i's count ratio, so ``path_scores()`` gives the path
         probability. ``self_len`` as in ``match``.
+
+        The trie holds paths of at most max_depth tokens, so a match of length m leaves only
+        ``max_depth - m`` tokens to draft: a 31-token match in a depth-32 trie drafts one token. So
+        besides the longest match, the longest *shorter* match that leaves the most room (depth
+        ``min(alpha * m, max_depth - m, max_nodes)``) is tried too, and the tree with the higher expected
+        accepted length (sum of path probabilities) wins. A shorter match pools more occurrences, so its
+        counts already price in the lost specificity. (ArcticInference tries every match length; two
+        keep the per-step cost low.)
         """
         if not context:
             raise ValueError("speculate needs a non-empty context (its last token is the root)")
-        tokens, parents, scores = [context[-1]], [-1], [1.0]
-        (node, p), m = self.match(context, self_len)
+        root = context[-1]
+        loc, m = self.match(context, self_len)
+        if m == 0 or max_nodes <= 0:
+            return DraftTree([root], [-1], [1.0], source=source)
+        best, best_score = self._grow(root, loc, m, self_len, max_nodes, min_prob, alpha, source)
+        m2 = self._roomiest_len(m, max_nodes, alpha)
+        if m2 < m:
+            n = len(context)
+            loc2 = self._locate(context, n - m2, n)
+            assert loc2 is not None  # a suffix of a match is a match
+            cand, score = self._grow(root, loc2, m2, self_len, max_nodes, min_prob, alpha, source)
+            if score > best_score:
+                best = cand
+        return best
+
+    def _roomiest_len(self, m: int, max_nodes: int, alpha: float) -> int:
+        """The largest match length <= m that maximizes the draft depth min(alpha*m', D - m', max_nodes).
+
+        Going down from m, D - m' grows and alpha * m' shrinks, so the depth rises, plateaus, then falls:
+        stop at the first step that does not raise it."""
+        d = self.max_depth
+        best_m, best_g = m, min(int(alpha * m), d - m, max_nodes)
+        for m2 in range(m - 1, 0, -1):
+            g = min(int(alpha * m2), d - m2, max_nodes)
+            if g <= best_g:
+                break
+            best_m, best_g = m2, g
+        return best_m
+
+    def _grow(self, root: int, loc: _Locus, m: int, self_len: int, max_nodes: int, min_prob: float,
+              alpha: float, source: str) -> tuple[DraftTree, float]:
+        """Best-first draft from the locus of a length-``m`` match: (tree, sum of path probabilities)."""
+        tokens, parents, scores = [root], [-1], [1.0]
+        total = 0.0
         depth_cap = min(int(alpha * m), self.max_depth - m)
-        if m == 0 or depth_cap <= 0 or max_nodes <= 0:
-            return DraftTree(tokens, parents, scores, source=source)
+        if depth_cap <= 0:
+            return DraftTree(tokens, parents, scores, source=source), total
+        node, p = loc
         # Node counts include occurrences that end right there (sequence ends), so children may sum to
         # less than the parent: divide by the node count anyway; the missing mass is "stop here".
         # At the match itself the live request's own occurrence has no continuation: discount it.
@@ -315,9 +357,10 @@ class SuffixTree:
             tokens.append(tok)
             parents.append(parent)
             scores.append(cond)
+            total -= negp
             if depth < depth_cap:
                 push_children(nd, q, -negp, idx, depth + 1, nd.count)
-        return DraftTree(tokens, parents, scores, source=source)
+        return DraftTree(tokens, parents, scores, source=source), total
 
 
 # ---------------------------------------------------------------------------------------------------
