@@ -110,6 +110,8 @@ class Controller:
     cost: StepCostModel = field(default_factory=StepCostModel)
     stats: dict[str, StrategyStats] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=dict)  # how often each strategy won a request
+    explore_steps: int = 20      # verified steps before a strategy's record can switch it off
+    explore_every: int = 16      # a switched-off strategy is still tried every this many steps
 
     def calibrated(self, tree: DraftTree) -> list[float]:
         """Path probabilities scaled by the strategy's measured accepted/predicted ratio (capped at 1)."""
@@ -117,15 +119,14 @@ class Controller:
         return [1.0] + [min(1.0, s * c) for s in tree.path_scores()[1:]]
 
     def choose(self, candidates: dict[int, list[DraftTree]]) -> dict[int, DraftTree]:
-        """Per request: the candidate tree with the best calibrated expected accepted tokens per node."""
+        """Per request: the candidate tree with the most calibrated expected accepted tokens."""
         out = {}
         for sid, trees in candidates.items():
             best, best_gain = None, 0.0
             for t in trees:
                 if t.num_draft == 0:
                     continue
-                cal = self.calibrated(t)
-                gain = sum(cal[1:]) / (t.num_draft + 2.0)  # +2: prefer fewer nodes for the same gain
+                gain = sum(self.calibrated(t)[1:])  # expected accepted tokens; plan() trims weak nodes
                 if gain > best_gain:
                     best, best_gain = t, gain
             if best is not None:
@@ -159,6 +160,19 @@ class Controller:
         exp_tokens = num_decode + sum(p for p, _, _ in nodes[:best_k])
         return Plan(pruned, best_k, exp_tokens, self.cost.cost(base_tokens + best_k))
 
+    def worth_drafting(self, strategy: str, num_decode: int, base_tokens: int, draft_seconds: float) -> bool:
+        """Would this strategy's measured record beat plain decoding at this batch, drafting cost included?
+
+        Rate with speculation = B * (1 + accepted per step) / (T(base + B * nodes per step) + drafting);
+        rate without = B / T(base). Until a strategy has a record (``explore_steps``) it is tried.
+        """
+        st = self.stats.get(strategy)
+        if st is None or st.steps < self.explore_steps:
+            return True
+        acc, nodes = st.accepted / st.steps, st.drafted / st.steps
+        with_spec = num_decode * (1 + acc) / (self.cost.cost(base_tokens + int(num_decode * nodes)) + draft_seconds)
+        return with_spec > num_decode / self.cost.cost(base_tokens)
+
     def observe(self, tree: DraftTree, accepted: int) -> None:
         if tree.num_draft == 0:
             return
@@ -178,6 +192,9 @@ class Speculation:
         self.proposers = proposers
         self.controller = Controller(cfg)
         self.draft_seconds = 0.0
+        self.draft_cost: dict[str, float] = {}   # EMA seconds per propose() call, by strategy
+        self.skipped: dict[str, int] = {}        # steps a strategy was not even asked (did not pay)
+        self.steps = 0
         self.listeners: list = []  # callables(verdicts) e.g. the trace recorder of the online trainer
 
     @property
@@ -212,16 +229,23 @@ class Speculation:
         names = self.strategies()
         if not names or len(decode_seqs) >= self.cfg.off_batch_size or self.cfg.max_draft_tokens == 0:
             return {}
-        t0 = time.perf_counter()
+        self.steps += 1
         budgets = {s.seq_id: self.cfg.max_draft_tokens for s in decode_seqs}
         candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in decode_seqs}
         for name in names:
+            cost = self.draft_cost.get(name, 0.0)
+            if (not self.controller.worth_drafting(name, len(decode_seqs), step_tokens, cost)
+                    and self.steps % self.controller.explore_every):
+                self.skipped[name] = self.skipped.get(name, 0) + 1
+                continue
+            t0 = time.perf_counter()
             for sid, tree in self.proposers[name].propose(decode_seqs, budgets).items():
                 candidates[sid].append(tree)
+            dt = time.perf_counter() - t0
+            self.draft_cost[name] = dt if name not in self.draft_cost else 0.9 * self.draft_cost[name] + 0.1 * dt
+            self.draft_seconds += dt
         chosen = self.controller.choose(candidates)
-        plan = self.controller.plan(chosen, step_tokens, len(decode_seqs))
-        self.draft_seconds += time.perf_counter() - t0
-        return plan.trees
+        return self.controller.plan(chosen, step_tokens, len(decode_seqs)).trees
 
     def observe_step(self, verdicts: list, batch_rows: int, num_tokens: int, seconds: float) -> None:
         self.controller.cost.observe(num_tokens, seconds)
