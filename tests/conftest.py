@@ -10,6 +10,10 @@ import torch
 
 from onspec.models.loader import load_model, resolve_model_dir
 
+# Tiny models gain nothing from a second thread, and on a busy 2-core machine (servers, trainer processes
+# and pytest side by side) spinning OpenMP threads slow such work down many times over.
+torch.set_num_threads(1)
+
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
