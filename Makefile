@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install run test test-slow bench clean
+.PHONY: install browser run test test-slow bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,10 +21,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# Headless Chromium for the dashboard test (Debian's package); best effort: the test skips without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium unavailable: the dashboard test will be skipped"
+
 run: install
 	$(BIN)/onspec serve --model default --host $(HOST) --port $(PORT) --speculation auto --train online
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
 
 test-slow: install

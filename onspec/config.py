@@ -72,3 +72,85 @@ class EngineConfig:
         _check(self.max_num_batched_tokens >= 16, "max_num_batched_tokens", "must be >= 16")
         _check(self.kv_cache_memory >= 0, "kv_cache_memory", "must be >= 0")
         _check(self.num_threads >= 0, "num_threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Online drafter learning: trace recording, the trainer process, publishing, the promotion gate.
+
+    Defaults follow the "Aurora" recipe (arXiv 2602.06932: training-time-test unroll weighted 0.8^i,
+    forward KL to the target, a "discard" term on rejected branches) scaled down for a shared 2-core CPU.
+    """
+
+    versions_dir: str = ""              # where versions live ("" = <cache>/speculators/<model name>)
+    speculator: str = ""                # start from this EAGLE-3 checkpoint (day-1) instead of random (day-0)
+    resume: bool = True                 # restart from the latest promoted version found in versions_dir
+    # --- traces ---
+    chunk_positions: int = 256          # a sequence's trace is cut into chunks of this many positions
+    chunk_context: int = 32             # positions repeated at the head of a continued chunk (context only)
+    queue_chunks: int = 64              # engine-side send queue (oldest dropped when full; never blocks)
+    buffer_bytes: int = 512 * 2**20     # trainer replay buffer budget (oldest chunks evicted)
+    heldout_every: int = 8              # every n-th chunk is held out (gate and manifest figures)
+    heldout_positions: int = 1024       # held-out window: the most recent positions kept for the gate
+    recency_half_life: int = 8192       # positions: a chunk's sampling weight halves per this many newer ones
+    target_topk: int = 32               # soft targets kept per position (draft-vocab probabilities)
+    # --- training ---
+    ttt_steps: int = 3                  # training-time-test unroll depth
+    ttt_decay: float = 0.8              # weight of unroll step i is decay^i
+    discard_weight: float = 0.3         # lambda: KL at rejected tree nodes
+    max_branches: int = 256             # rejected-node rows per optimizer step (a random subset beyond)
+    train_head: bool = False            # also train lm_head and the final norm (initialised from the target's)
+    prompt_weight: float = 0.5          # weight of prompt positions relative to generated ones
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    autocast: bool = True               # bfloat16 matrix products (AMX) with float32 weights and optimizer
+    batch_positions: int = 512          # positions per optimizer step
+    min_positions: int = 256            # train only once the buffer holds this many positions
+    trainer_threads: int = 1            # torch threads of the trainer process while the engine is busy
+    idle_threads: int = 0               # ... while it is idle (0 = every core)
+    busy_share: float = 0.3             # fraction of wall time the trainer may compute while the engine is busy
+    idle_after: float = 2.0             # seconds without an engine step after which the engine counts as idle
+    seed: int = 0
+    # --- publishing and the gate ---
+    publish_every_steps: int = 50
+    publish_every_seconds: float = 60.0
+    keep_versions: int = 12             # versions kept on disk (the promoted and its predecessor always)
+    gate_margin: float = 0.0            # promote when candidate >= current + margin (simulated acceptance)
+    gate_min_positions: int = 64        # held-out positions needed before the gate decides
+    live_window_steps: int = 200        # decode steps watched after a promotion
+    rollback_threshold: float = 0.15    # relative live-throughput regression that triggers a rollback
+    poll_seconds: float = 0.5           # how often new versions and trainer messages are looked for
+    on_trainer_exit: str = "suffix"     # "suffix": drop the learned drafter when the trainer dies; "keep"
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_positions >= 8, "chunk_positions", "must be >= 8")
+        _check(0 <= self.chunk_context < self.chunk_positions, "chunk_context", "must be in [0, chunk_positions)")
+        _check(self.queue_chunks >= 1, "queue_chunks", "must be >= 1")
+        _check(self.buffer_bytes >= 2**20, "buffer_bytes", "must be >= 1 MiB")
+        _check(self.heldout_every >= 2, "heldout_every", "must be >= 2")
+        _check(self.heldout_positions >= 16, "heldout_positions", "must be >= 16")
+        _check(self.recency_half_life >= 1, "recency_half_life", "must be >= 1")
+        _check(1 <= self.target_topk <= 1024, "target_topk", "must be in [1, 1024]")
+        _check(1 <= self.ttt_steps <= 16, "ttt_steps", "must be in [1, 16]")
+        _check(0.0 < self.ttt_decay <= 1.0, "ttt_decay", "must be in (0, 1]")
+        _check(self.discard_weight >= 0, "discard_weight", "must be >= 0")
+        _check(self.prompt_weight >= 0, "prompt_weight", "must be >= 0")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.grad_clip > 0, "grad_clip", "must be > 0")
+        _check(self.batch_positions >= 16, "batch_positions", "must be >= 16")
+        _check(self.min_positions >= 1, "min_positions", "must be >= 1")
+        _check(self.trainer_threads >= 1, "trainer_threads", "must be >= 1")
+        _check(self.idle_threads >= 0, "idle_threads", "must be >= 0")
+        _check(self.max_branches >= 0, "max_branches", "must be >= 0")
+        _check(0.0 < self.busy_share <= 1.0, "busy_share", "must be in (0, 1]")
+        _check(self.idle_after > 0, "idle_after", "must be > 0")
+        _check(self.publish_every_steps >= 1, "publish_every_steps", "must be >= 1")
+        _check(self.publish_every_seconds > 0, "publish_every_seconds", "must be > 0")
+        _check(self.keep_versions >= 2, "keep_versions", "must be >= 2")
+        _check(self.gate_min_positions >= 1, "gate_min_positions", "must be >= 1")
+        _check(self.live_window_steps >= 1, "live_window_steps", "must be >= 1")
+        _check(0.0 < self.rollback_threshold < 1.0, "rollback_threshold", "must be in (0, 1)")
+        _check(self.poll_seconds > 0, "poll_seconds", "must be > 0")
+        _check(self.on_trainer_exit in ("suffix", "keep"), "on_trainer_exit", "must be 'suffix' or 'keep'")

@@ -1,0 +1,244 @@
+"""Plain decoding speed of onspec against its peers, and batch throughput (speculation off throughout).
+
+One run, the same prompts for everyone (a few AlpacaEval chat instructions and a few HumanEval
+functions, chat template applied), greedy, ``--max-tokens`` new tokens per prompt (EOS ignored /
+suppressed so every peer produces exactly that many), ``--threads`` torch/llama.cpp threads:
+
+* onspec bfloat16 and float32, one prompt at a time (single stream);
+* transformers ``generate`` on the same weights, plain and with prompt-lookup decoding
+  (``prompt_lookup_num_tokens``), float32 and bfloat16;
+* llama.cpp (llama-cpp-python) on the GGUF file the default model comes from, when installed;
+* onspec bfloat16 throughput with 1, 8 and 32 prompts submitted at once.
+
+Figures are medians over ``--repeats``; ratios are against transformers plain (float32) measured in the
+same run. Targets (issue 2): single-stream onspec >= 1.3x transformers plain; batch-32 throughput
+>= 4x single-stream.
+
+    python bench/decode.py              # full (a few minutes)
+    python bench/decode.py --quick      # 2 prompts, 32 tokens, 1 repeat: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (busy_warning, chat_texts, machine_info, measure_interleaved,  # noqa: E402
+                          print_table, ratio, set_threads, write_results)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 prompts, 32 tokens, 1 repeat, batches 1 and 8")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--chat", type=int, default=3, help="AlpacaEval prompts")
+    p.add_argument("--code", type=int, default=3, help="HumanEval prompts")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--skip", default="", help="comma-separated peers to skip: hf, llamacpp, fp32, pld")
+    p.add_argument("--name", default="decode", help="results file stem under bench/results/")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.max_tokens, args.chat, args.code, args.batches = 1, 32, 1, 1, "1,8"
+    if args.repeats < 1 or args.max_tokens < 1 or args.threads < 1:
+        p.error("--repeats, --max-tokens and --threads must be >= 1")
+    return args
+
+
+# ---- onspec ----------------------------------------------------------------------------------------
+
+
+def onspec_llm(dtype: str, threads: int, max_num_seqs: int = 64):
+    from onspec import LLM
+
+    return LLM(model="default", dtype=dtype, speculation="off", num_threads=threads, max_num_seqs=max_num_seqs)
+
+
+def onspec_single(llm, prompts: list[str], max_tokens: int):
+    from onspec import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+    def run() -> int:
+        return sum(len(llm.generate([p], params)[0].outputs[0].token_ids) for p in prompts)
+    return run
+
+
+def onspec_batch(llm, prompts: list[str], batch: int, max_tokens: int):
+    from onspec import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
+
+    def run() -> int:
+        return sum(len(o.outputs[0].token_ids) for o in llm.generate(batch_prompts, params))
+    return run
+
+
+# ---- transformers ------------------------------------------------------------------------------------
+
+
+def hf_single(model_dir: Path, dtype: str, tokenizer, prompts: list[str], max_tokens: int, lookup: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids for p in prompts]
+    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+
+    def run() -> int:
+        n = 0
+        with torch.inference_mode():
+            for x in ids:
+                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
+                                     min_new_tokens=max_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.eos_token_id, **extra)
+                n += out.shape[1] - x.shape[1]
+        return n
+    return run
+
+
+# ---- llama.cpp -------------------------------------------------------------------------------------
+
+
+def llamacpp_single(gguf: Path, threads: int, tokenizer, prompts: list[str], max_tokens: int, lookup: int = 0):
+    import llama_cpp
+
+    kw = {}
+    if lookup:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        kw["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                          n_batch=512, verbose=False, seed=0, **kw)
+    eos = llm.token_eos()
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    llm.create_completion(ids[0][:8], max_tokens=2, temperature=0.0)  # warm-up (first call initialises)
+
+    def run() -> int:
+        n = 0
+        for x in ids:
+            llm.reset()
+            out = llm.create_completion(x, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                        logit_bias={eos: -1e9})
+            n += out["usage"]["completion_tokens"]
+        return n
+    return run
+
+
+def llamacpp_available() -> str | None:
+    """None when llama-cpp-python imports, else why not."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken native library
+        return f"llama-cpp-python not usable ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    from onspec.data import chat_prompts, humaneval_prompts
+    from onspec.models.loader import default_gguf_path, resolve_model_dir
+
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    warn = busy_warning(args.threads)
+    if warn:
+        notes.append("WARNING: " + warn)
+    bf16 = onspec_llm("bfloat16", args.threads)
+    tok = bf16.tokenizer
+    messages = chat_prompts(args.chat) + humaneval_prompts(args.code)
+    prompts = chat_texts(tok, messages)
+    R, N = args.repeats, args.max_tokens
+
+    # Single stream: every peer generates N tokens for each prompt, one prompt at a time. All peers are
+    # built first, then run round-robin per repeat, so load bursts from other processes hit them alike.
+    configs: dict = {}
+    bf16.generate(prompts[:1], None)  # warm-up (default params: a short sampled answer)
+    configs["onspec bf16"] = (onspec_single(bf16, prompts, N), None)
+    if "fp32" not in skip:
+        fp32 = onspec_llm("float32", args.threads)
+        fp32.generate(prompts[:1], None)
+        configs["onspec fp32"] = (onspec_single(fp32, prompts, N), None)
+    model_dir = resolve_model_dir("default")
+    if "hf" not in skip:
+        for dtype in ("float32", "bfloat16"):
+            short = "fp32" if dtype == "float32" else "bf16"
+            for lookup in (0, 10):
+                if lookup and "pld" in skip:
+                    continue
+                name = f"transformers {short}" + (" prompt-lookup" if lookup else "")
+                configs[name] = (hf_single(model_dir, dtype, tok, prompts, N, lookup), None)
+    else:
+        notes.append("transformers: skipped (--skip hf)")
+    if "llamacpp" not in skip:
+        why = llamacpp_available()
+        if why is None:
+            gguf = default_gguf_path()
+            for lookup in (0, 10):
+                if lookup and "pld" in skip:
+                    continue
+                name = "llama.cpp Q4_1" + (" prompt-lookup" if lookup else "")
+                try:
+                    configs[name] = (llamacpp_single(gguf, args.threads, tok, prompts, N, lookup), None)
+                except Exception as exc:  # a peer failing must not sink the run; say so in the table
+                    notes.append(f"{name}: failed to start ({exc.__class__.__name__}: {exc})")
+        else:
+            notes.append(f"llama.cpp: skipped, {why}")
+    results = measure_interleaved(configs, R)
+
+    base_name = "transformers fp32"
+    base = results[base_name].tps if base_name in results else float("nan")
+    rows = [[name, m.tps, f"{m.spread * 100:.0f}%", sum(m.tokens) // max(1, len(m.tokens)), ratio(m.tps, base)]
+            for name, m in results.items()]
+    print_table(f"Single stream: {len(prompts)} prompts x {N} tokens, greedy, {args.threads} threads, "
+                f"median of {R}", ["peer", "tok/s", "spread", "tokens/run", f"x {base_name}"], rows)
+
+    # Throughput: the same prompts cycled to fill batches of 1, 8, 32.
+    batches = [int(b) for b in args.batches.split(",")]
+    thr_named = measure_interleaved({f"batch {b}": (onspec_batch(bf16, prompts, b, N), None) for b in batches}, R)
+    thr = {b: thr_named[f"batch {b}"] for b in batches}
+    single = thr[batches[0]].tps if batches and batches[0] == 1 else results["onspec bf16"].tps
+    rows2 = [[b, m.tps, f"{m.spread * 100:.0f}%", ratio(m.tps, single)] for b, m in thr.items()]
+    print_table(f"onspec bf16 throughput (speculation off), {N} tokens per request",
+                ["batch", "tok/s", "spread", "x batch 1"], rows2)
+
+    def best(*names: str) -> float:
+        vals = [results[n].tps for n in names if n in results]
+        return max(vals) if vals else float("nan")
+
+    targets = {"single_stream_vs_transformers": ratio(best("onspec bf16", "onspec fp32"),
+                                                      best("transformers fp32", "transformers bf16"))}
+    if 32 in thr and 1 in thr:
+        targets["batch32_vs_batch1"] = ratio(thr[32].tps, thr[1].tps)
+    notes.append(f"targets: best onspec single stream / best transformers plain = "
+                 f"{targets['single_stream_vs_transformers']:.2f} (target >= 1.3)"
+                 + (f"; batch-32 / batch-1 throughput = {targets['batch32_vs_batch1']:.2f} (target >= 4)"
+                    if "batch32_vs_batch1" in targets else ""))
+    notes.append(f"total bench time {time.perf_counter() - t_start:.0f} s")
+    for n in notes:
+        print(n)
+    payload = {"bench": "decode", "args": vars(args), "machine": machine_info(args.threads),
+               "prompts": messages, "single_stream": results, "throughput": {str(b): m for b, m in thr.items()},
+               "targets": targets, "notes": notes}
+    bars = {"single stream tok/s": {k: v.tps for k, v in results.items()},
+            "onspec bf16 throughput tok/s": {f"batch {b}": m.tps for b, m in thr.items()}}
+    jpath, ppath = write_results(args.name, payload, bars)
+    print(f"wrote {jpath} and {ppath}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""RL rollout benchmark: the same GRPO run (same seeds, same prompts) under four rollout configurations.
+
+  (a) no speculation, FIFO                         the baseline
+  (b) + context-aware scheduling (Seer)            probe-first, longest-estimate-first, anti-starvation
+  (c) + grouped suffix drafting                    siblings share a suffix tree (lossless speculation)
+  (d) + co-trained learned drafter (TLT)           EAGLE-3 drafter trained in each rollout's tail
+
+Each configuration runs ``--steps`` full RL steps (rollout, reward, GRPO update, weights back into the
+engine) from the same initial model. Reported per configuration: median rollout-phase seconds per RL
+step, median tail latency (time to finish the last 10% of responses), generated tokens/s, acceptance
+length (overall and per strategy) and the reward curve. Speculation is lossless, so the reward curves
+must agree within sampling noise; the speed ratios are against (a) measured in the same run.
+
+    .venv/bin/python bench/rl.py --quick        # a few minutes on a shared 2-core CPU
+    .venv/bin/python bench/rl.py                # bigger: more steps, prompts and tokens
+
+Writes bench/results/rl.json and bench/results/rl.png (reward, rollout time, tail, acceptance by step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import RESULTS_DIR, busy_warning, machine_info, print_table, write_results  # noqa: E402
+
+from onspec.rl.config import RLConfig  # noqa: E402
+from onspec.rl.grpo import GRPOConfig  # noqa: E402
+from onspec.rl.rollout import RolloutConfig  # noqa: E402
+from onspec.rl.tasks import TaskConfig  # noqa: E402
+
+CONFIGS = {
+    "a: off, FIFO": dict(schedule="fifo", speculation="off", grouped=False, cotrain=False),
+    "b: + Seer scheduling": dict(schedule="seer", speculation="off", grouped=False, cotrain=False),
+    "c: + grouped suffix": dict(schedule="seer", speculation="suffix", grouped=True, cotrain=False),
+    "d: + co-trained drafter": dict(schedule="seer", speculation="auto", grouped=True, cotrain=True),
+}
+
+
+def run_config(name: str, spec: dict, base: RLConfig) -> list[dict]:
+    from onspec.rl.cotrain import make_cotrainer
+    from onspec.rl.loop import RLRunner
+
+    rollout = replace(base.rollout, schedule=spec["schedule"], grouped_drafting=spec["grouped"])
+    cfg = replace(base, rollout=rollout, speculation=spec["speculation"], cotrain=spec["cotrain"])
+    cotrainer = make_cotrainer(cfg) if cfg.cotrain else None
+    runner = RLRunner(cfg, cotrainer=cotrainer)
+    t0 = time.perf_counter()
+    history = runner.run(progress_bar=True)
+    print(f"[{name}] {len(history)} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    return [asdict(m) for m in history]
+
+
+def summarise(rows: list[dict]) -> dict:
+    med = statistics.median
+    strategies: dict[str, list[float]] = {}
+    for r in rows:
+        for k, v in r["acceptance_by_strategy"].items():
+            strategies.setdefault(k, []).append(v)
+    return {
+        "rollout_seconds": med(r["rollout_seconds"] for r in rows),
+        # sampled lengths differ between configurations (lossless speculation and batch shapes change which
+        # random draws a token gets), so also compare time per generated token
+        "seconds_per_1k_tokens": 1000 * sum(r["rollout_seconds"] for r in rows)
+        / max(1, sum(r["generated_tokens"] for r in rows)),
+        "tail_seconds": med(r["tail_seconds"] for r in rows),
+        "tokens_per_second": med(r["tokens_per_second"] for r in rows),
+        "acceptance_length": med(r["acceptance_length"] for r in rows),
+        "acceptance_by_strategy": {k: statistics.mean(v) for k, v in strategies.items()},
+        "reward_mean": statistics.mean(r["reward"] for r in rows),
+        "reward_curve": [r["reward"] for r in rows],
+        "rollout_curve": [r["rollout_seconds"] for r in rows],
+        "tail_curve": [r["tail_seconds"] for r in rows],
+        "acceptance_curve": [r["acceptance_length"] for r in rows],
+        "drafter": [r.get("drafter", {}) for r in rows],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small run (2 steps, 2 prompts x 8, 96 tokens)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--prompts", type=int, default=None)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-running", type=int, default=None, help="concurrent responses in the engine")
+    p.add_argument("--chunk-tokens", type=int, default=0, help="divided rollout chunk (0: undivided)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is best on a busy 2-core CPU)")
+    p.add_argument("--only", default="", help="comma-separated config letters to run (e.g. a,c)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="rl")
+    args = p.parse_args(argv)
+    steps = args.steps or (2 if args.quick else 5)
+    prompts = args.prompts or (2 if args.quick else 4)
+    max_tokens = args.max_tokens or (96 if args.quick else 128)
+    max_running = args.max_running or (8 if args.quick else 16)
+    base = RLConfig(model=args.model, task=TaskConfig(seed=args.seed), prompts_per_step=prompts, steps=steps,
+                    rollout=RolloutConfig(group_size=args.group_size, max_tokens=max_tokens, temperature=1.0,
+                                          chunk_tokens=args.chunk_tokens, max_running=max_running, seed=args.seed),
+                    grpo=GRPOConfig(), max_num_seqs=max_running, threads=args.threads,
+                    cotrain_tail=max(1, max_running // 2), seed=args.seed)
+    chosen = {k: v for k, v in CONFIGS.items() if not args.only or k[0] in args.only.split(",")}
+    warn = busy_warning(args.threads or 2)
+    runs: dict[str, list[dict]] = {}
+    for name, spec in chosen.items():
+        runs[name] = run_config(name, spec, base)
+    summary = {name: summarise(rows) for name, rows in runs.items()}
+    base_name = next(iter(summary))
+    b = summary[base_name]
+    cols = ["config", "rollout s/step", "s/1k tok", "tail s", "accept len", "by strategy", "reward", "speedup",
+            "speedup/tok", "tail vs (a)"]
+    table = []
+    for name, s in summary.items():
+        strat = " ".join(f"{k}:{v:.2f}" for k, v in sorted(s["acceptance_by_strategy"].items()))
+        table.append([name, s["rollout_seconds"], s["seconds_per_1k_tokens"], s["tail_seconds"], s["acceptance_length"],
+                      strat, s["reward_mean"], b["rollout_seconds"] / s["rollout_seconds"],
+                      b["seconds_per_1k_tokens"] / s["seconds_per_1k_tokens"],
+                      s["tail_seconds"] / b["tail_seconds"] if b["tail_seconds"] > 0 else float("nan")])
+    notes = [f"{steps} RL steps x {prompts} prompts x {args.group_size} responses, max_tokens {max_tokens}, "
+             f"{max_running} concurrent; medians over steps; speedup = (a) rollout time / this one; "
+             f"speedup/tok: the same per generated token (sampled lengths differ between configurations)."]
+    if warn:
+        notes.append(warn)
+    print_table("RL rollout phase (same seeds, same prompts)", cols, table, notes)
+    payload = {"machine": machine_info(args.threads), "config": asdict(base), "summary": summary, "runs": runs,
+               "notes": notes}
+    jpath, _ = write_results(args.name, payload)
+    from onspec.rl.plots import plot_runs
+
+    ppath = plot_runs(runs, RESULTS_DIR / f"{args.name}.png", title="RL rollouts: (a)-(d), same seeds",
+                      panels=(("reward", "mean reward"), ("rollout_seconds", "rollout seconds / step"),
+                              ("tail_seconds", "tail seconds (last 10%)"), ("acceptance_length", "acceptance length"),
+                              ("tokens_per_second", "rollout tokens/s"), ("response_tokens", "mean response tokens")))
+    print(f"results: {jpath}\nplot: {ppath}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

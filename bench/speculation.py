@@ -1,0 +1,284 @@
+"""Speculative decoding against the same engine with speculation off, and against transformers'
+prompt-lookup decoding, on the default model in bfloat16.
+
+Workloads (one run, same machine, medians over ``--repeats``; a fresh engine for every repeat so no
+repeat drafts from the suffix store an earlier repeat of the same prompts filled):
+
+(a) chat: AlpacaEval instructions, one at a time, greedy;
+(b) HumanEval: complete a function, one at a time, greedy;
+(c) code editing: rewrite a HumanEval solution with a small change (mostly copying), one at a time;
+(d) a group of 8 sampled responses to one prompt (temperature 0.8, ``n = 8``): speculation with group
+    drafting (siblings' outputs draft for each other, the "Seer" idea) against per-request drafting
+    (each response drafts only from its own prompt and output) against speculation off;
+(e) batch sizes 1, 8, 32, 64 of mixed chat and HumanEval prompts, greedy: the controller must never make
+    things slower (it turns speculation off where verification does not pay).
+
+Speedup = tokens/s with speculation / tokens/s without. Acceptance length = tokens committed per target
+forward while decoding (bonus token included). Transformers plain and prompt-lookup
+(``prompt_lookup_num_tokens=10``) run on the same prompts for (a)-(c).
+
+Targets (issue 3): (c) >= 2.5x; (d) group drafting >= 1.2x per-request drafting; (e) no batch size
+below 0.97x.
+
+    python bench/speculation.py --quick       # 1 prompt per workload, 64 tokens, 1 repeat
+    python bench/speculation.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (Measurement, busy_warning, chat_texts, machine_info,  # noqa: E402
+                          measure_interleaved, print_table, ratio, set_threads, write_results)
+
+ALL_SOURCES = ("request", "group", "global")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 prompt per workload, 64 tokens, 1 repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request, workloads (a)-(d)")
+    p.add_argument("--prompts", type=int, default=3, help="prompts per workload (a)-(c)")
+    p.add_argument("--group-prompts", type=int, default=2, help="prompts for the group workload (d)")
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--batch-tokens", type=int, default=64, help="new tokens per request in (e)")
+    p.add_argument("--skip", default="", help="comma-separated: hf, group, batches, a, b, c")
+    p.add_argument("--name", default="speculation", help="results file stem under bench/results/")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.max_tokens, args.prompts, args.group_prompts = 1, 64, 1, 1
+        args.batches, args.batch_tokens = "1,8,32", 32
+    if min(args.repeats, args.max_tokens, args.prompts, args.threads, args.batch_tokens) < 1:
+        p.error("--repeats, --max-tokens, --prompts, --threads and --batch-tokens must be >= 1")
+    return args
+
+
+# ---- engines ---------------------------------------------------------------------------------------
+
+
+def sources_adapter(spec, sources: tuple[str, ...]):
+    """The suffix drafter restricted to some of its trees (request / group / global): the switch between
+    group drafting and per-request drafting, without touching the controller."""
+    from onspec.spec.controller import SuffixAdapter
+
+    class SourcesSuffixAdapter(SuffixAdapter):
+        def propose(self, seqs, budgets):
+            return {s.seq_id: self.inner.propose(s.seq_id, budgets[s.seq_id], sources=sources) for s in seqs}
+
+    return SourcesSuffixAdapter(spec)
+
+
+def make_llm(loaded, mode: str, threads: int, sources: tuple[str, ...] | None = None, max_num_seqs: int = 64):
+    """A fresh engine over the shared loaded weights (cheap), with speculation ``mode``."""
+    from onspec import LLM
+    from onspec.config import EngineConfig, SpecConfig
+    from onspec.engine.engine import Engine
+    from onspec.spec.controller import attach_speculation
+
+    spec = SpecConfig(mode=mode)
+    cfg = EngineConfig(model="default", dtype="bfloat16", num_threads=threads, max_num_seqs=max_num_seqs,
+                       max_model_len=2048, spec=spec)
+    eng = Engine(cfg, loaded=loaded)
+    if mode != "off":
+        extra = {"suffix": sources_adapter(spec, sources)} if sources is not None else None
+        attach_speculation(eng, spec, extra)
+    return LLM(engine=eng)
+
+
+def spec_figures(llm) -> dict:
+    c = llm.engine.counters
+    steps = max(1, c.decode_steps_seq)
+    spec = llm.engine.spec
+    return {
+        "acceptance_length": (c.accepted + c.decode_steps_seq) / steps,
+        "drafted_per_seq_step": c.drafted / steps,
+        "accepted": c.accepted, "drafted": c.drafted, "decode_seq_steps": c.decode_steps_seq,
+        "forward_steps": c.steps, "forward_seconds": c.forward_seconds,
+        "draft_seconds": getattr(spec, "draft_seconds", 0.0) if spec else 0.0,
+        "by_strategy": {k: list(v) for k, v in c.by_strategy.items()},
+    }
+
+
+def one_at_a_time(prompts: list[str], params):
+    def run(llm):
+        n = sum(len(llm.generate([p], params)[0].outputs[0].token_ids) for p in prompts)
+        return n, spec_figures(llm)
+    return run
+
+
+def all_at_once(prompts: list[str], params):
+    def run(llm):
+        outs = llm.generate(prompts, params)
+        return sum(len(c.token_ids) for o in outs for c in o.outputs), spec_figures(llm)
+    return run
+
+
+# ---- transformers ----------------------------------------------------------------------------------
+
+
+def hf_runner(model_dir: Path, tokenizer, max_tokens: int):
+    """transformers ``generate`` (bfloat16, greedy) over a list of prompts, plain or prompt-lookup."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+
+    def make(prompts: list[str], lookup: int):
+        ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids for p in prompts]
+        extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+
+        def run() -> int:
+            n = 0
+            with torch.inference_mode():
+                for x in ids:
+                    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
+                                         do_sample=False, pad_token_id=tokenizer.eos_token_id, **extra)
+                    n += out.shape[1] - x.shape[1]
+            return n
+        return run
+    return make
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    from onspec import SamplingParams
+    from onspec.data import chat_prompts, code_edit_prompts, humaneval_prompts, math_prompts
+    from onspec.models.loader import load_model
+
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    warn = busy_warning(args.threads)
+    if warn:
+        notes.append("WARNING: " + warn)
+    loaded = load_model("default", "bfloat16")
+    tok = loaded.tokenizer
+    R, N, k = args.repeats, args.max_tokens, args.prompts
+    greedy = SamplingParams(temperature=0, max_tokens=N)
+    make_llm(loaded, "off", args.threads).generate(chat_texts(tok, ["Hello"]), greedy)  # warm-up
+
+    workloads = {"a": ("(a) chat", chat_prompts(k)), "b": ("(b) HumanEval", humaneval_prompts(k)),
+                 "c": ("(c) code edit", code_edit_prompts(k))}
+    if "hf" not in skip:
+        from onspec.models.loader import resolve_model_dir
+        hf_make = hf_runner(resolve_model_dir("default"), tok, N)
+    results: dict[str, dict[str, Measurement]] = {}
+    rows = []
+    for key, (label, msgs) in workloads.items():
+        if key in skip:
+            continue
+        prompts = chat_texts(tok, msgs)
+        configs = {mode: (one_at_a_time(prompts, greedy), lambda mode=mode: make_llm(loaded, mode, args.threads))
+                   for mode in ("off", "auto")}
+        if "hf" not in skip:
+            configs["hf plain"] = (hf_make(prompts, 0), None)
+            configs["hf prompt-lookup"] = (hf_make(prompts, 10), None)
+        res = measure_interleaved(configs, R)
+        results[label] = res
+        ex = res["auto"].extra
+        rows.append([label, res["off"].tps, res["auto"].tps, ratio(res["auto"].tps, res["off"].tps),
+                     ex.get("acceptance_length", float("nan")), ex.get("drafted_per_seq_step", float("nan")),
+                     res["hf plain"].tps if "hf plain" in res else float("nan"),
+                     res["hf prompt-lookup"].tps if "hf prompt-lookup" in res else float("nan"),
+                     ratio(res["hf prompt-lookup"].tps, res["hf plain"].tps) if "hf plain" in res else float("nan"),
+                     ratio(res["auto"].tps, res["hf prompt-lookup"].tps) if "hf plain" in res else float("nan")])
+    if rows:
+        print_table(f"Speculation (auto) vs off, one request at a time, greedy, {N} tokens max, {args.threads} threads, "
+                    f"median of {R}",
+                    ["workload", "off tok/s", "spec tok/s", "speedup", "accept len", "drafted/step",
+                     "HF plain", "HF PLD", "HF PLD speedup", "spec / HF PLD"], rows)
+
+    # (d) a group of 8 sampled responses: group vs per-request drafting.
+    group_rows = []
+    if "group" not in skip:
+        half = (args.group_prompts + 1) // 2  # alternate math word problems and HumanEval functions
+        gmsgs = [m for pair in zip(math_prompts(half), humaneval_prompts(half)) for m in pair][:args.group_prompts]
+        gprompts = chat_texts(tok, gmsgs)
+        sampled = SamplingParams(temperature=0.8, n=8, seed=0, max_tokens=N)
+        configs = {"off": ("off", None), "per-request": ("auto", ("request",)),
+                   "group": ("auto", ("request", "group")), "all sources": ("auto", ALL_SOURCES)}
+        def run_groups(llm):
+            n = 0
+            for p in gprompts:  # one group at a time
+                n += sum(len(c.token_ids) for c in llm.generate([p], sampled)[0].outputs)
+            return n, spec_figures(llm)
+
+        gres = measure_interleaved(
+            {name: (run_groups, lambda mode=mode, sources=sources: make_llm(loaded, mode, args.threads, sources))
+             for name, (mode, sources) in configs.items()}, R)
+        results["(d) group of 8"] = gres
+        off = gres["off"].tps
+        for name, m in gres.items():
+            ex = m.extra
+            group_rows.append([name, m.tps, ratio(m.tps, off),
+                               ratio(m.tps, gres["per-request"].tps) if name != "off" else float("nan"),
+                               ex.get("acceptance_length", float("nan")) if name != "off" else float("nan"),
+                               ex.get("drafted_per_seq_step", float("nan")) if name != "off" else float("nan")])
+        print_table(f"(d) {len(gprompts)} prompt(s) x 8 sampled responses (temperature 0.8), {N} tokens max",
+                    ["drafting", "tok/s", "x off", "x per-request", "accept len", "drafted/step"], group_rows)
+
+    # (e) batch sizes.
+    batch_rows = []
+    if "batches" not in skip:
+        mix = chat_texts(tok, chat_prompts(4) + humaneval_prompts(4))
+        bparams = SamplingParams(temperature=0, max_tokens=args.batch_tokens)
+        bres = {}
+        for b in [int(x) for x in args.batches.split(",")]:
+            prompts = [mix[i % len(mix)] for i in range(b)]
+            res = measure_interleaved(
+                {mode: (all_at_once(prompts, bparams),
+                        lambda mode=mode, b=b: make_llm(loaded, mode, args.threads, max_num_seqs=max(64, b)))
+                 for mode in ("off", "auto")}, R)
+            bres[b] = res
+            ex = res["auto"].extra
+            batch_rows.append([b, res["off"].tps, res["auto"].tps, ratio(res["auto"].tps, res["off"].tps),
+                               ex.get("acceptance_length", float("nan")),
+                               ex.get("drafted_per_seq_step", float("nan"))])
+        results["(e) batches"] = {f"{b} {m}": v for b, r in bres.items() for m, v in r.items()}
+        print_table(f"(e) batch sizes, mixed chat + HumanEval prompts, greedy, {args.batch_tokens} tokens",
+                    ["batch", "off tok/s", "spec tok/s", "speedup", "accept len", "drafted/step"], batch_rows)
+
+    # Targets.
+    targets = {}
+    if "(c) code edit" in results:
+        r = results["(c) code edit"]
+        targets["code_edit_speedup"] = ratio(r["auto"].tps, r["off"].tps)
+    if "(d) group of 8" in results:
+        g = results["(d) group of 8"]
+        targets["group_vs_per_request"] = ratio(g["group"].tps, g["per-request"].tps)
+    if batch_rows:
+        targets["min_batch_speedup"] = min(r[3] for r in batch_rows)
+    notes.append("targets: " + ", ".join(f"{k} = {v:.2f}" for k, v in targets.items())
+                 + "  (want code_edit_speedup >= 2.5, group_vs_per_request >= 1.2, min_batch_speedup >= 0.97)")
+    notes.append(f"total bench time {time.perf_counter() - t_start:.0f} s")
+    for n in notes:
+        print(n)
+    payload = {"bench": "speculation", "args": vars(args), "machine": machine_info(args.threads),
+               "results": results, "targets": targets, "notes": notes}
+    bars = {}
+    speed = {row[0]: row[3] for row in rows}
+    speed.update({f"(d) {row[0]}": row[2] for row in group_rows if row[0] != "off"})
+    if speed:
+        bars["speedup vs off (workloads)"] = speed
+    if batch_rows:
+        bars["speedup vs off (batch size)"] = {f"batch {r[0]}": r[3] for r in batch_rows}
+    jpath, ppath = write_results(args.name, payload, bars or None, ylabel="speedup (x)")
+    print(f"wrote {jpath}" + (f" and {ppath}" if ppath else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

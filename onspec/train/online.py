@@ -1,0 +1,337 @@
+"""Online drafter learning for a running engine: ``start_online_learning(engine, cfg) -> OnlineLearning``.
+
+What it wires together (see DESIGN.md, "Learn the speculator from live traffic"):
+
+1. the starting drafter: ``--speculator PATH`` (an EAGLE-3 checkpoint: day-1), else the latest promoted
+   version in the versions directory (a restart resumes), else a fresh ``init_drafter`` (day-0); it is
+   published as a version if it is not one yet, and attached to the engine (suffix + learned + hybrid
+   strategies; the controller chooses per request);
+2. a :class:`~onspec.train.traces.TraceRecorder` on the engine's verdicts and prefills, feeding the
+   trainer process through a bounded drop-oldest queue, held-out chunks also kept here for the gate;
+3. the trainer process (:mod:`onspec.train.trainer`), which publishes candidate versions;
+4. a background thread that reads the trainer's messages, notices new version directories, and validates
+   and gates candidates (:class:`~onspec.train.swap.VersionManager`);
+5. an engine step listener, which runs between two steps on the engine thread: it applies approved swaps,
+   feeds the live-utility monitor (and rolls back on a regression), tells the trainer whether the engine
+   is busy, sweeps traces of aborted requests, and when the trainer has died, falls back to suffix
+   drafting (``on_trainer_exit="suffix"``) so serving goes on unchanged.
+
+The handle's methods (``status``, ``promote``, ``rollback``, ``stop``) are what the server's admin routes
+call (onspec/server/online.py), on the engine thread between two steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from ..config import TrainerConfig
+from .publish import Manifest, latest_promoted, list_versions, next_version, publish_version, version_dir
+
+log = logging.getLogger("onspec.train")
+
+
+def default_versions_dir(loaded) -> Path:
+    """``<cache>/speculators/<model>``: one lineage of versions per target model."""
+    from ..models.loader import default_cache_dir
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(loaded.name)).strip("-") or "model"
+    if name != "SmolLM2-135M-Instruct":  # paths and hub ids: keep distinct models apart
+        name = f"{Path(name).name[:40]}-{hashlib.sha256(str(loaded.path).encode()).hexdigest()[:8]}"
+    return default_cache_dir() / "speculators" / name
+
+
+def trainer_config_from(obj) -> TrainerConfig:
+    """A ``TrainerConfig`` from itself, a dict, an argparse namespace or a server config.
+
+    Attributes with a ``TrainerConfig`` field's name are taken as they are; ``speculator_dir`` means
+    ``versions_dir`` and ``train_*`` attributes map to the field without the prefix."""
+    if isinstance(obj, TrainerConfig):
+        return obj
+    if obj is None:
+        return TrainerConfig()
+    get = obj.get if isinstance(obj, dict) else (lambda k, d=None: getattr(obj, k, d))
+    base = get("trainer")
+    if isinstance(base, TrainerConfig):
+        return base
+    values = {}
+    for f in fields(TrainerConfig):
+        for key in (f.name, f"train_{f.name}"):
+            v = get(key)
+            if v is not None and not callable(v):
+                values[f.name] = v
+                break
+    if get("speculator_dir"):
+        values["versions_dir"] = get("speculator_dir")
+    defaults = TrainerConfig()
+
+    def cast(name: str, v):
+        kind = type(getattr(defaults, name))
+        if kind is bool and isinstance(v, str):
+            return v.strip().lower() in ("1", "true", "yes", "on")
+        return kind(v)
+
+    return TrainerConfig(**{k: cast(k, v) for k, v in values.items()})
+
+
+class OnlineLearning:
+    """The running online learner of one engine (see the module docstring)."""
+
+    def __init__(self, engine, cfg: TrainerConfig, start_trainer: bool = True) -> None:
+        from ..spec.eagle import EagleConfig, attach_learned, init_drafter, load_eagle3
+        from .channel import TraceSender
+        from .swap import CandidateError, VersionManager, load_candidate
+        from .trainer import TrainerLaunch, TrainerProcess
+        from .traces import TraceRecorder, attach_recorder
+
+        self.engine = engine
+        self.cfg = cfg
+        self.root = Path(cfg.versions_dir) if cfg.versions_dir else default_versions_dir(engine.loaded)
+        self.root.mkdir(parents=True, exist_ok=True)
+        loaded = engine.loaded
+        self.events: list[dict] = []
+        self.trainer_info: dict = {}
+        self.trainer_error: str | None = None
+        self.fallback = False
+        self._stopped = False
+
+        # 1. the starting drafter
+        drafter, version, origin = None, None, ""
+        if cfg.speculator:
+            drafter = load_eagle3(cfg.speculator, loaded, dtype=torch.float32)  # DrafterLoadError: a ValueError
+            version = self._publish(drafter, "imported", None, note=f"imported from {cfg.speculator}")
+            origin = f"imported {cfg.speculator}"
+        elif cfg.resume and (v := latest_promoted(self.root)) is not None:
+            try:
+                drafter, _ = load_candidate(self.root, v, loaded)
+                version, origin = v, f"resumed version {v}"
+            except CandidateError as exc:
+                self._event("invalid", v, f"cannot resume: {exc}")
+        if drafter is None:
+            drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch), seed=cfg.seed)
+            version = self._publish(drafter, "initial", None, note="day-0 random drafter")
+            origin = "day-0 random drafter"
+        self._event("start", version, origin)
+
+        # 2. speculation with the learned drafter (listeners of an earlier Speculation carry over)
+        old = engine.spec
+        spec_cfg = old.cfg if old is not None else engine.cfg.spec
+        if spec_cfg.mode == "off":
+            raise ValueError("speculation: online drafter learning needs speculation on (not 'off')")
+        serve_dtype = loaded.model.embed_tokens.weight.dtype
+        spec = attach_learned(engine, spec_cfg, drafter.to_dtype(serve_dtype))
+        if old is not None:
+            spec.listeners.extend(old.listeners)
+        self.spec = spec
+        self.proposer = spec.proposers["learned"]
+        self.manager = VersionManager(self.root, cfg, loaded, self.proposer, version, drafter, serve_dtype)
+
+        # 3. traces -> trainer process
+        self.trainer: TrainerProcess | None = None
+        if start_trainer:
+            launch = TrainerLaunch(cfg=cfg, model_path=str(loaded.path), model_dtype=engine.cfg.dtype,
+                                   versions_dir=str(self.root), start_version=self._lineage_head(version),
+                                   base_model=str(loaded.name))
+            self.trainer = TrainerProcess(launch)
+            self.sender = TraceSender(self.trainer.traces_q, cfg.queue_chunks)
+        else:
+            self.sender = None
+        self.recorder = TraceRecorder(cfg, self._sink)
+        self._detach_recorder = attach_recorder(engine, self.recorder)
+        if self.trainer is not None:
+            self.trainer.start()
+
+        # 4./5. background poller and step listener; versions newer than the serving one (e.g. a final
+        # candidate saved at the last shutdown) are judged like fresh candidates
+        self._seen = {v for v in list_versions(self.root) if v <= version}
+        self._todo: list[int] = []
+        self._stop = threading.Event()
+        self._last_generated = engine.counters.generated_tokens
+        self._last_draft = spec.draft_seconds
+        self._steps = 0
+        engine.step_listeners.append(self._on_step)
+        self._thread = threading.Thread(target=self._poll, name="onspec-online", daemon=True)
+        self._thread.start()
+
+    # ---- plumbing ----------------------------------------------------------------------------------
+    def _lineage_head(self, serving: int) -> int:
+        """Where the trainer continues: the newest version at or after the serving one that no gate or
+        rollback refused (its weights and optimizer state carry the most training)."""
+        refused = {d.get("version") for d in self.manager.state.decisions
+                   if d.get("kind") in ("reject", "invalid", "rollback")}
+        newer = [v for v in list_versions(self.root) if v >= serving and v not in refused]
+        return max(newer, default=serving)
+
+    def _publish(self, drafter, kind: str, parent: int | None, note: str = "") -> int:
+        from .publish import VersionError
+
+        for _ in range(5):
+            v = next_version(self.root)
+            try:
+                publish_version(self.root, drafter, Manifest(version=v, parent=parent, kind=kind, note=note,
+                                                             base_model=str(self.engine.loaded.name)))
+                return v
+            except VersionError:
+                continue
+        raise RuntimeError(f"could not publish a version in {self.root}")
+
+    def _sink(self, chunk) -> None:
+        if chunk.heldout:
+            self.manager.window.add(chunk)
+        if self.sender is not None:
+            self.sender(chunk)
+
+    def _event(self, kind: str, version, detail: str) -> None:
+        self.events.append({"t": time.time(), "kind": kind, "version": version, "detail": detail})
+        self.events = self.events[-200:]
+        log.info("online learning: %s v%s %s", kind, version, detail)
+
+    def _on_step(self, engine, info: dict) -> None:
+        """Engine thread, between two steps."""
+        now_gen = engine.counters.generated_tokens
+        tokens = now_gen - self._last_generated
+        self._last_generated = now_gen
+        draft = self.spec.draft_seconds - self._last_draft
+        self._last_draft = self.spec.draft_seconds
+        if self.trainer is not None:
+            self.trainer.clock.tick()
+        self._steps += 1
+        if self._stopped:
+            return
+        if self.fallback and "learned" in self.spec.proposers:
+            self._fall_back_to_suffix()
+            return
+        # The step that just ran used the serving version: account for it before any swap.
+        if info.get("prefill", 0) == 0 and info.get("decode", 0) > 0 and "learned" in self.spec.proposers:
+            batch = int(info["decode"])
+            off = self.spec.controller.cost.cost(batch) if self.spec.controller.cost.table else None
+            self.manager.observe_step(batch, tokens, info["seconds"] + draft, off)
+        if self.manager.apply_pending():
+            self._event("swap", self.manager.current, "swapped between two steps")
+        if self._steps % 64 == 0:
+            self.recorder.sweep({sid for sid, s in engine.seqs.items() if not s.finished})
+
+    def _fall_back_to_suffix(self) -> None:
+        """Serve on with suffix drafting only (the trainer is gone; nothing would improve the drafter)."""
+        for name in ("learned", "hybrid"):
+            self.spec.proposers.pop(name, None)
+        self.engine.runner.aux_layers = ()
+        self._detach_recorder()
+        self._event("fallback", self.manager.current, "trainer process exited: speculation falls back to suffix "
+                    "drafting")
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.cfg.poll_seconds):
+            try:
+                self._poll_once()
+            except Exception as exc:  # never let the poller die silently
+                log.exception("online learning poller: %s", exc)
+                self._event("error", None, f"poller: {exc.__class__.__name__}: {exc}")
+
+    def _poll_once(self) -> None:
+        if self.trainer is not None:
+            for msg in self.trainer.events():
+                kind = msg.get("type")
+                if kind == "status":
+                    self.trainer_info = msg
+                elif kind == "published":
+                    self.trainer_info.update({"step": msg.get("step"), "samples": msg.get("samples")})
+                    self._event("published", msg.get("version"),
+                                f"step {msg.get('step')}, held-out acceptance {msg.get('heldout_acceptance'):.3f}"
+                                if msg.get("heldout_acceptance") is not None else f"step {msg.get('step')}")
+                elif kind == "error":
+                    self.trainer_error = msg.get("message")
+                    self._event("trainer-error", None, msg.get("message", ""))
+                elif kind == "started":
+                    self._event("trainer-started", msg.get("version"), f"pid {msg.get('pid')}")
+            if not self.trainer.alive() and not self.fallback and not self._stopped:
+                code = self.trainer.process.exitcode
+                self._event("trainer-exit", None, f"trainer process exited (code {code})")
+                if self.cfg.on_trainer_exit == "suffix":
+                    self.fallback = True
+        for v in list_versions(self.root):
+            if v not in self._seen:
+                self._seen.add(v)
+                self._todo.append(v)
+        while self._todo and not self._stopped:
+            self.manager.consider(self._todo.pop(0))
+        if self.manager.waiting and not self._stopped:
+            self.manager.retry_waiting()
+
+    # ---- the handle ----------------------------------------------------------------------------------
+    def status(self) -> dict:
+        m = self.manager
+        live = m.monitor.summary()
+        gates = [{"t": d.t, "kind": d.kind, "version": d.version, "detail": d.detail, **d.figures}
+                 for d in m.decisions if d.kind in ("promote", "reject", "invalid", "rollback", "manual-promote",
+                                                    "live-ok")][-50:]
+        events = [{"t": d.t, "kind": d.kind, "version": d.version, "detail": d.detail} for d in m.decisions][-50:]
+        events = sorted(events + self.events[-50:], key=lambda e: e["t"])[-100:]
+        trainer = dict(self.trainer_info)
+        trainer.update({"alive": self.trainer.alive() if self.trainer is not None else False,
+                        "pid": self.trainer.pid if self.trainer is not None else None,
+                        "error": self.trainer_error})
+        rec = self.recorder
+        return {
+            "version": m.current, "previous": m.previous, "versions": m.versions(), "gates": gates,
+            "live": live, "promotions": m.counts["promotions"], "rejections": m.counts["rejections"],
+            "invalid": m.counts["invalid"], "rollbacks": m.counts["rollbacks"], "swaps": m.counts["swaps"],
+            "trainer_steps": trainer.get("step", 0), "samples": trainer.get("samples", 0), "trainer": trainer,
+            "traces": {"chunks": rec.chunks, "positions": rec.positions, "branches": rec.branches,
+                       "dropped": self.sender.dropped if self.sender else 0,
+                       "sent": self.sender.sent if self.sender else 0},
+            "fallback": self.fallback or "learned" not in self.spec.proposers, "versions_dir": str(self.root),
+            "events": events,
+        }
+
+    def promote(self, version) -> dict:
+        out = self.manager.promote(int(version))
+        self._event("manual-promote", int(version), "promoted by an operator")
+        return out
+
+    def rollback(self) -> dict:
+        return self.manager.rollback()
+
+    def publish_now(self) -> None:
+        """Ask the trainer to publish its current weights now (tests, benchmarks)."""
+        if self.trainer is not None:
+            self.trainer.send({"type": "publish"})
+
+    def poll_now(self) -> None:
+        """Run one poller pass on the calling thread (tests, benchmarks)."""
+        self._poll_once()
+
+    def stop(self, save: bool = True) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        self._thread.join(10.0)
+        if self.trainer is not None:
+            self.trainer.stop(save=save)
+            if save:  # a final candidate: recorded, judged on restart like any other
+                try:
+                    for msg in self.trainer.events():
+                        if msg.get("type") == "published":
+                            self._event("published", msg.get("version"), "final save")
+                except Exception:
+                    pass
+        if self.sender is not None:
+            self.sender.close()
+        self._detach_recorder()
+        if self._on_step in self.engine.step_listeners:
+            self.engine.step_listeners.remove(self._on_step)
+        self.manager.state.save(self.root)
+
+
+def start_online_learning(engine, args_or_config=None, start_trainer: bool = True) -> OnlineLearning:
+    """Start online drafter learning on ``engine`` (before its serving loop starts, or between steps)."""
+    cfg = trainer_config_from(args_or_config)
+    return OnlineLearning(engine, cfg, start_trainer=start_trainer)

@@ -1,0 +1,345 @@
+"""The drafter trainer: an optimizer loop over recorded traces, run in its own process beside the engine.
+
+``Trainer`` is the in-process core (used by the process, by ``onspec warmup`` and by tests): it turns
+arriving :class:`TraceChunk` s into training samples (soft targets through the frozen lm_head), keeps them in
+a byte-bounded, recency-weighted buffer (held-out chunks apart), and makes one AdamW step per call on the
+objective of :mod:`onspec.train.objective` (training-time-test unroll, forward KL weighted ``0.8^i``,
+discard term on rejected branches).
+
+``trainer_main`` is the process: it loads the target (for the lm_head and the embeddings) and the version
+it starts from, then loops: drain traces, train, publish a version every ``publish_every_steps`` steps or
+``publish_every_seconds`` seconds (with its held-out simulated acceptance length), report status. On a
+shared 2-core CPU it must not starve serving (the "TLT" design's idle-time training, arXiv 2511.16665):
+while the engine is busy the process runs one thread at nice +10 and sleeps so that it computes only
+``busy_share`` of the wall time; when the engine has been idle for ``idle_after`` seconds it trains flat out
+on every core.
+
+``TrainerProcess`` is the engine-side handle: spawn, queues, liveness, stop.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import TrainerConfig
+from .objective import (Sample, SoftTargets, collate, make_optimizer, objective, simulated_acceptance,
+                        trainable_parameters)
+from .recompute import PromptHidden
+from .traces import TraceBuffer, TraceChunk
+
+
+class Trainer:
+    """Drafter + optimizer + buffers; ``step()`` is one optimizer step."""
+
+    def __init__(self, drafter, target, cfg: TrainerConfig, step: int = 0, samples: int = 0,
+                 optimizer_state: dict | None = None) -> None:
+        self.cfg = cfg
+        self.drafter = drafter.float().train()
+        self.targets = SoftTargets(target.model.lm_head.weight, drafter.draft_ids, cfg.target_topk)
+        self.prompt_hidden = PromptHidden(target, drafter.cfg.aux_layers)
+        self.params = trainable_parameters(self.drafter, cfg.train_head)
+        self.opt = make_optimizer(self.params, cfg)
+        if optimizer_state:
+            try:
+                self.opt.load_state_dict(optimizer_state)
+            except (ValueError, KeyError, RuntimeError):
+                pass  # a state for other shapes: start the moments afresh
+        self.buffer = TraceBuffer(cfg.buffer_bytes, cfg.recency_half_life)
+        self.heldout = TraceBuffer(max(2**20, cfg.buffer_bytes // cfg.heldout_every), cfg.recency_half_life)
+        self.steps = step
+        self.samples = samples
+        self.last: dict = {}
+        self.rng = random.Random(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    # ---- data ------------------------------------------------------------------------------------
+    def add(self, chunk: TraceChunk) -> Sample:
+        self.prompt_hidden.fill(chunk)  # soft targets at prompt positions too
+        sample = self.targets.prepare(chunk, self.cfg.prompt_weight)
+        (self.heldout if chunk.heldout else self.buffer).add(sample)
+        return sample
+
+    def ready(self) -> bool:
+        return self.buffer.positions >= self.cfg.min_positions
+
+    def heldout_window(self) -> list[Sample]:
+        return self.heldout.recent(self.cfg.heldout_positions)
+
+    # ---- optimisation ----------------------------------------------------------------------------
+    def step(self, batch_samples: list[Sample] | None = None) -> dict:
+        samples = batch_samples or self.buffer.sample(self.cfg.batch_positions, self.rng)
+        if not samples:
+            return {}
+        batch = collate(samples)
+        self.drafter.train()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.autocast):
+            loss, stats = objective(self.drafter, batch, self.cfg, self.gen)
+        loss.backward()
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+        self.opt.step()
+        self.steps += 1
+        self.samples += int(batch.lengths.sum())
+        stats["step"] = self.steps
+        self.last = stats
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, samples: list[Sample] | None = None) -> tuple[float, int]:
+        samples = self.heldout_window() if samples is None else samples
+        self.drafter.eval()
+        try:
+            return simulated_acceptance(self.drafter, samples, self.cfg.ttt_steps, autocast=self.cfg.autocast)
+        finally:
+            self.drafter.train()
+
+    def load_state(self, drafter_state: dict, optimizer_state: dict | None) -> None:
+        """Continue from another version's weights (after a rollback)."""
+        self.drafter.load_state_dict({k: v.to(self.drafter.state_dict()[k].dtype) for k, v in drafter_state.items()})
+        self.opt = make_optimizer(self.params, self.cfg)
+        if optimizer_state:
+            try:
+                self.opt.load_state_dict(optimizer_state)
+            except (ValueError, KeyError, RuntimeError):
+                pass
+
+
+# ---- the process ------------------------------------------------------------------------------------
+@dataclass
+class TrainerLaunch:
+    """Everything the trainer process needs (picklable: it crosses a spawn)."""
+
+    cfg: TrainerConfig
+    model_path: str                 # the target's Hugging Face directory (engine.loaded.path)
+    model_dtype: str
+    versions_dir: str
+    start_version: int
+    base_model: str = ""
+
+
+def load_target_light(model_path: str, dtype: str):
+    """The target model without its tokenizer (the trainer only needs embeddings and the lm_head)."""
+    import json
+
+    from ..models.llama import ArchConfig
+    from ..models.loader import DTYPES, LoadedModel, build_model, read_hf_state
+
+    path = Path(model_path)
+    hf_cfg = json.loads((path / "config.json").read_text())
+    arch = ArchConfig.from_hf(hf_cfg)
+    net = build_model(arch, read_hf_state(path), DTYPES[dtype])
+    return LoadedModel(model=net, tokenizer=None, arch=arch, path=path, name=path.name, eos_token_ids=())
+
+
+def load_version_for_training(root: Path, version: int, target):
+    """(fp32 drafter, optimizer state or None, manifest) of a published version."""
+    from ..spec.eagle import load_eagle3
+    from .publish import OPTIMIZER_FILE, read_manifest, verify_checksums, version_dir
+
+    d = version_dir(root, version)
+    manifest = verify_checksums(d, read_manifest(d))
+    drafter = load_eagle3(d, target, dtype=torch.float32)
+    opt_state = None
+    if (d / OPTIMIZER_FILE).is_file():
+        try:
+            opt_state = torch.load(d / OPTIMIZER_FILE, weights_only=True)
+        except Exception:  # a damaged optimizer file only costs the moments
+            opt_state = None
+    return drafter, opt_state, manifest
+
+
+def trainer_main(launch: TrainerLaunch, traces_q, events_q, control_q, clock, stop_event) -> None:
+    """Entry point of the trainer process (see the module docstring)."""
+    try:
+        _TrainerLoop(launch, traces_q, events_q, control_q, clock, stop_event).run()
+    except KeyboardInterrupt:
+        pass
+    except BaseException as exc:  # report, then die: the engine keeps serving without us
+        try:
+            events_q.put({"type": "error", "message": f"{exc.__class__.__name__}: {exc}",
+                          "traceback": traceback.format_exc()}, timeout=1.0)
+        except Exception:
+            pass
+        raise
+
+
+class _TrainerLoop:
+    def __init__(self, launch: TrainerLaunch, traces_q, events_q, control_q, clock, stop_event) -> None:
+        self.launch = launch
+        self.cfg = launch.cfg
+        self.traces_q, self.events_q, self.control_q = traces_q, events_q, control_q
+        self.clock, self.stop_event = clock, stop_event
+        self.root = Path(launch.versions_dir)
+
+    def run(self) -> None:
+        from .publish import Manifest, VersionError, next_version, publish_version
+
+        cfg = self.cfg
+        try:
+            os.nice(10)  # the engine's threads win every contested core
+        except OSError:
+            pass
+        threads = cfg.trainer_threads
+        torch.set_num_threads(threads)
+        torch.manual_seed(cfg.seed)
+        target = load_target_light(self.launch.model_path, self.launch.model_dtype)
+        drafter, opt_state, manifest = load_version_for_training(self.root, self.launch.start_version, target)
+        trainer = Trainer(drafter, target, cfg, step=manifest.step, samples=manifest.samples,
+                          optimizer_state=opt_state)
+        parent = self.launch.start_version
+        self._emit({"type": "started", "version": parent, "step": trainer.steps, "pid": os.getpid()})
+        last_pub_t, last_pub_step = time.monotonic(), trainer.steps
+        last_status = 0.0
+        received = 0
+        compute = 0.0
+        while not self.stop_event.is_set():
+            received += self._drain(trainer, block=not trainer.ready())
+            force = False
+            for msg in self._control():
+                if msg.get("type") == "reset":
+                    d, o, m = load_version_for_training(self.root, int(msg["version"]), target)
+                    trainer.load_state(d.state_dict(), o)
+                    trainer.steps, trainer.samples = max(trainer.steps, m.step), max(trainer.samples, m.samples)
+                    parent = int(msg["version"])
+                    last_pub_t, last_pub_step = time.monotonic(), trainer.steps
+                elif msg.get("type") == "publish":
+                    force = True
+                elif msg.get("type") == "stop":
+                    force = bool(msg.get("save")) and trainer.steps > last_pub_step
+                    self.stop_event.set()
+            if self.stop_event.is_set() and not force:
+                break
+            busy = time.time() - self.clock.value < cfg.idle_after
+            want = cfg.trainer_threads if busy else (cfg.idle_threads or os.cpu_count() or 1)
+            if want != threads:
+                threads = want
+                torch.set_num_threads(threads)
+            stats: dict = {}
+            dt = 0.0
+            if trainer.ready() and not self.stop_event.is_set():
+                t0 = time.perf_counter()
+                stats = trainer.step()
+                dt = time.perf_counter() - t0
+                compute += dt
+            now = time.monotonic()
+            due = (trainer.steps - last_pub_step >= cfg.publish_every_steps
+                   or (now - last_pub_t >= cfg.publish_every_seconds and trainer.steps > last_pub_step))
+            if (due or force) and trainer.steps > last_pub_step:
+                al, roots = trainer.evaluate()
+                for _ in range(5):
+                    v = next_version(self.root)
+                    try:
+                        publish_version(self.root, trainer.drafter, Manifest(
+                            version=v, parent=parent, kind="trained", step=trainer.steps, samples=trainer.samples,
+                            heldout_acceptance=al, heldout_positions=roots, loss=trainer.last.get("loss"),
+                            base_model=self.launch.base_model), trainer.opt.state_dict())
+                        break
+                    except VersionError:
+                        continue  # someone else took the number: try the next one
+                self._emit({"type": "published", "version": v, "parent": parent, "step": trainer.steps,
+                            "samples": trainer.samples, "heldout_acceptance": al, "heldout_roots": roots})
+                parent = v
+                last_pub_t, last_pub_step = time.monotonic(), trainer.steps
+            if now - last_status >= 1.0:
+                last_status = now
+                self._emit({"type": "status", "step": trainer.steps, "samples": trainer.samples,
+                            "chunks": received, "buffer_positions": trainer.buffer.positions,
+                            "buffer_bytes": trainer.buffer.bytes, "heldout_positions": trainer.heldout.positions,
+                            "evicted": trainer.buffer.evicted, "busy": busy, "threads": threads,
+                            "compute_seconds": compute, "loss": stats.get("loss", trainer.last.get("loss")),
+                            "kl_steps": trainer.last.get("kl_steps"), "discard": trainer.last.get("discard")})
+            if force and self.stop_event.is_set():
+                break
+            # Throttle: while the engine is busy, compute only busy_share of the wall time.
+            if busy and dt > 0 and cfg.busy_share < 1.0:
+                self.stop_event.wait(dt * (1.0 - cfg.busy_share) / cfg.busy_share)
+        self._emit({"type": "stopped", "step": trainer.steps})
+
+    def _emit(self, msg: dict) -> None:
+        msg["t"] = time.time()
+        try:
+            self.events_q.put(msg, timeout=1.0)
+        except Exception:
+            pass
+
+    def _drain(self, trainer: Trainer, block: bool, limit: int = 64) -> int:
+        n = 0
+        while n < limit:
+            try:
+                data = self.traces_q.get(timeout=0.2) if (block and n == 0) else self.traces_q.get_nowait()
+            except (queue.Empty, OSError, EOFError):
+                break
+            trainer.add(TraceChunk.from_bytes(data))
+            n += 1
+        return n
+
+    def _control(self) -> list[dict]:
+        out = []
+        while True:
+            try:
+                out.append(self.control_q.get_nowait())
+            except (queue.Empty, OSError, EOFError):
+                return out
+
+
+class TrainerProcess:
+    """Engine-side handle of the trainer process: spawn it, talk to it, watch it, stop it."""
+
+    def __init__(self, launch: TrainerLaunch) -> None:
+        import multiprocessing as mp
+
+        self.ctx = mp.get_context("spawn")
+        self.launch = launch
+        self.traces_q = self.ctx.Queue(maxsize=8)
+        self.events_q = self.ctx.Queue()
+        self.control_q = self.ctx.Queue()
+        self.stop_event = self.ctx.Event()
+        from .channel import EngineClock
+
+        self.clock = EngineClock(self.ctx)
+        self.process = self.ctx.Process(
+            target=trainer_main, name="onspec-trainer", daemon=True,
+            args=(launch, self.traces_q, self.events_q, self.control_q, self.clock.value, self.stop_event))
+
+    def start(self) -> None:
+        self.process.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def send(self, msg: dict) -> None:
+        try:
+            self.control_q.put_nowait(msg)
+        except Exception:
+            pass
+
+    def events(self) -> list[dict]:
+        out = []
+        while True:
+            try:
+                out.append(self.events_q.get_nowait())
+            except (queue.Empty, OSError, EOFError, ValueError):
+                return out
+
+    def stop(self, save: bool = True, timeout: float = 30.0) -> None:
+        if self.process.is_alive():
+            self.send({"type": "stop", "save": save})
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5.0)
+        for q in (self.traces_q, self.events_q, self.control_q):
+            q.cancel_join_thread()
+            q.close()

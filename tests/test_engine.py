@@ -1,0 +1,414 @@
+"""The engine without speculation: exact greedy decoding, batching, KV cache management, sampling
+controls, stop conditions and clear errors for bad input.
+
+Exactness tests run in float32 (tiny random models for the mechanics, the real default model against
+transformers' ``generate``). Torch runs on one thread here: these models are small, and on a shared
+2-core machine a second OpenMP thread can make every step 100x slower through spin-waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from onspec import LLM, SamplingParams
+from onspec.config import ConfigError, EngineConfig
+from onspec.engine.engine import Engine, PromptTooLongError
+from onspec.engine.kv_cache import KVCache
+from onspec.models.loader import DTYPES, ModelLoadError, load_model
+
+CHAT = [
+    "What is the capital of France? Answer in one sentence.",
+    "Write a Python function that returns the square of a number.",
+    "List three colors.",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    return load_model(str(tiny_llama), "float32")
+
+
+def make_llm(loaded, **kw) -> LLM:
+    kw.setdefault("max_model_len", 256)
+    cfg = EngineConfig(model=str(loaded.path), dtype="float32", num_threads=1, **kw)
+    return LLM(engine=Engine(cfg, loaded=loaded))
+
+
+def token_prompts(vocab: int, lengths=(5, 17, 33, 9, 2, 24, 12, 40)) -> list[list[int]]:
+    return [torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+
+
+def chat_texts(loaded, msgs=CHAT) -> list[str]:
+    return [loaded.tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
+                                                 add_generation_prompt=True) for m in msgs]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def outputs(llm: LLM, prompts, params: SamplingParams) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def one_by_one(llm: LLM, prompts, params: SamplingParams) -> list[list[int]]:
+    return [outputs(llm, [p], params)[0] for p in prompts]
+
+
+# ---- exact greedy ----------------------------------------------------------------------------------
+
+
+def test_greedy_matches_transformers_generate(default_model_f32) -> None:
+    from transformers import AutoModelForCausalLM
+
+    lm = default_model_f32
+    hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
+    llm = make_llm(lm)
+    n_new = 32
+    for text in chat_texts(lm):
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False,
+                              eos_token_id=list(lm.eos_token_ids), pad_token_id=lm.eos_token_ids[0])[0, len(ids):]
+        ref = ref.tolist()
+        ours = outputs(llm, [text], SamplingParams(temperature=0, max_tokens=n_new))[0]
+        # transformers pads after EOS; ours stops at it (EOS included in both).
+        if any(t in lm.eos_token_ids for t in ref):
+            ref = ref[:next(i for i, t in enumerate(ref) if t in lm.eos_token_ids) + 1]
+        assert ours == ref, text
+
+
+def test_batched_equals_one_at_a_time_real_model(default_model_f32) -> None:
+    llm = make_llm(default_model_f32)
+    texts = chat_texts(default_model_f32, CHAT + ["Hi"])
+    params = SamplingParams(temperature=0, max_tokens=24)
+    assert outputs(llm, texts, params) == one_by_one(llm, texts, params)
+
+
+@pytest.mark.parametrize("budget", [512, 16])
+def test_batched_equals_one_at_a_time_tiny(tiny, budget: int) -> None:
+    """A small token budget forces chunked prefill next to decoding rows in the same forward."""
+    llm = make_llm(tiny, max_num_batched_tokens=budget)
+    prompts = token_prompts(tiny.arch.vocab_size)
+    batched = outputs(llm, prompts, GREEDY)
+    assert batched == one_by_one(make_llm(tiny), prompts, GREEDY)
+    assert all(len(b) == GREEDY.max_tokens for b in batched)
+
+
+def test_priorities_do_not_change_greedy_outputs(tiny) -> None:
+    llm = make_llm(tiny, max_num_seqs=2)
+    prompts = token_prompts(tiny.arch.vocab_size)[:5]
+    ref = one_by_one(llm, prompts, GREEDY)
+    outs = llm.generate(prompts, GREEDY, priorities=[3, 0, 2, 1, 0])
+    assert [o.outputs[0].token_ids for o in outs] == ref
+
+
+# ---- KV cache: preemption, abort -----------------------------------------------------------------
+
+
+def test_preemption_keeps_outputs(tiny) -> None:
+    max_len = 64
+    reserve = 17  # SpecConfig().max_draft_tokens + 1: the engine adds it to every slot
+    per_token = KVCache.bytes_per_token(tiny.arch, DTYPES["float32"])
+    # Room for about 2.5 sequences of the full context, while 8 requests want 8 x 60 tokens.
+    llm = make_llm(tiny, max_model_len=max_len, max_num_seqs=8,
+                   kv_cache_memory=float(int(2.5 * (max_len + reserve)) * per_token))
+    prompts = token_prompts(tiny.arch.vocab_size, lengths=(20, 14, 9, 25, 3, 17, 11, 6))
+    params = SamplingParams(temperature=0, max_tokens=36, ignore_eos=True)
+    got = outputs(llm, prompts, params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    ref = one_by_one(make_llm(tiny, max_model_len=max_len), prompts, params)
+    assert got == ref
+    assert llm.engine.kv.num_free == llm.engine.kv.num_slots  # every slot came back
+
+
+def test_kv_budget_smaller_than_one_sequence_is_rejected(tiny) -> None:
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        make_llm(tiny, max_model_len=64, kv_cache_memory=1000.0)
+
+
+def test_abort_frees_the_slot(tiny) -> None:
+    llm = make_llm(tiny, max_num_seqs=4)
+    eng = llm.engine
+    prompts = token_prompts(tiny.arch.vocab_size)[:3]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+    for _ in range(5):
+        eng.step()
+    assert eng.kv.num_free == 1
+    assert eng.abort("r1")
+    assert eng.kv.num_free == 2
+    assert "r1" not in eng.requests
+    assert not eng.abort("r1")  # unknown now
+    while eng.has_unfinished():
+        eng.step()
+    ref = one_by_one(make_llm(tiny), [prompts[0], prompts[2]], params)
+    assert [eng.requests["r0"][0].output_ids, eng.requests["r2"][0].output_ids] == ref
+    assert eng.kv.num_free == 4
+    # A request aborted while still waiting never takes a slot.
+    eng.add_request("w", prompts[0], params)
+    assert eng.abort("w") and eng.kv.num_free == 4 and not eng.has_unfinished()
+
+
+def test_release_request_forgets_bookkeeping(tiny) -> None:
+    llm = make_llm(tiny)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3))
+    assert not llm.engine.requests and not llm.engine.seqs
+
+
+# ---- bad input -> clear errors ------------------------------------------------------------------
+
+
+def test_bad_request_inputs(tiny) -> None:
+    eng = make_llm(tiny, max_model_len=32).engine
+    with pytest.raises(ValueError, match="prompt"):
+        eng.add_request("a", "", SamplingParams())
+    with pytest.raises(ValueError, match="prompt"):
+        eng.add_request("a", [], SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        eng.add_request("a", [1, tiny.arch.vocab_size], SamplingParams())
+    with pytest.raises(PromptTooLongError, match="context length"):
+        eng.add_request("a", [5] * 40, SamplingParams())
+    eng.add_request("dup", [5, 6], SamplingParams())
+    with pytest.raises(ValueError, match="request_id"):
+        eng.add_request("dup", [5, 6], SamplingParams())
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 2.0}, "min_p"),
+    ({"n": 0}, "n"), ({"stop": [""]}, "stop"), ({"logprobs": 50}, "logprobs"),
+])
+def test_bad_sampling_params(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"dtype": "int4"}, "dtype"), ({"max_model_len": 4}, "max_model_len"), ({"max_num_seqs": 0}, "max_num_seqs"),
+    ({"kv_cache_memory": -1.0}, "kv_cache_memory"),
+])
+def test_bad_engine_config(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        EngineConfig(**kwargs)
+
+
+def test_unknown_model() -> None:
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        load_model("definitely-not-a-model")
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model("/nonexistent/model.gguf")
+
+
+def test_corrupt_safetensors(tiny_llama, tmp_path) -> None:
+    bad = tmp_path / "corrupt"
+    shutil.copytree(tiny_llama, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00garbage, not a safetensors file" * 10)
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_model(str(bad), "float32")
+
+
+def test_missing_weights_and_config(tiny_llama, tmp_path) -> None:
+    d = tmp_path / "noweights"
+    shutil.copytree(tiny_llama, d)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(str(d), "float32")
+    (d / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(str(d), "float32")
+
+
+def test_unsupported_architecture(tiny_llama, tmp_path) -> None:
+    d = tmp_path / "gpt2"
+    shutil.copytree(tiny_llama, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="unsupported architecture"):
+        load_model(str(d), "float32")
+
+
+def test_unsupported_rope_scaling(tiny_llama, tmp_path) -> None:
+    d = tmp_path / "yarn"
+    shutil.copytree(tiny_llama, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="rope"):
+        load_model(str(d), "float32")
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+
+def sample_outputs(llm: LLM, prompts, **kw):
+    kw.setdefault("max_tokens", 24)
+    return llm.generate(prompts, SamplingParams(ignore_eos=True, **kw))
+
+
+def test_same_seed_same_output(tiny) -> None:
+    llm = make_llm(tiny)
+    prompts = token_prompts(tiny.arch.vocab_size)[:3]
+    a = [o.outputs[0].token_ids for o in sample_outputs(llm, prompts, temperature=1.0, seed=7)]
+    # Alone or in another batch, a seeded request draws the same tokens (its own generator).
+    b = [o.outputs[0].token_ids for o in sample_outputs(make_llm(tiny), prompts[::-1], temperature=1.0, seed=7)]
+    assert a == b[::-1]
+    c = [o.outputs[0].token_ids for o in sample_outputs(llm, prompts, temperature=1.0, seed=8)]
+    assert a != c
+    # n > 1 samples of one seeded request differ from each other but repeat across runs.
+    n1 = [c.token_ids for c in sample_outputs(llm, prompts[:1], temperature=1.0, seed=3, n=4)[0].outputs]
+    n2 = [c.token_ids for c in sample_outputs(llm, prompts[:1], temperature=1.0, seed=3, n=4)[0].outputs]
+    assert n1 == n2 and len({tuple(x) for x in n1}) == 4
+
+
+def test_top_k_one_and_tiny_temperature_are_greedy(tiny) -> None:
+    llm = make_llm(tiny)
+    prompts = token_prompts(tiny.arch.vocab_size)[:2]
+    greedy = [o.outputs[0].token_ids for o in sample_outputs(llm, prompts, temperature=0)]
+    assert [o.outputs[0].token_ids for o in sample_outputs(llm, prompts, temperature=1.0, top_k=1, seed=1)] == greedy
+    assert [o.outputs[0].token_ids for o in sample_outputs(llm, prompts, temperature=1e-4, seed=1)] == greedy
+
+
+def _ranks_and_probs(completion) -> list[tuple[int, list[float], float]]:
+    """Per token: (rank of the chosen token among the returned alternatives, their probs, chosen prob)."""
+    out = []
+    for tok, (lp, alts) in zip(completion.token_ids, completion.logprobs):
+        ids = [a for a, _ in alts]
+        probs = [math.exp(b) for _, b in alts]
+        out.append((ids.index(tok) if tok in ids else len(ids), probs, math.exp(lp)))
+    return out
+
+
+def test_top_k_respected(tiny) -> None:
+    llm = make_llm(tiny)
+    outs = sample_outputs(llm, token_prompts(tiny.arch.vocab_size), temperature=1.5, top_k=3, logprobs=5, seed=2,
+                          max_tokens=30)
+    ranks = [r for o in outs for r, _, _ in _ranks_and_probs(o.outputs[0])]
+    assert max(ranks) <= 2
+    assert len(set(ranks)) == 3  # all three allowed ranks occur (temperature 1.5 flattens)
+
+
+def test_top_p_respected(tiny) -> None:
+    llm = make_llm(tiny)
+    top_p = 0.3
+    outs = sample_outputs(llm, token_prompts(tiny.arch.vocab_size), temperature=1.0, top_p=top_p, logprobs=20,
+                          seed=3, max_tokens=30)
+    seen_rank = 0
+    for o in outs:
+        for rank, probs, _ in _ranks_and_probs(o.outputs[0]):
+            # The chosen token is inside the smallest prefix reaching top_p: the mass strictly above it is
+            # < top_p (rank 20 = beyond the returned alternatives: then all 20 of them hold < top_p).
+            assert sum(probs[:rank]) < top_p + 1e-5
+            seen_rank = max(seen_rank, rank)
+    assert seen_rank >= 1  # not degenerate greedy
+
+
+def test_min_p_respected(tiny) -> None:
+    llm = make_llm(tiny)
+    min_p = 0.2
+    outs = sample_outputs(llm, token_prompts(tiny.arch.vocab_size), temperature=1.0, min_p=min_p, logprobs=3,
+                          seed=4, max_tokens=30)
+    ranks = []
+    for o in outs:
+        for rank, probs, chosen in _ranks_and_probs(o.outputs[0]):
+            assert chosen >= min_p * probs[0] - 1e-6
+            ranks.append(rank)
+    assert max(ranks) >= 1
+
+
+# ---- stop conditions and logprobs ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_llm(default_model_f32):
+    return make_llm(default_model_f32)
+
+
+@pytest.fixture(scope="module")
+def reference(real_llm, default_model_f32):
+    """Greedy reference answer (40 tokens, EOS ignored) for one chat prompt."""
+    text = chat_texts(default_model_f32, ["Describe the ocean in a few sentences."])[0]
+    out = real_llm.generate([text], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 40
+    return text, out
+
+
+def test_max_tokens_cut(real_llm, reference) -> None:
+    text, ref = reference
+    out = real_llm.generate([text], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == ref.token_ids[:7] and out.finish_reason == "length"
+    assert ref.text.startswith(out.text)
+
+
+def test_stop_string_cut(real_llm, reference) -> None:
+    text, ref = reference
+    words = ref.text.split()
+    stop = next(w for w in words[4:] if len(w) >= 4 and ref.text.find(w) > 10)
+    out = real_llm.generate([text], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                   stop=["@@never@@", stop]))[0].outputs[0]
+    assert out.finish_reason == "stop"
+    assert out.text == ref.text[:ref.text.find(stop)]
+    assert stop not in out.text
+    # Token ids stop at the token that completed the stop string.
+    assert out.token_ids == ref.token_ids[:len(out.token_ids)]
+    assert len(out.token_ids) < 40
+
+
+def test_stop_token_ids_cut(real_llm, reference) -> None:
+    text, ref = reference
+    tok = ref.token_ids[12]
+    first = ref.token_ids.index(tok)
+    out = real_llm.generate([text], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                   stop_token_ids=[tok]))[0].outputs[0]
+    assert out.token_ids == ref.token_ids[:first + 1] and out.finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(real_llm, default_model_f32) -> None:
+    text = chat_texts(default_model_f32, ["Say hi."])[0]
+    out = real_llm.generate([text], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] in default_model_f32.eos_token_ids
+    assert len(out.token_ids) < 64
+
+
+def test_context_length_cut(default_model_f32) -> None:
+    llm = make_llm(default_model_f32, max_model_len=48)
+    text = chat_texts(default_model_f32, ["Describe the ocean in a few sentences."])[0]
+    n_prompt = len(default_model_f32.tokenizer(text, add_special_tokens=False)["input_ids"])
+    out = llm.generate([text], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "length" and n_prompt + len(out.token_ids) == 48
+
+
+def test_logprobs_returned(real_llm, reference) -> None:
+    text, ref = reference
+    out = real_llm.generate([text], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                   logprobs=3))[0].outputs[0]
+    assert len(out.logprobs) == 10
+    for tok, (lp, alts) in zip(out.token_ids, out.logprobs):
+        assert len(alts) == 3
+        assert alts[0][0] == tok and lp == pytest.approx(alts[0][1])  # greedy: chosen = most likely
+        assert lp <= 0 and alts[0][1] >= alts[1][1] >= alts[2][1]
+        assert sum(math.exp(b) for _, b in alts) <= 1 + 1e-5
+    plain = real_llm.generate([text], SamplingParams(temperature=0, max_tokens=3))[0].outputs[0]
+    assert plain.logprobs is None
+
+
+def test_stream_matches_generate(real_llm, reference) -> None:
+    text, ref = reference
+    deltas = list(real_llm.stream(text, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)))
+    assert "".join(d.new_text for d in deltas) == ref.text
+    assert [t for d in deltas for t in d.new_token_ids] == ref.token_ids
+    assert deltas[-1].finished and deltas[-1].finish_reason == "length"

@@ -1,0 +1,607 @@
+"""Speculative decoding through the whole engine is lossless, and the controller turns it off where
+it does not pay.
+
+* Greedy: speculative output equals plain greedy output token for token (float32), with the suffix
+  drafter on repetitive prompts and with an *oracle* proposer that drafts the true greedy continuation
+  among wrong branches (long accepted runs through the engine's verify / compact / commit path), for
+  chains and trees, batch 1 and mixed batches, with stop strings, stop tokens and max_tokens cutting
+  inside an accepted run, with n > 1 groups and with preemption.
+* Sampling: on a tiny model with an 8-token vocabulary the first three sampled tokens of many seeded
+  requests are distributed as the plain engine's target distribution (chi-square at a fixed seed), with
+  bad and good drafters, point-mass and i.i.d. children, chains and trees, temperature and top-p; a
+  deliberately lossy verifier plugged into the same engine fails the same test (the test has power).
+* Controller: "off" when measured costs make verification expensive, drafting when it is nearly free.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from onspec import LLM, SamplingParams
+from onspec.config import EngineConfig, SpecConfig
+from onspec.engine.engine import Engine
+from onspec.engine.kv_cache import KVCache
+from onspec.engine.runner import RowSpec
+from onspec.engine.sampler import process_logits
+from onspec.models.loader import DTYPES, LoadedModel, load_model
+from onspec.spec import verify as verify_mod
+from onspec.spec.controller import Controller, StepCostModel, attach_speculation
+from onspec.spec.tree import DraftTree
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+class FixedCost(StepCostModel):
+    """A cost model that ignores measurements: seconds per forward = ``fn(tokens)``."""
+
+    def __init__(self, fn: Callable[[int], float]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        pass
+
+    def cost(self, tokens: int) -> float:
+        return self.fn(tokens)
+
+
+FREE = FixedCost(lambda n: 1.0)                      # verification costs nothing extra: draft everything
+# Bigger forwards get *cheaper*, and a forward costs far more than drafting: the controller then drafts
+# and keeps every node, even of a drafter whose record it has learned to distrust (the statistical tests
+# need every tree verified).
+FORCE = FixedCost(lambda n: 1e6 / n)
+STEEP = FixedCost(lambda n: 0.001 + 0.01 * n)        # every verified token costs 10x the fixed cost
+
+
+class OracleProposer:
+    """Drafts the reference greedy continuation of each request, hidden among wrong branches.
+
+    ``refs`` maps a prompt (tuple of ids) to its plain greedy output. Each step the tree holds the next
+    ``depth`` reference tokens as its main path; with ``branchy``, every main-path node gets a wrong
+    sibling *before* it (so the accepted child is not the first) with a child of its own; every third
+    step one main-path token is replaced by a wrong one (the correct token then only on a side branch),
+    so partial acceptance happens too. It also checks, step by step, that the engine's output so far is
+    still the reference (the first divergence fails loudly, at the step that caused it)."""
+
+    name = "learned"
+    wants_aux = False
+
+    def __init__(self, refs: dict[tuple[int, ...], list[int]], vocab: int, depth: int = 8,
+                 branchy: bool = True, mutate: bool = True) -> None:
+        self.refs, self.vocab, self.depth, self.branchy, self.mutate = refs, vocab, depth, branchy, mutate
+        self.calls = 0
+        self.verified: list[tuple[int, int]] = []  # (drafted nodes, accepted) per tree
+
+    def add_request(self, seq) -> None: ...
+
+    def on_commit(self, seq, tokens) -> None: ...
+
+    def finish(self, seq) -> None: ...
+
+    def observe_prefill(self, seq, n, aux) -> None: ...
+
+    def observe(self, verdicts) -> None:
+        for _seq, tree, accepted, _nxt, _aux, _hid in verdicts:
+            self.verified.append((tree.num_draft, len(accepted) - 1))
+
+    def wrong(self, tok: int, salt: int) -> int:
+        return (tok + 1 + salt) % self.vocab
+
+    def propose(self, seqs, budgets: dict[int, int]) -> dict[int, DraftTree]:
+        out = {}
+        for s in seqs:
+            ref = self.refs[tuple(s.prompt_ids)]
+            n = s.num_output
+            assert s.output_ids == ref[:n], f"engine diverged from the reference at output token {n}"
+            main = list(ref[n:n + self.depth])
+            self.calls += 1
+            if self.mutate and main and self.calls % 3 == 0:
+                j = self.calls % len(main)
+                side_true = main[j]
+                main[j] = self.wrong(main[j], 7)
+            else:
+                j, side_true = -1, None
+            tokens, parents, scores = [s.tokens[-1]], [-1], [1.0]
+            budget = budgets[s.seq_id]
+            prev = 0
+            for d, tok in enumerate(main):
+                if len(tokens) + (3 if self.branchy else 1) > budget + 1:
+                    break
+                if self.branchy:
+                    # A wrong sibling (the true token when this depth was mutated) and its child.
+                    sib = side_true if d == j else self.wrong(tok, d)
+                    tokens += [sib, tok]
+                    parents += [prev, len(tokens) - 2]
+                    scores += [0.3, 0.3]
+                tokens.append(tok)
+                parents.append(prev)
+                scores.append(0.9)
+                prev = len(tokens) - 1
+            out[s.seq_id] = DraftTree(tokens, parents, scores, source=self.name)
+        return out
+
+
+def engine_for(loaded: LoadedModel, spec: SpecConfig | None = None, cost: StepCostModel | None = None,
+               extra: dict | None = None, **kw) -> Engine:
+    kw.setdefault("max_model_len", 256)
+    cfg = EngineConfig(model=str(loaded.path), dtype="float32", num_threads=1,
+                       spec=spec or SpecConfig(mode="off"), **kw)
+    eng = Engine(cfg, loaded=loaded)
+    if cfg.spec.mode != "off":
+        attach_speculation(eng, cfg.spec, extra)
+        if cost is not None:
+            eng.spec.controller.cost = cost
+    return eng
+
+
+def generate(eng: Engine, prompts, params: SamplingParams):
+    return [o.outputs[0] for o in LLM(engine=eng).generate(prompts, params)]
+
+
+def ids_of(outs) -> list[list[int]]:
+    return [o.token_ids for o in outs]
+
+
+def token_prompts(vocab: int, lengths=(5, 17, 33, 9, 2, 24)) -> list[list[int]]:
+    return [torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(100 + n)).tolist()
+            for n in lengths]
+
+
+def oracle_spec(**kw) -> SpecConfig:
+    kw.setdefault("max_draft_tokens", 24)
+    return SpecConfig(mode="learned", profile_at_start=False, max_batch_draft_tokens=1024, **kw)
+
+
+# ---- greedy, tiny models ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tiny_model_dirs) -> LoadedModel:
+    return load_model(str(tiny_model_dirs[request.param]), "float32")
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_refs(tiny) -> dict[tuple[int, ...], list[int]]:
+    prompts = token_prompts(tiny.arch.vocab_size)
+    outs = generate(engine_for(tiny), prompts, GREEDY)
+    return {tuple(p): o.token_ids for p, o in zip(prompts, outs)}
+
+
+@pytest.mark.parametrize("branchy", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("batch", [1, 6])
+def test_oracle_greedy_equals_plain(tiny, tiny_refs, branchy: bool, batch: int) -> None:
+    prompts = [list(p) for p in tiny_refs][:batch]
+    oracle = OracleProposer(tiny_refs, tiny.arch.vocab_size, depth=10, branchy=branchy)
+    eng = engine_for(tiny, oracle_spec(), FORCE, {"learned": oracle})
+    outs = generate(eng, prompts, GREEDY)
+    assert ids_of(outs) == [tiny_refs[tuple(p)] for p in prompts]
+    # Long accepted runs really went through the engine: full 10-token runs and partial ones.
+    accepted = [a for _, a in oracle.verified]
+    assert max(accepted) >= 8 and min(accepted) < max(accepted)
+    assert sum(o.accepted for o in outs) > 0.6 * sum(len(o.token_ids) for o in outs)
+    assert all(o.acceptance_length > 3 for o in outs)
+
+
+def test_oracle_mixed_batch_with_chunked_prefill_and_preemption(tiny, tiny_refs) -> None:
+    """Draft trees verified next to prefill chunks, under a KV budget that forces preemption."""
+    prompts = [list(p) for p in tiny_refs]
+    oracle = OracleProposer(tiny_refs, tiny.arch.vocab_size, depth=12)
+    spec = oracle_spec()
+    max_len = 96
+    per_token = KVCache.bytes_per_token(tiny.arch, DTYPES["float32"])
+    eng = engine_for(tiny, spec, FORCE, {"learned": oracle}, max_model_len=max_len, max_num_batched_tokens=24,
+                     kv_cache_memory=float(int(2.5 * (max_len + spec.max_draft_tokens + 1)) * per_token))
+    outs = generate(eng, prompts, GREEDY)
+    assert ids_of(outs) == [tiny_refs[tuple(p)] for p in prompts]
+    assert eng.scheduler.num_preemptions > 0
+    assert eng.kv.num_free == eng.kv.num_slots
+
+
+def test_oracle_max_tokens_and_stop_token_cut_inside_accepted_run(tiny, tiny_refs) -> None:
+    prompts = [list(p) for p in tiny_refs][:3]
+    oracle = OracleProposer(tiny_refs, tiny.arch.vocab_size, depth=16, mutate=False)
+    eng = engine_for(tiny, oracle_spec(), FORCE, {"learned": oracle})
+    # max_tokens = 7: the first decode step (after the prefill's token) accepts 16 drafted tokens.
+    outs = generate(eng, prompts, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))
+    assert ids_of(outs) == [tiny_refs[tuple(p)][:7] for p in prompts]
+    assert all(o.finish_reason == "length" for o in outs)
+    # Stop token: the 10th reference token of the first prompt (cut at its first occurrence).
+    ref = tiny_refs[tuple(prompts[0])]
+    stop_tok = ref[9]
+    out = generate(eng, prompts[:1], SamplingParams(temperature=0, max_tokens=48, ignore_eos=True,
+                                                    stop_token_ids=[stop_tok]))[0]
+    assert out.token_ids == ref[:ref.index(stop_tok) + 1] and out.finish_reason == "stop"
+
+
+def test_greedy_n_samples_group(tiny, tiny_refs) -> None:
+    """n = 3 greedy samples share a group (group suffix drafting): all three equal the plain output.
+    A 16-token step budget staggers the siblings' prefills, so the leader's output drafts for the others."""
+    prompt = [list(p) for p in tiny_refs][1]
+    assert len(prompt) > 16
+    eng = engine_for(tiny, SpecConfig(mode="suffix", profile_at_start=False), FREE, max_num_batched_tokens=16)
+    out = LLM(engine=eng).generate([prompt], SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, n=3))
+    assert [c.token_ids for c in out[0].outputs] == [tiny_refs[tuple(prompt)]] * 3
+    assert sum(c.accepted for c in out[0].outputs) > 0
+
+
+def test_suffix_greedy_equals_plain_on_repetitive_tiny_prompts(tiny) -> None:
+    """Prompts that repeat a pattern: the suffix drafter proposes long runs of it."""
+    vocab = tiny.arch.vocab_size
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, vocab) for _ in range(k)] * r for k, r in ((7, 6), (13, 4), (5, 9))]
+    plain = ids_of(generate(engine_for(tiny), prompts, GREEDY))
+    eng = engine_for(tiny, SpecConfig(mode="suffix", profile_at_start=False), FREE)
+    outs = generate(eng, prompts, GREEDY)
+    assert ids_of(outs) == plain
+    assert eng.counters.drafted > 0
+
+
+# ---- greedy, the real default model ---------------------------------------------------------------
+
+REPEAT_TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single "
+               "step. All that glitters is not gold.")
+
+
+def real_prompts(lm: LoadedModel) -> list[str]:
+    from onspec.data import code_edit_prompts
+
+    msgs = [f"Repeat the following text exactly, twice:\n\n{REPEAT_TEXT}",
+            *code_edit_prompts(2),
+            "Count from 1 to 30, separated by commas."]
+    return [lm.tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
+                                             add_generation_prompt=True) for m in msgs]
+
+
+@pytest.fixture(scope="module")
+def real_refs(default_model_f32):
+    prompts = real_prompts(default_model_f32)
+    outs = generate(engine_for(default_model_f32, max_model_len=1024), prompts,
+                    SamplingParams(temperature=0, max_tokens=64))
+    return prompts, outs
+
+
+@pytest.mark.parametrize("mode, cost", [("suffix", FREE), ("auto", None)], ids=["suffix-free", "auto-measured"])
+def test_real_model_suffix_greedy_equals_plain(default_model_f32, real_refs, mode: str, cost) -> None:
+    prompts, ref = real_refs
+    eng = engine_for(default_model_f32, SpecConfig(mode=mode, profile_at_start=cost is None), cost,
+                     max_model_len=1024)
+    outs = generate(eng, prompts, SamplingParams(temperature=0, max_tokens=64))
+    assert ids_of(outs) == ids_of(ref)
+    assert [o.text for o in outs] == [o.text for o in ref]
+    if cost is FREE:
+        assert eng.counters.accepted > 50  # long runs were drafted and accepted (repetitive prompts)
+
+
+def test_real_model_batch_stop_string_and_max_tokens_inside_run(default_model_f32, real_refs) -> None:
+    prompts, ref = real_refs
+    tok = default_model_f32.tokenizer
+    refs = {tuple(tok(p, add_special_tokens=False)["input_ids"]): o.token_ids for p, o in zip(prompts, ref)}
+    oracle = OracleProposer(refs, default_model_f32.arch.vocab_size, depth=12)
+    eng = engine_for(default_model_f32, oracle_spec(), FORCE, {"learned": oracle}, max_model_len=1024)
+    # A stop string from the middle of the first answer, applied to every prompt in one batch.
+    text0 = ref[0].text
+    stop = text0[text0.find("fox"):text0.find("fox") + 9] if "fox" in text0 else text0[20:28]
+    outs = generate(eng, prompts, SamplingParams(temperature=0, max_tokens=64, stop=[stop]))
+    for o, r in zip(outs, ref):
+        cut = r.text.find(stop)
+        assert o.text == (r.text[:cut] if cut >= 0 else r.text)
+        assert o.token_ids == r.token_ids[:len(o.token_ids)]
+        assert o.finish_reason == ("stop" if cut >= 0 else r.finish_reason)
+    assert outs[0].finish_reason == "stop"
+    outs = generate(eng, prompts, SamplingParams(temperature=0, max_tokens=11))
+    assert ids_of(outs) == [r.token_ids[:11] for r in ref]
+
+
+def test_speculative_logprobs_equal_plain(default_model_f32, real_refs) -> None:
+    prompts, _ = real_refs
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=2)
+    plain = generate(engine_for(default_model_f32, max_model_len=1024), prompts[:2], params)
+    spec = generate(engine_for(default_model_f32, SpecConfig(mode="suffix", profile_at_start=False), FREE,
+                               max_model_len=1024), prompts[:2], params)
+    for a, b in zip(plain, spec):
+        assert a.token_ids == b.token_ids
+        for (la, alts_a), (lb, alts_b) in zip(a.logprobs, b.logprobs):
+            assert la == pytest.approx(lb, abs=1e-3)
+            assert [t for t, _ in alts_a] == [t for t, _ in alts_b]
+
+
+# ---- sampling is lossless through Engine.step --------------------------------------------------------
+
+SMALL_V = 8
+N_TRIALS = 6000
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory) -> LoadedModel:
+    path = make_tiny_model(tmp_path_factory.mktemp("smallv") / "m", "llama", vocab_size=SMALL_V, seed=7)
+    return load_model(str(path), "float32")
+
+
+PROMPT = [3, 5, 1, 7, 4]
+SAMPLING = {
+    "temp1": dict(temperature=1.0),
+    "temp0.7-top_p0.8": dict(temperature=0.7, top_p=0.8),
+}
+
+
+def target_tables(lm: LoadedModel, params: SamplingParams) -> dict[tuple[int, ...], torch.Tensor]:
+    """Exact processed next-token distribution after PROMPT + ctx, for every ctx of length 0..2."""
+    kv = KVCache(lm.arch, 1, 32, torch.float32)
+    from onspec.engine.runner import ModelRunner
+
+    runner = ModelRunner(lm.model, kv)
+    tables = {}
+    ctxs = [()] + [(a,) for a in range(SMALL_V)] + [(a, b) for a in range(SMALL_V) for b in range(SMALL_V)]
+    for ctx in ctxs:
+        ids = PROMPT + list(ctx)
+        logits = runner.run([RowSpec(0, 0, ids, logits_from=len(ids) - 1)]).logits[0]
+        tables[ctx] = process_logits(logits, params)[0].double()
+    return tables
+
+
+class TableDrafter:
+    """Test drafters over the small vocabulary, given the exact target tables (so 'bad' and 'good'
+    are meant literally). Kinds: point-mass trees of the least likely tokens (bad), a chain of the most
+    likely tokens (good), i.i.d. children from a wrong q (bad) or from a q close to p (good)."""
+
+    name = "learned"
+    wants_aux = False
+
+    def __init__(self, kind: str, tables: dict, seed: int = 0) -> None:
+        self.kind, self.tables = kind, tables
+        self.rng = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.wrong_q = torch.softmax(2.0 * torch.randn(SMALL_V, generator=g, dtype=torch.float64), -1)
+        self.drafted = 0
+
+    def add_request(self, seq) -> None: ...
+
+    def on_commit(self, seq, tokens) -> None: ...
+
+    def finish(self, seq) -> None: ...
+
+    def observe_prefill(self, seq, n, aux) -> None: ...
+
+    def observe(self, verdicts) -> None: ...
+
+    def p(self, ctx: tuple[int, ...]) -> torch.Tensor:
+        # Beyond the tables (past max_tokens, cut anyway) any distribution will do.
+        return self.tables.get(ctx, torch.full((SMALL_V,), 1.0 / SMALL_V, dtype=torch.float64))
+
+    def q_for(self, ctx) -> torch.Tensor:
+        if self.kind == "iid_good":
+            return (0.7 * self.p(ctx) + 0.3 / SMALL_V).float()
+        # A wrong q that cannot propose the target's favourite token.
+        q = self.wrong_q.clone()
+        q[self.p(ctx).argmax()] = 0.0
+        return (q / q.sum()).float()
+
+    def propose(self, seqs, budgets) -> dict[int, DraftTree]:
+        out = {}
+        for s in seqs:
+            ctx = tuple(s.output_ids)
+            tokens, parents, dists, ctxs = [s.tokens[-1]], [-1], {}, [ctx]
+
+            def add(parent: int, tok: int) -> int:
+                tokens.append(tok)
+                parents.append(parent)
+                ctxs.append(ctxs[parent] + (tok,))
+                return len(tokens) - 1
+
+            def iid(parent: int, k: int) -> list[int]:
+                q = self.q_for(ctxs[parent])
+                dists[parent] = q
+                draws = torch.multinomial(q, k, replacement=True, generator=self.rng).tolist()
+                return [add(parent, t) for t in draws]
+
+            if self.kind == "bad_points":
+                # root -> [worst, worst (duplicate), 2nd worst], each -> [worst]
+                order = self.p(ctx).argsort().tolist()
+                for t in (order[0], order[0], order[1]):
+                    c = add(0, t)
+                    add(c, self.p(ctxs[c]).argsort()[0].item())
+            elif self.kind == "good_chain":
+                node = 0
+                for _ in range(3):  # one deeper than max_tokens allows: cut inside the accepted run
+                    node = add(node, int(self.p(ctxs[node]).argmax()))
+            elif self.kind in ("iid_bad", "iid_good"):
+                for c in iid(0, 3):
+                    iid(c, 2)
+            self.drafted += len(tokens) - 1
+            out[s.seq_id] = DraftTree(tokens, parents, [1.0] * len(tokens), child_dists=dists, source=self.name)
+        return out
+
+
+def chisq_pvalue(observed: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness-of-fit p-value, pooling cells with expected count < min_expected
+    (survival function of chi-square = regularised upper incomplete gamma, as in test_verify.py)."""
+    observed = observed.double().flatten()
+    expected = probs.double().flatten() * observed.sum()
+    impossible = expected == 0  # e.g. tokens top-p removed: one draw there fails the test outright
+    if observed[impossible].sum() > 0:
+        return 0.0
+    observed, expected = observed[~impossible], expected[~impossible]
+    small = expected < min_expected
+    if small.any():
+        observed = torch.cat([observed[~small], observed[small].sum(0, keepdim=True)])
+        expected = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
+    stat = ((observed - expected) ** 2 / expected).sum()
+    df = observed.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+def sampled_triples(lm: LoadedModel, params: SamplingParams, drafter, n_trials: int
+                    ) -> tuple[torch.Tensor, Engine]:
+    """Counts [V, V, V] of the first three tokens of n_trials seeded requests of PROMPT (and the engine)."""
+    spec = SpecConfig(mode="learned" if drafter else "off", profile_at_start=False, off_batch_size=10_000,
+                      max_batch_draft_tokens=100_000, max_draft_tokens=16)
+    eng = engine_for(lm, spec, FORCE if drafter else None, {"learned": drafter} if drafter else None,
+                     max_model_len=32, max_num_seqs=200, max_num_batched_tokens=2048)
+    counts = torch.zeros(SMALL_V ** 3, dtype=torch.float64)
+    batch = 200
+    for start in range(0, n_trials, batch):
+        rids = []
+        for i in range(start, min(n_trials, start + batch)):
+            p = SamplingParams(**{**params.__dict__, "seed": 10_000 + i})
+            eng.add_request(f"t{i}", PROMPT, p)
+            rids.append(f"t{i}")
+        while eng.has_unfinished():
+            eng.step()
+        for rid in rids:
+            a, b, c = eng.requests[rid][0].output_ids
+            counts[(a * SMALL_V + b) * SMALL_V + c] += 1
+            eng.release_request(rid)
+    return counts.view(SMALL_V, SMALL_V, SMALL_V), eng
+
+
+def exact_triples(tables) -> torch.Tensor:
+    p1 = tables[()]
+    out = torch.zeros(SMALL_V, SMALL_V, SMALL_V, dtype=torch.float64)
+    for a in range(SMALL_V):
+        for b in range(SMALL_V):
+            out[a, b] = p1[a] * tables[(a,)][b] * tables[(a, b)]
+    return out
+
+
+def triple_pvalues(counts: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
+    return {"t1": chisq_pvalue(counts.sum((1, 2)), exact.sum((1, 2))),
+            "t1t2": chisq_pvalue(counts.sum(2), exact.sum(2)),
+            "t2t3": chisq_pvalue(counts.sum(0), exact.sum(0)),
+            "t1t2t3": chisq_pvalue(counts, exact)}
+
+
+DRAFT_KINDS = ["bad_points", "good_chain", "iid_bad", "iid_good"]
+
+
+# Each case runs 6000 requests (10-20 s on a shared 2-core machine): half the grid runs by default,
+# every drafter kind and both sampling settings among them; the rest with `-m slow`.
+_FAST = {("temp1", "bad_points"), ("temp1", "iid_good"), ("temp0.7-top_p0.8", "good_chain"),
+         ("temp0.7-top_p0.8", "iid_bad")}
+LOSSLESS_CASES = [pytest.param(s, k, marks=() if (s, k) in _FAST else pytest.mark.slow, id=f"{s}-{k}")
+                  for s in SAMPLING for k in DRAFT_KINDS]
+
+
+@pytest.mark.parametrize("sampling, kind", LOSSLESS_CASES)
+def test_engine_sampling_is_lossless(small_vocab, kind: str, sampling: str) -> None:
+    params = SamplingParams(max_tokens=3, ignore_eos=True, **SAMPLING[sampling])
+    tables = target_tables(small_vocab, params)
+    exact = exact_triples(tables)
+    counts, eng = sampled_triples(small_vocab, params, TableDrafter(kind, tables), N_TRIALS)
+    # Every request's first decode step verified a whole tree (3 to 9 nodes).
+    assert eng.counters.drafted >= 3 * N_TRIALS
+    if kind in ("good_chain", "iid_good"):
+        assert eng.counters.accepted > N_TRIALS // 2
+    pv = triple_pvalues(counts, exact)
+    assert min(pv.values()) > 1e-3, pv
+
+
+def test_plain_engine_matches_exact_tables(small_vocab) -> None:
+    """The same statistics for the plain engine: the tables really are what plain decoding samples."""
+    params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.7, top_p=0.8)
+    exact = exact_triples(target_tables(small_vocab, params))
+    pv = triple_pvalues(sampled_triples(small_vocab, params, None, N_TRIALS)[0], exact)
+    assert min(pv.values()) > 1e-3, pv
+
+
+@pytest.mark.parametrize("kind", ["iid_bad", pytest.param("bad_points", marks=pytest.mark.slow)])
+def test_lossy_verifier_fails_engine_test(small_vocab, monkeypatch, kind: str) -> None:
+    """Power check: the same engine test with verify.py's deliberately lossy variant plugged in fails."""
+    import onspec.engine.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "verify_tree", verify_mod.lossy_verify_tree)
+    params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=1.0)
+    tables = target_tables(small_vocab, params)
+    counts, _ = sampled_triples(small_vocab, params, TableDrafter(kind, tables), N_TRIALS)
+    assert min(triple_pvalues(counts, exact_triples(tables)).values()) < 1e-6
+
+
+def test_small_vocab_setup_is_sane(small_vocab) -> None:
+    tables = target_tables(small_vocab, SamplingParams(temperature=1.0))
+    exact = exact_triples(tables)
+    assert float(exact.sum()) == pytest.approx(1.0)
+    # Varied distributions (neither one-hot nor uniform), so good and bad drafters differ.
+    top = [float(t.max()) for t in tables.values()]
+    assert 0.2 < min(top) and max(top) < 0.99
+
+
+# ---- the controller ---------------------------------------------------------------------------------
+
+
+def scored_chain(n: int, score: float, source: str = "suffix") -> DraftTree:
+    return DraftTree.chain(0, list(range(1, n + 1)), [score] * n, source=source)
+
+
+def test_controller_off_when_verification_costs_more_than_it_returns() -> None:
+    ctl = Controller(SpecConfig())
+    trees = {i: scored_chain(8, 0.7) for i in range(4)}
+    ctl.cost = STEEP
+    plan = ctl.plan(trees, base_tokens=4, num_decode=4)
+    assert plan.budget == 0 and plan.trees == {}
+    ctl.cost = FREE
+    plan = ctl.plan(trees, base_tokens=4, num_decode=4)
+    assert plan.budget == 32 and all(t.num_draft == 8 for t in plan.trees.values())
+
+
+def test_controller_budget_follows_the_cost_curve() -> None:
+    """A flat-then-linear cost (like bf16 AMX: flat to 32 tokens) buys nodes up to the knee only."""
+    ctl = Controller(SpecConfig(max_batch_draft_tokens=512))
+    ctl.cost = FixedCost(lambda n: 0.025 if n <= 32 else 0.025 * n / 32)
+    trees = {i: scored_chain(16, 0.9) for i in range(8)}
+    plan = ctl.plan(trees, base_tokens=8, num_decode=8)
+    assert 0 < plan.budget <= 32 - 8
+    # High-probability nodes are bought first: every request gets its shallow nodes before anyone's deep ones.
+    assert all(t.num_draft >= 2 for t in plan.trees.values())
+
+
+def test_controller_off_at_large_batch() -> None:
+    ctl = Controller(SpecConfig(off_batch_size=16))
+    ctl.cost = FREE
+    plan = ctl.plan({i: scored_chain(4, 0.9) for i in range(16)}, base_tokens=16, num_decode=16)
+    assert plan.budget == 0
+
+
+def test_controller_choose_prefers_the_better_calibrated_strategy() -> None:
+    ctl = Controller(SpecConfig())
+    a, b = scored_chain(6, 0.8, "suffix"), scored_chain(6, 0.8, "learned")
+    for _ in range(50):  # suffix trees were always rejected, learned ones fully accepted
+        ctl.observe(scored_chain(6, 0.8, "suffix"), 0)
+        ctl.observe(scored_chain(6, 0.8, "learned"), 6)
+    assert ctl.choose({1: [a, b]})[1].source == "learned"
+    assert ctl.choose({1: [DraftTree.root_only(0)]}) == {}
+
+
+@pytest.mark.parametrize("cost, drafts", [(STEEP, False), (FREE, True)], ids=["steep", "free"])
+def test_engine_speculates_only_when_it_pays(tiny, tiny_refs, cost, drafts: bool) -> None:
+    prompts = [list(p) for p in tiny_refs][:3]
+    oracle = OracleProposer(tiny_refs, tiny.arch.vocab_size, depth=8)
+    eng = engine_for(tiny, oracle_spec(), cost, {"learned": oracle})
+    outs = generate(eng, prompts, GREEDY)
+    assert ids_of(outs) == [tiny_refs[tuple(p)] for p in prompts]
+    assert (eng.counters.drafted > 0) == drafts
+    strategies = set(eng.counters.by_strategy)
+    assert ("learned" in strategies) if drafts else strategies == {"off"}
+
+
+def test_measured_cost_profile_is_seeded_at_start(tiny) -> None:
+    eng = engine_for(tiny, SpecConfig(mode="suffix", profile_at_start=True))
+    table = eng.spec.controller.cost.table
+    assert set(table) >= {1, 2, 4, 8, 16} and all(v > 0 for v in table.values())
+    assert eng.kv.num_free == eng.kv.num_slots  # the scratch slot was given back

@@ -1,0 +1,273 @@
+"""Online drafter learning inside a running engine: hot swaps under load, corrupt versions, rollbacks,
+the trainer process dying, restarts, and the day-1 warm start.
+
+Engine-level (the server's engine thread is this test's thread: steps run round-robin over all requests);
+every run's greedy outputs are compared with the same engine with speculation off, so a swap that broke
+anything in flight would show.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from onspec.config import EngineConfig, SpecConfig, TrainerConfig
+from onspec.engine.engine import Engine
+from onspec.engine.sampler import SamplingParams
+from onspec.models.loader import load_model
+from onspec.spec.eagle import init_drafter
+from onspec.train.online import OnlineLearning, start_online_learning, trainer_config_from
+from onspec.train.publish import Manifest, VersionState, latest_promoted, list_versions, publish_version, version_dir
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def target(tiny_llama):
+    return load_model(str(tiny_llama), "float32")
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        motif = [r.randrange(3, 500) for _ in range(3)]
+        out.append([r.randrange(3, 500) for _ in range(r.randrange(2, 10))] + motif * 3)
+    return out
+
+
+def make_engine(target, mode: str = "auto", max_num_seqs: int = 16) -> Engine:
+    return Engine(EngineConfig(model=str(target.path), dtype="float32", max_num_seqs=max_num_seqs,
+                               spec=SpecConfig(mode=mode, profile_at_start=False)), loaded=target)
+
+
+def reference(target, ps: list[list[int]], max_tokens: int) -> list[list[int]]:
+    eng = make_engine(target, "off")
+    for i, p in enumerate(ps):
+        eng.add_request(f"q{i}", p, SamplingParams(temperature=0, max_tokens=max_tokens))
+    while eng.has_unfinished():
+        eng.step()
+    return [eng.requests[f"q{i}"][0].output_ids for i in range(len(ps))]
+
+
+def cfg_for(root, **kw) -> TrainerConfig:
+    base = dict(versions_dir=str(root), chunk_positions=32, chunk_context=4, heldout_every=2, gate_min_positions=1,
+                autocast=False, poll_seconds=60.0, live_window_steps=10_000)
+    base.update(kw)
+    return TrainerConfig(**base)
+
+
+def serve(engine, ps, max_tokens, on_step=None) -> list[list[int]]:
+    for i, p in enumerate(ps):
+        engine.add_request(f"q{i}", p, SamplingParams(temperature=0, max_tokens=max_tokens))
+    step = 0
+    while engine.has_unfinished():
+        engine.step()
+        step += 1
+        if on_step is not None:
+            on_step(step)
+    for i in range(len(ps)):
+        seq = engine.requests[f"q{i}"][0]
+        assert seq.finish_reason in ("length", "stop")      # zero failed requests
+    return [engine.requests[f"q{i}"][0].output_ids for i in range(len(ps))]
+
+
+def test_hot_swap_under_load_keeps_greedy_outputs(tmp_path, target) -> None:
+    ps = prompts(16)
+    ref = reference(target, ps, 24)
+    engine = make_engine(target)
+    # short chunks: held-out evidence for the gate exists after the first steps
+    ol = OnlineLearning(engine, cfg_for(tmp_path / "v", gate_margin=-1e9, chunk_positions=8, chunk_context=2),
+                        start_trainer=False)
+    try:
+        assert ol.manager.current == 0 and list_versions(ol.root) == [0]
+
+        approved: list[tuple[int, int]] = []
+
+        def on_step(step: int) -> None:
+            if approved and approved[-1][0] == step - 1:   # approved last step -> swapped at that boundary
+                assert ol.manager.current == approved[-1][1]
+            if step == 3:   # an operator promotes version 1 (swapped at once, between two steps)
+                publish_version(ol.root, init_drafter(target, seed=11), Manifest(version=1, parent=0, kind="trained"))
+                ol.promote(1)
+                assert ol.manager.current == 1
+            for v, at in ((2, 6), (3, 12)):  # versions 2 and 3 arrive from "the trainer" and pass the gate
+                if step == at:
+                    publish_version(ol.root, init_drafter(target, seed=10 + v),
+                                    Manifest(version=v, parent=v - 1, kind="trained"))
+            if step >= 6:
+                before = ol.manager.current
+                ol.poll_now()   # the poller's pass: validate, gate, approve (once held-out evidence exists)
+                if ol.manager.pending is not None:
+                    assert ol.manager.current == before         # the swap waits for the step boundary
+                    approved.append((step, ol.manager.pending[0]))
+
+        out = serve(engine, ps, 24, on_step)
+        assert out == ref
+        assert [v for _, v in approved] == [2, 3]
+        st = ol.status()
+        assert st["version"] == 3 and st["swaps"] == 3 and st["promotions"] == 2
+        assert ol.proposer.stats.swaps == 3
+        assert VersionState.load(ol.root).current == 3
+    finally:
+        ol.stop()
+
+
+def test_corrupt_version_is_rejected_while_serving_goes_on(tmp_path, target) -> None:
+    ps = prompts(6, seed=1)
+    ref = reference(target, ps, 20)
+    engine = make_engine(target)
+    ol = OnlineLearning(engine, cfg_for(tmp_path / "v", gate_margin=-1e9), start_trainer=False)
+    try:
+        def on_step(step: int) -> None:
+            if step == 2:
+                d = publish_version(ol.root, init_drafter(target, seed=3), Manifest(version=1, parent=0, kind="trained"))
+                w = d / "model.safetensors"
+                w.write_bytes(w.read_bytes()[:1000])          # truncated after publication
+                ol.poll_now()
+
+        assert serve(engine, ps, 20, on_step) == ref
+        st = ol.status()
+        assert st["version"] == 0 and st["invalid"] == 1 and st["swaps"] == 0
+        bad = next(v for v in st["versions"] if v["version"] == 1)
+        assert bad["status"] == "invalid"
+        assert any(g["kind"] == "invalid" and "model.safetensors" in g["detail"] for g in st["gates"])
+        with pytest.raises(ValueError):
+            ol.promote(1)                                    # an operator cannot force it in either
+    finally:
+        ol.stop()
+
+
+def test_injected_live_regression_is_rolled_back(tmp_path, target) -> None:
+    ps = prompts(4, seed=2)
+    engine = make_engine(target, max_num_seqs=4)
+    ol = OnlineLearning(engine, cfg_for(tmp_path / "v", live_window_steps=12, rollback_threshold=0.3),
+                        start_trainer=False)
+    real_run = engine.runner.run
+    try:
+        serve(engine, ps, 30)                                 # version 0's live record
+        publish_version(ol.root, init_drafter(target, seed=5), Manifest(version=1, parent=0, kind="trained"))
+        ol.promote(1)
+
+        def slow_run(*a, **k):                                # the injected regression: every step 4x slower
+            t0 = time.perf_counter()
+            out = real_run(*a, **k)
+            time.sleep(3 * (time.perf_counter() - t0) + 0.02)
+            return out
+
+        engine.runner.run = slow_run
+        for i, p in enumerate(prompts(4, seed=3)):
+            engine.add_request(f"z{i}", p, SamplingParams(temperature=0, max_tokens=30))
+        while engine.has_unfinished() and ol.manager.counts["rollbacks"] == 0:
+            engine.step()
+        st = ol.status()
+        assert st["rollbacks"] == 1 and st["version"] == 0
+        rb = next(g for g in st["gates"] if g["kind"] == "rollback")
+        assert rb["version"] == 1 and rb["to"] == 0 and rb["ratio_previous"] < 0.7
+        assert VersionState.load(ol.root).current == 0
+        engine.runner.run = real_run
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        engine.runner.run = real_run
+        ol.stop()
+
+
+def test_trainer_death_falls_back_to_suffix_and_restart_resumes(tmp_path, target) -> None:
+    ps = prompts(6, seed=4)
+    ref = reference(target, ps, 20)
+    root = tmp_path / "v"
+    engine = make_engine(target)
+    ol = start_online_learning(engine, cfg_for(root))
+    try:
+        publish_version(root, init_drafter(target, seed=9), Manifest(version=1, parent=0, kind="trained"))
+        ol.promote(1)
+        pid = ol.trainer.pid
+        os.kill(pid, signal.SIGKILL)                          # the process this test started
+        ol.trainer.process.join(30)
+        ol.poll_now()
+        assert ol.status()["fallback"]
+        out = serve(engine, ps, 20)
+        assert out == ref
+        assert "learned" not in engine.spec.proposers and "suffix" in engine.spec.proposers
+        assert any(e["kind"] == "fallback" for e in ol.status()["events"])
+    finally:
+        ol.stop(save=False)
+    assert latest_promoted(root) == 1
+    # A restart (new engine, same versions directory) resumes the latest promoted version.
+    engine2 = make_engine(target)
+    ol2 = OnlineLearning(engine2, cfg_for(root), start_trainer=False)
+    try:
+        assert ol2.manager.current == 1
+        assert torch.equal(ol2.proposer.drafter.fc.weight.float(),
+                           init_drafter(target, seed=9).fc.weight.float())
+        assert serve(engine2, ps, 20) == ref
+    finally:
+        ol2.stop()
+
+
+def test_trainer_config_from_server_like_objects(tmp_path) -> None:
+    class ServerCfg:
+        speculator_dir = str(tmp_path)
+        model = "default"
+        train = "online"
+
+    cfg = trainer_config_from(ServerCfg())
+    assert cfg.versions_dir == str(tmp_path)
+    cfg = trainer_config_from({"speculator": "/x", "train_lr": "0.01", "resume": "false"})
+    assert cfg.speculator == "/x" and cfg.lr == 0.01 and cfg.resume is False
+
+
+def test_warmup_publishes_a_version_serve_resumes(tmp_path) -> None:
+    from conftest import make_tiny_model
+    from onspec.cli import main
+
+    # the warm-up prompts are text: the tiny model needs the tokenizer's whole vocabulary
+    model_dir = make_tiny_model(tmp_path / "m", "llama", vocab_size=49152)
+    root = tmp_path / "v"
+    rc = main(["warmup", "--model", str(model_dir), "--dtype", "float32", "--speculator-dir", str(root),
+               "--prompts", "4", "--max-tokens", "12", "--concurrency", "4", "--epochs", "1", "--threads", "1"])
+    assert rc == 0
+    v = latest_promoted(root)
+    assert v is not None and (version_dir(root, v) / "optimizer.pt").is_file()
+    target = load_model(str(model_dir), "float32")
+    engine = make_engine(target)
+    ol = OnlineLearning(engine, cfg_for(root), start_trainer=False)
+    try:
+        assert ol.manager.current == v
+    finally:
+        ol.stop()
+
+
+@pytest.mark.slow
+def test_trainer_process_learns_publishes_and_is_gated(tmp_path, target) -> None:
+    root = tmp_path / "v"
+    engine = make_engine(target, max_num_seqs=4)
+    ol = start_online_learning(engine, cfg_for(root, min_positions=32, batch_positions=128, publish_every_steps=5,
+                                               poll_seconds=0.2, idle_after=0.2, busy_share=1.0))
+    try:
+        deadline = time.time() + 240
+        i = 0
+        r = random.Random(0)
+        while time.time() < deadline and not any(g["kind"] in ("promote", "reject") for g in ol.status()["gates"]):
+            if sum(not s.finished for s in engine.seqs.values()) < 4:
+                motif = [r.randrange(3, 500) for _ in range(3)]
+                engine.add_request(f"w{i}", motif * 4, SamplingParams(temperature=0, max_tokens=24))
+                i += 1
+            engine.step()
+        st = ol.status()
+        assert st["trainer_steps"] > 0 and len(st["versions"]) >= 2
+        assert any(g["kind"] in ("promote", "reject") for g in st["gates"])
+    finally:
+        ol.stop()
