@@ -109,7 +109,8 @@ class TrainerConfig:
     min_positions: int = 256            # train only once the buffer holds this many positions
     trainer_threads: int = 1            # torch threads of the trainer process while the engine is busy
     idle_threads: int = 0               # ... while it is idle (0 = every core)
-    busy_share: float = 0.3             # fraction of wall time the trainer may compute while the engine is busy
+    busy_share: float = 0.25            # fraction of wall time the trainer may compute while the engine is busy
+    trainer_nice: int = 19              # niceness of the trainer process (19: the engine wins every contested core)
     idle_after: float = 2.0             # seconds without an engine step after which the engine counts as idle
     seed: int = 0
     # --- publishing and the gate ---
@@ -145,6 +146,7 @@ class TrainerConfig:
         _check(self.idle_threads >= 0, "idle_threads", "must be >= 0")
         _check(self.max_branches >= 0, "max_branches", "must be >= 0")
         _check(0.0 < self.busy_share <= 1.0, "busy_share", "must be in (0, 1]")
+        _check(0 <= self.trainer_nice <= 19, "trainer_nice", "must be in [0, 19]")
         _check(self.idle_after > 0, "idle_after", "must be > 0")
         _check(self.publish_every_steps >= 1, "publish_every_steps", "must be >= 1")
         _check(self.publish_every_seconds > 0, "publish_every_seconds", "must be > 0")

@@ -64,6 +64,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the token crossing the threshold is kept).
         drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop_sorted[..., 0] = False  # the most likely token always stays (a tiny top_p rounds to 0 in fp32)
         probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
