@@ -38,6 +38,9 @@ test-slow: install
 bench: install
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/speculation.py
+	$(BIN)/python bench/serve.py --quick
+	$(BIN)/python bench/online.py --quick
+	$(BIN)/python bench/rl.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -138,6 +138,7 @@ class Engine:
             if not seq.finished:
                 self.scheduler.abort(seq.seq_id)
                 self._retire(seq, "abort")
+            self.seqs.pop(seq.seq_id, None)
         return True
 
     def has_unfinished(self) -> bool:
