@@ -13,8 +13,8 @@ sampled every 0.1 s; the table reports the peak, and a final phase sends --mem-r
 "auto" server and compares the resident set after the first and the last hundred (growth would be a
 leak). Writes bench/results/serve.json and bench/results/serve.png.
 
-    python bench/serve.py --quick                 # about 3 minutes on 2 cores
-    python bench/serve.py --requests 64           # 64 requests per concurrency level
+    python bench/serve.py --quick                 # one run per level, 200-request memory phase
+    python bench/serve.py --requests 64           # 64 requests per level, 3 runs each (median)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -73,8 +74,8 @@ class LevelResult:
     requests: int
     failed: int
     wall_s: float
-    completion_tokens: int
-    throughput: float
+    completion_tokens: int          # over all runs
+    throughput: float               # tokens/s of the median run
     ttft_p50: float
     ttft_p99: float
     itl_p50: float
@@ -142,7 +143,7 @@ class Server:
         cmd = [sys.executable, "-m", "onspec.cli", "serve", "--model", args.model, "--port", str(self.port),
                "--speculation", mode, "--max-concurrency", "32", "--max-queue", "1024", "--train", args.train,
                "--log-level", "warning", "--threads", str(args.threads), "--max-model-len", "1024"]
-        self.log = open(RESULTS / f"serve-{mode}.log", "w")
+        self.log = open(Path(tempfile.gettempdir()) / f"onspec-bench-serve-{mode}.log", "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while True:
@@ -209,12 +210,16 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
         return list(results), time.perf_counter() - t0
 
 
-def summarise(mode: str, conc: int, results: list[RequestResult], wall: float, peak: int) -> LevelResult:
+def summarise(mode: str, conc: int, runs: list[tuple[list[RequestResult], float]], peak: int) -> LevelResult:
+    """Throughput of the median run (by tokens/s); latency percentiles over the requests of all runs."""
+    rates = sorted((sum(r.tokens for r in res if r.ok) / wall, wall) for res, wall in runs)
+    rate, wall = rates[len(rates) // 2]
+    results = [r for res, _ in runs for r in res]
     ok = [r for r in results if r.ok]
     toks = sum(r.tokens for r in ok)
     gaps = [g for r in ok for g in r.gaps]
     tpot = [(r.e2e - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1]
-    return LevelResult(mode, conc, len(results), len(results) - len(ok), wall, toks, toks / wall,
+    return LevelResult(mode, conc, len(results), len(results) - len(ok), wall, toks, rate,
                        pct([r.ttft for r in ok], 50), pct([r.ttft for r in ok], 99), pct(gaps, 50), pct(gaps, 99),
                        pct(tpot, 50), peak / 2**20)
 
@@ -277,6 +282,7 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,4,16,32")
     p.add_argument("--max-tokens", type=int, default=0)
     p.add_argument("--modes", default="off,auto", help="speculation modes; the first is the baseline")
+    p.add_argument("--repeats", type=int, default=0, help="runs per level, median reported (default 3, quick 1)")
     p.add_argument("--mem-requests", type=int, default=-1, help="memory phase size (default 1000, quick 200)")
     p.add_argument("--train", default="off", choices=["off", "online"])
     p.add_argument("--threads", type=int, default=0)
@@ -286,6 +292,7 @@ def main() -> int:
     max_tokens = args.max_tokens or (32 if args.quick else 96)
     mem_n = args.mem_requests if args.mem_requests >= 0 else (200 if args.quick else 1000)
     modes = args.modes.split(",")
+    args.repeats = args.repeats or (1 if args.quick else 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     levels: list[LevelResult] = []
@@ -298,8 +305,8 @@ def main() -> int:
             for conc in levels_c:
                 n = args.requests or (max(8, conc) if args.quick else max(16, 2 * conc))
                 n = max(n, conc)
-                results, wall = asyncio.run(run_level(server.url, conc, n, max_tokens))
-                lv = summarise(mode, conc, results, wall, server.rss.peak)
+                runs = [asyncio.run(run_level(server.url, conc, n, max_tokens)) for _ in range(args.repeats)]
+                lv = summarise(mode, conc, runs, server.rss.peak)
                 levels.append(lv)
                 print(f"  c={conc:3d}: {lv.throughput:7.1f} tok/s, TTFT p50 {lv.ttft_p50 * 1000:7.0f} ms, "
                       f"TPOT p50 {lv.tpot_p50 * 1000:6.1f} ms, failed {lv.failed}", flush=True)
@@ -310,8 +317,8 @@ def main() -> int:
 
     base = {lv.concurrency: lv for lv in levels if lv.mode == modes[0]}
     print()
-    print(f"model {args.model}, greedy, max_tokens {max_tokens}, prompts {len(PROMPTS)} chat prompts, "
-          f"baseline = speculation {modes[0]}")
+    print(f"model {args.model}, greedy, max_tokens {max_tokens}, {len(PROMPTS)} chat prompts, "
+          f"{args.repeats} run(s) per level (median tok/s), baseline = speculation {modes[0]}")
     head = (f"{'mode':>6} {'conc':>4} {'reqs':>4} {'tok/s':>7} {'x base':>6} {'TTFT p50':>9} {'TTFT p99':>9} "
             f"{'ITL p50':>8} {'ITL p99':>8} {'TPOT p50':>9} {'peak RSS':>9}")
     print(head)

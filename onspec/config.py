@@ -105,6 +105,7 @@ class TrainerConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     autocast: bool = True               # bfloat16 matrix products (AMX) with float32 weights and optimizer
+    aux_noise: float = 0.0              # Gaussian noise on the aux inputs, relative to their RMS (regulariser)
     batch_positions: int = 512          # positions per optimizer step
     min_positions: int = 256            # train only once the buffer holds this many positions
     trainer_threads: int = 1            # torch threads of the trainer process while the engine is busy
@@ -140,6 +141,7 @@ class TrainerConfig:
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(self.grad_clip > 0, "grad_clip", "must be > 0")
+        _check(self.aux_noise >= 0, "aux_noise", "must be >= 0")
         _check(self.batch_positions >= 16, "batch_positions", "must be >= 16")
         _check(self.min_positions >= 1, "min_positions", "must be >= 1")
         _check(self.trainer_threads >= 1, "trainer_threads", "must be >= 1")

@@ -97,6 +97,7 @@ class Gate:
     def __init__(self, cfg: TrainerConfig, target) -> None:
         self.cfg = cfg
         self.lm_head = target.model.lm_head.weight
+        self._cache: tuple[object, tuple, float] | None = None  # (serving drafter, window, its figure)
 
     def judge(self, candidate, current, chunks: list[TraceChunk]) -> GateResult | None:
         """None while the window holds too little evidence to decide."""
@@ -105,7 +106,13 @@ class Gate:
         cand, roots = simulated_acceptance(candidate, samples, self.cfg.ttt_steps, autocast=self.cfg.autocast)
         if roots < self.cfg.gate_min_positions:
             return None
-        cur, _ = simulated_acceptance(current, samples, self.cfg.ttt_steps, autocast=self.cfg.autocast)
+        # The serving drafter's figure only changes with the window (or a swap): computed once per window.
+        key = tuple((c.key, c.start, len(c)) for c in chunks)
+        if self._cache is not None and self._cache[0] is current and self._cache[1] == key:
+            cur = self._cache[2]
+        else:
+            cur, _ = simulated_acceptance(current, samples, self.cfg.ttt_steps, autocast=self.cfg.autocast)
+            self._cache = (current, key, cur)
         ok = cand >= cur + self.cfg.gate_margin
         reason = (f"held-out acceptance {cand:.3f} {'>=' if ok else '<'} serving {cur:.3f}"
                   + (f" + margin {self.cfg.gate_margin}" if self.cfg.gate_margin else "") + f" over {roots} roots")

@@ -79,6 +79,11 @@ class Trainer:
         if not samples:
             return {}
         batch = collate(samples)
+        if self.cfg.aux_noise > 0:  # a regulariser against memorising the few sequences seen so far
+            aux = batch.aux.float()
+            rms = aux.pow(2).mean(-1, keepdim=True).sqrt()
+            noise = torch.randn(aux.shape, generator=self.gen) * rms * self.cfg.aux_noise
+            batch.aux = (aux + noise).to(batch.aux.dtype)
         self.drafter.train()
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.autocast):
