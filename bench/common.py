@@ -81,6 +81,8 @@ def measure_interleaved(configs: dict[str, tuple[Callable, Callable[[], object] 
             res = fn(ctx) if setup is not None else fn()
             dt = time.perf_counter() - t0
             tokens, extra = res if isinstance(res, tuple) else (res, {})
+            print(f"  [{i + 1}/{warmup + repeats}] {name}: {tokens} tokens in {dt:.1f} s ({tokens / dt:.1f} tok/s)",
+                  file=sys.stderr, flush=True)
             if i >= warmup:
                 m = out[name]
                 m.tokens.append(int(tokens))

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     rollout=RolloutConfig(group_size=args.group_size, max_tokens=max_tokens, temperature=1.0,
                                           chunk_tokens=args.chunk_tokens, max_running=max_running, seed=args.seed),
                     grpo=GRPOConfig(), max_num_seqs=max_running, threads=args.threads,
-                    cotrain_tail=max(1, max_running // 2), seed=args.seed)
+                    cotrain_tail=max(1, max_running // 4), seed=args.seed)
     chosen = {k: v for k, v in CONFIGS.items() if not args.only or k[0] in args.only.split(",")}
     warn = busy_warning(args.threads or 2)
     runs: dict[str, list[dict]] = {}

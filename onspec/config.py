@@ -105,7 +105,7 @@ class TrainerConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     autocast: bool = True               # bfloat16 matrix products (AMX) with float32 weights and optimizer
-    aux_noise: float = 0.0              # Gaussian noise on the aux inputs, relative to their RMS (regulariser)
+    aux_noise: float = 0.2              # Gaussian noise on the aux inputs, relative to their RMS (regulariser)
     batch_positions: int = 512          # positions per optimizer step
     min_positions: int = 256            # train only once the buffer holds this many positions
     trainer_threads: int = 1            # torch threads of the trainer process while the engine is busy

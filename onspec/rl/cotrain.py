@@ -15,7 +15,8 @@ How, with the pieces of ``onspec/train`` and ``onspec/spec/eagle.py``:
 * During the rollout a background thread waits. Once the number of running chunks falls to
   ``tail`` or below, the thread ingests the recorded chunks and runs optimiser steps of the in-process
   ``Trainer`` (training-time-test unroll, forward KL to the target's distribution). PyTorch releases the
-  GIL inside its kernels, so the drafter trains on the core the shrinking batch leaves idle.
+  GIL inside its kernels, so the drafter trains on the core the shrinking batch leaves idle; the thread
+  runs at the lowest CPU priority (nice 19), so it never takes a core the engine wants.
 * ``on_rollout_end``: training stops (the current step completes); remaining traces are flushed.
 * ``between_steps``: after the GRPO update has copied the new policy into the engine, the trained
   drafter is swapped into the proposer (``EagleProposer.swap``), and the trainer's soft targets are
@@ -28,6 +29,7 @@ to be broadcast like the policy weights (the hook is the same ``between_steps``)
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -85,6 +87,12 @@ class DrafterCoTrainer:
 
     # ---- the background thread -------------------------------------------------------------------
     def _run(self) -> None:
+        # Idle time only: at the lowest CPU priority this thread gets a core only when the engine's thread
+        # does not want it (Linux gives each thread its own nice value; elsewhere this is a no-op).
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
         while not self._stop.is_set():
             if not self._go.wait(0.05):
                 continue
