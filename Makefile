@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install browser run test test-slow bench clean
+.PHONY: install browser run test test-slow bench bench-peers clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: install browser
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# Optional peers for bench/decode.py: llama.cpp built portable (the native build crashes in decode on these
+# CPUs: AMX/AVX-512 paths), a few minutes of compiling. bench/decode.py skips it and says so when absent.
+bench-peers: install
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+		$(BIN)/pip install -q llama-cpp-python
 
 bench: install
 	$(BIN)/python bench/decode.py

@@ -110,8 +110,8 @@ class TrainerConfig:
     min_positions: int = 256            # train only once the buffer holds this many positions
     trainer_threads: int = 1            # torch threads of the trainer process while the engine is busy
     idle_threads: int = 0               # ... while it is idle (0 = every core)
-    busy_share: float = 0.25            # fraction of wall time the trainer may compute while the engine is busy
-    trainer_nice: int = 19              # niceness of the trainer process (19: the engine wins every contested core)
+    busy_share: float = 0.1             # fraction of wall time the trainer may compute while the engine is busy
+    trainer_nice: int = 0               # niceness of the trainer process (see trainer.py: why not 19)
     idle_after: float = 2.0             # seconds without an engine step after which the engine counts as idle
     seed: int = 0
     # --- publishing and the gate ---

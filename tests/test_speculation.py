@@ -588,6 +588,48 @@ def test_controller_choose_prefers_the_better_calibrated_strategy() -> None:
     assert ctl.choose({1: [DraftTree.root_only(0)]}) == {}
 
 
+def test_controller_backs_off_exploring_a_losing_strategy_and_forgets_on_a_new_drafter() -> None:
+    ctl = Controller(SpecConfig(), explore_every=4, explore_max=32)
+    tries = [step for step in range(200) if ctl.should_try("learned", step, worth=False)]
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert tries[0] == 4 and gaps[:3] == [8, 16, 32] and set(gaps[3:]) == {32}
+    assert ctl.should_try("learned", 201, worth=True)          # a paying record resets the back-off
+    assert not ctl.should_try("learned", 202, worth=False) and ctl.should_try("learned", 206, worth=False)
+    ctl.observe(scored_chain(4, 0.9, "learned"), 0)
+    ctl.forget("learned")
+    assert "learned" not in ctl.stats and ctl.should_try("learned", 207, worth=False) is False
+
+
+def test_speculation_forgets_a_strategys_record_when_its_drafter_is_swapped(tiny) -> None:
+    """A new drafter version must be judged afresh, not by the record of the one it replaced."""
+    class Learned:
+        name, wants_aux = "learned", False
+
+        def __init__(self) -> None:
+            self.stats = type("S", (), {"swaps": 0})()
+
+        def add_request(self, seq): ...
+        def on_commit(self, seq, tokens): ...
+        def finish(self, seq): ...
+        def observe_prefill(self, seq, n, aux): ...
+        def observe(self, verdicts): ...
+
+        def propose(self, seqs, budgets):
+            return {}
+
+    learned = Learned()
+    eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32", spec=SpecConfig(profile_at_start=False)),
+                 loaded=tiny)
+    spec = attach_speculation(eng, eng.cfg.spec, {"learned": learned})
+    spec.controller.observe(scored_chain(4, 0.9, "learned"), 0)
+    seqs = eng.add_request("r", [1, 2, 3], GREEDY)
+    spec.draft(seqs, 1)
+    assert "learned" in spec.controller.stats              # same drafter: the record stays
+    learned.stats.swaps += 1
+    spec.draft(seqs, 1)
+    assert "learned" not in spec.controller.stats          # swapped: forgotten
+
+
 @pytest.mark.parametrize("cost, drafts", [(STEEP, False), (FREE, True)], ids=["steep", "free"])
 def test_engine_speculates_only_when_it_pays(tiny, tiny_refs, cost, drafts: bool) -> None:
     prompts = [list(p) for p in tiny_refs][:3]

@@ -111,7 +111,10 @@ class Controller:
     stats: dict[str, StrategyStats] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=dict)  # how often each strategy won a request
     explore_steps: int = 20      # verified steps before a strategy's record can switch it off
-    explore_every: int = 16      # a switched-off strategy is still tried every this many steps
+    explore_every: int = 16      # a switched-off strategy is tried again after this many steps ...
+    explore_max: int = 512       # ... and the interval doubles after every retry that still loses, up to this
+    _interval: dict[str, int] = field(default_factory=dict)
+    _next_try: dict[str, int] = field(default_factory=dict)
 
     def calibrated(self, tree: DraftTree) -> list[float]:
         """Path probabilities scaled by the strategy's measured accepted/predicted ratio (capped at 1)."""
@@ -173,6 +176,28 @@ class Controller:
         with_spec = num_decode * (1 + acc) / (self.cost.cost(base_tokens + int(num_decode * nodes)) + draft_seconds)
         return with_spec > num_decode / self.cost.cost(base_tokens)
 
+    def should_try(self, strategy: str, step: int, worth: bool) -> bool:
+        """Ask a strategy for drafts this step? Always when its record pays; otherwise only on a retry
+        step, with exponential back-off: a drafter that keeps losing (an untrained learned head costs
+        ~0.7 of a target forward per proposal on a small model) is asked ever more rarely."""
+        if worth:
+            self._interval.pop(strategy, None)
+            self._next_try.pop(strategy, None)
+            return True
+        interval = self._interval.get(strategy, self.explore_every)
+        due = self._next_try.setdefault(strategy, step + interval)
+        if step < due:
+            return False
+        self._interval[strategy] = min(self.explore_max, 2 * interval)
+        self._next_try[strategy] = step + self._interval[strategy]
+        return True
+
+    def forget(self, strategy: str) -> None:
+        """Drop a strategy's record (its drafter changed): it is explored afresh."""
+        self.stats.pop(strategy, None)
+        self._interval.pop(strategy, None)
+        self._next_try.pop(strategy, None)
+
     def observe(self, tree: DraftTree, accepted: int) -> None:
         if tree.num_draft == 0:
             return
@@ -195,6 +220,7 @@ class Speculation:
         self.draft_cost: dict[str, float] = {}   # EMA seconds per propose() call, by strategy
         self.skipped: dict[str, int] = {}        # steps a strategy was not even asked (did not pay)
         self.steps = 0
+        self._versions: dict[str, int | None] = {}  # drafter swaps seen per strategy
         self.listeners: list = []  # callables(verdicts) e.g. the trace recorder of the online trainer
 
     @property
@@ -233,9 +259,13 @@ class Speculation:
         budgets = {s.seq_id: self.cfg.max_draft_tokens for s in decode_seqs}
         candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in decode_seqs}
         for name in names:
+            version = _drafter_version(self.proposers[name])
+            if self._versions.setdefault(name, version) != version:  # a new drafter: its old record is moot
+                self._versions[name] = version
+                self.controller.forget(name)
             cost = self.draft_cost.get(name, 0.0)
-            if (not self.controller.worth_drafting(name, len(decode_seqs), step_tokens, cost)
-                    and self.steps % self.controller.explore_every):
+            worth = self.controller.worth_drafting(name, len(decode_seqs), step_tokens, cost)
+            if not self.controller.should_try(name, self.steps, worth):
                 self.skipped[name] = self.skipped.get(name, 0) + 1
                 continue
             t0 = time.perf_counter()
@@ -255,6 +285,13 @@ class Speculation:
             p.observe(verdicts)
         for listener in self.listeners:
             listener(verdicts)
+
+
+def _drafter_version(proposer) -> int | None:
+    """How many times a learned proposer (or the learned half of a hybrid one) swapped drafters; None for
+    model-free proposers."""
+    inner = getattr(proposer, "learned", proposer)
+    return getattr(getattr(inner, "stats", None), "swaps", None)
 
 
 class SuffixAdapter:

@@ -10,7 +10,7 @@ discard term on rejected branches).
 it starts from, then loops: drain traces, train, publish a version every ``publish_every_steps`` steps or
 ``publish_every_seconds`` seconds (with its held-out simulated acceptance length), report status. On a
 shared 2-core CPU it must not starve serving (the "TLT" design's idle-time training, arXiv 2511.16665):
-while the engine is busy the process runs one thread at nice +19 and sleeps so that it computes only
+while the engine is busy the process runs one thread (at ``trainer_nice``) and sleeps so that it computes only
 ``busy_share`` of the wall time; when the engine has been idle for ``idle_after`` seconds it trains flat out
 on every core.
 
@@ -189,8 +189,10 @@ class _TrainerLoop:
 
         cfg = self.cfg
         try:
-            # The engine's threads must win every contested core: a descheduled thread of the engine's
-            # OpenMP team stalls the whole forward, so even a small competitor costs a lot.
+            # Why not nice 19 by default: the engine's OpenMP threads spin between parallel regions, so
+            # under continuous traffic a nice-19 trainer got no CPU at all (0 optimizer steps over 100
+            # requests at concurrency 2 on 2 cores). At nice 0 the duty cycle below (``busy_share``) is
+            # what bounds its cost to serving; raise ``trainer_nice`` to train only in the engine's gaps.
             os.nice(cfg.trainer_nice)
         except OSError:
             pass
