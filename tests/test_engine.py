@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -412,3 +413,199 @@ def test_stream_matches_generate(real_llm, reference) -> None:
     assert "".join(d.new_text for d in deltas) == ref.text
     assert [t for d in deltas for t in d.new_token_ids] == ref.token_ids
     assert deltas[-1].finished and deltas[-1].finish_reason == "length"
+
+
+# ---- streaming never shows the start of a stop string that is later cut ---------------------------
+
+
+def _two_token_stop(tok, ref) -> tuple[int, str, str]:
+    """(k, head, stop): ``stop`` is the text of output tokens k and k + 1 (both non-empty), ``head`` the text
+    before it, and the stop string first occurs right there."""
+    ids = ref.token_ids
+    for k in range(4, len(ids) - 6):
+        head = tok.decode(ids[:k], skip_special_tokens=True)
+        one = tok.decode(ids[:k + 1], skip_special_tokens=True)
+        two = tok.decode(ids[:k + 2], skip_special_tokens=True)
+        if not (two.startswith(one) and one.startswith(head) and "\ufffd" not in two):
+            continue
+        stop = two[len(head):]
+        if len(head) < len(one) < len(two) and len(stop) >= 3 and ref.text.find(stop) == len(head):
+            return k, head, stop
+    raise AssertionError("no two-token stop string in the reference output")
+
+
+def test_stream_holds_back_a_multi_token_stop_string(real_llm, reference, default_model_f32) -> None:
+    text, ref = reference
+    k, head, stop = _two_token_stop(default_model_f32.tokenizer, ref)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=["@@never@@", stop])
+    final = real_llm.generate([text], params)[0].outputs[0]
+    assert final.finish_reason == "stop" and final.text == head and len(final.token_ids) == k + 2
+    deltas = list(real_llm.stream(text, params))
+    streamed = ""
+    for d in deltas:
+        streamed += d.new_text
+        assert final.text.startswith(streamed), (streamed, final.text)  # never text the final text omits
+    assert streamed == final.text
+    assert [t for d in deltas for t in d.new_token_ids] == final.token_ids
+    assert deltas[-1].finished and deltas[-1].finish_reason == "stop"
+
+
+def test_stream_releases_a_held_back_prefix_that_never_completes(real_llm, reference, default_model_f32) -> None:
+    """The output contains the first two tokens' text of the stop string but never the whole: the held-back
+    text is sent later (once it can no longer start the stop string, or at the end), nothing is lost."""
+    text, ref = reference
+    k, head, stop = _two_token_stop(default_model_f32.tokenizer, ref)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop + "\x00@@"])
+    deltas = list(real_llm.stream(text, params))
+    streamed, n_tokens, held_after_stop = "", 0, None
+    for d in deltas:
+        streamed += d.new_text
+        n_tokens += len(d.new_token_ids)
+        assert ref.text.startswith(streamed)
+        if n_tokens == k + 2:  # the whole of ``stop`` was generated: all of it is held back
+            held_after_stop = streamed
+    assert held_after_stop == head
+    assert streamed == ref.text and deltas[-1].finish_reason == "length"
+
+
+# ---- n > 1: the siblings prefill the prompt once ----------------------------------------------------
+
+
+def _siblings_alone(llm: LLM, prompt, params: SamplingParams) -> list[list[int]]:
+    """Each sample of an n-sample request as its own n = 1 request (seed + i, as the engine seeds them)."""
+    seed = params.seed
+    return [outputs(llm, [prompt], replace(params, n=1, seed=None if seed is None else seed + i))[0]
+            for i in range(params.n)]
+
+
+@pytest.mark.parametrize("budget", [512, 16])
+def test_n_samples_prefill_the_prompt_once_greedy(tiny, budget: int) -> None:
+    """A 16-token budget chunks the first sample's prefill; the others wait for it, then copy its rows."""
+    prompts = token_prompts(tiny.arch.vocab_size, lengths=(5, 33, 1, 12))
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, n=4)
+    llm = make_llm(tiny, max_num_batched_tokens=budget)
+    outs = llm.generate(prompts, params)
+    ref = one_by_one(make_llm(tiny), prompts, replace(params, n=1))
+    for o, r in zip(outs, ref):
+        assert [c.token_ids for c in o.outputs] == [r] * 4
+    c = llm.engine.counters
+    assert c.shared_prompt_tokens == sum(3 * (len(p) - 1) for p in prompts)
+    if budget == 512:  # prompt prefilled once + the last prompt token of each other sample
+        assert c.prompt_tokens == sum(len(p) + 3 if len(p) > 1 else 4 for p in prompts)
+    assert llm.engine.kv.num_free == llm.engine.kv.num_slots and not llm.engine._prompt_aux
+
+
+def test_n_samples_prefill_once_real_model(default_model_f32) -> None:
+    llm = make_llm(default_model_f32)
+    text = chat_texts(default_model_f32, ["List three colors."])[0]
+    n_prompt = len(llm.engine.encode(text))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=3)
+    out = llm.generate([text], params)[0]
+    ref = outputs(llm, [text], replace(params, n=1))[0]
+    assert [c.token_ids for c in out.outputs] == [ref] * 3
+    c = llm.engine.counters
+    assert c.prompt_tokens == 2 * n_prompt + 2 and c.shared_prompt_tokens == 2 * (n_prompt - 1)
+
+
+def test_n_samples_sampled_equal_separate_seeded_requests(tiny) -> None:
+    prompts = token_prompts(tiny.arch.vocab_size, lengths=(9, 24))
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=5, n=4, max_tokens=20, ignore_eos=True)
+    llm = make_llm(tiny)
+    outs = llm.generate(prompts, params)
+    assert llm.engine.counters.prompt_tokens == sum(len(p) + 3 for p in prompts)
+    alone = make_llm(tiny)
+    for o, p in zip(outs, prompts):
+        got = [c.token_ids for c in o.outputs]
+        assert got == _siblings_alone(alone, p, params)
+        assert len({tuple(g) for g in got}) == 4  # independent draws, first token included in the lottery
+
+
+def test_n_samples_with_preemption(tiny) -> None:
+    max_len = 64
+    reserve = 17
+    per_token = KVCache.bytes_per_token(tiny.arch, DTYPES["float32"])
+    llm = make_llm(tiny, max_model_len=max_len, max_num_seqs=8,
+                   kv_cache_memory=float(int(2.5 * (max_len + reserve)) * per_token))
+    prompts = token_prompts(tiny.arch.vocab_size, lengths=(20, 14, 25))
+    params = SamplingParams(temperature=0.8, seed=11, n=3, max_tokens=36, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    eng = llm.engine
+    assert eng.scheduler.num_preemptions > 0 and eng.counters.shared_prompt_tokens > 0
+    alone = make_llm(tiny, max_model_len=max_len)
+    for o, p in zip(outs, prompts):
+        assert [c.token_ids for c in o.outputs] == _siblings_alone(alone, p, params)
+    assert eng.kv.num_free == eng.kv.num_slots
+
+
+def test_n_samples_priorities_and_abort(tiny) -> None:
+    llm = make_llm(tiny, max_num_seqs=4, max_num_batched_tokens=16)
+    eng = llm.engine
+    prompts = token_prompts(tiny.arch.vocab_size, lengths=(30, 7, 11))
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    eng.add_request("late", prompts[1], params, priority=5)
+    eng.add_request("group", prompts[0], replace(params, n=3), priority=0)
+    group = eng.requests["group"]
+    eng.step()  # the first sample prefills a 16-token chunk; its siblings wait without a slot
+    assert group[0].slot >= 0 and all(s.slot < 0 for s in group[1:])
+    eng.step()  # the rest of the prompt; the budget left over goes to "late", behind the waiting siblings
+    assert all(s.slot < 0 for s in group[1:]) and eng.requests["late"][0].slot >= 0
+    while not all(s.finished for s in group):
+        eng.step()
+    ref = one_by_one(make_llm(tiny), prompts[:2], params)
+    assert [s.output_ids for s in group] == [ref[0]] * 3
+    # Abort while the siblings still wait for the first sample's prefill: nothing leaks.
+    eng.add_request("gone", prompts[2], replace(params, n=4))
+    eng.step()
+    assert eng.abort("gone")
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.requests["late"][0].output_ids == ref[1]
+    assert eng.kv.num_free == eng.kv.num_slots and not eng.scheduler.waiting
+
+
+def test_n_samples_with_suffix_speculation(tiny) -> None:
+    from onspec.config import SpecConfig
+    from onspec.spec.controller import attach_speculation
+
+    prompts = token_prompts(tiny.arch.vocab_size, lengths=(17, 40))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, n=4)
+    spec = SpecConfig(mode="suffix", profile_at_start=False)
+    cfg = EngineConfig(model=str(tiny.path), dtype="float32", num_threads=1, max_model_len=256,
+                       max_num_batched_tokens=16, spec=spec)
+    eng = Engine(cfg, loaded=tiny)
+    attach_speculation(eng, spec)
+    outs = LLM(engine=eng).generate(prompts, params)
+    ref = one_by_one(make_llm(tiny), prompts, replace(params, n=1))
+    for o, r in zip(outs, ref):
+        assert [c.token_ids for c in o.outputs] == [r] * 4
+    assert eng.counters.shared_prompt_tokens == sum(3 * (len(p) - 1) for p in prompts)
+
+
+def test_n_samples_share_the_learned_drafters_prompt_aux(tiny) -> None:
+    """Samples that copy the prompt's cache rows get the first sample's aux rows for them, so the learned
+    drafter can draft for every sample (it needs the aux of every processed token)."""
+    from onspec.config import SpecConfig
+    from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
+
+    prompt = token_prompts(tiny.arch.vocab_size, lengths=(21,))[0]
+    spec = SpecConfig(mode="learned", max_draft_tokens=4, profile_at_start=False)
+    cfg = EngineConfig(model=str(tiny.path), dtype="float32", num_threads=1, max_model_len=256,
+                       max_num_batched_tokens=16, spec=spec)
+    eng = Engine(cfg, loaded=tiny)
+    s = attach_learned(eng, spec, init_drafter(tiny, EagleConfig.for_target(tiny.arch, draft_vocab_size=200)))
+    learned = s.proposers["learned"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=3)
+    seqs = eng.add_request("r", prompt, params)
+    while any(len(sq.tokens) == len(prompt) for sq in seqs):
+        eng.step()
+    lead = learned.states[seqs[0].seq_id]
+    for sq in seqs[1:]:
+        st = learned.states[sq.seq_id]
+        assert st.n_aux == len(prompt)
+        torch.testing.assert_close(st.aux[:len(prompt)], lead.aux[:len(prompt)], rtol=1e-4, atol=1e-4)
+    while eng.has_unfinished():
+        eng.step()
+    ref = outputs(make_llm(tiny), [prompt], replace(params, n=1))[0]
+    assert [sq.output_ids for sq in seqs] == [ref] * 3
+    assert all(sq.stats.by_strategy.get("learned", [0])[0] > 0 for sq in seqs)
+    assert eng.counters.shared_prompt_tokens == 2 * (len(prompt) - 1) and not eng._prompt_aux

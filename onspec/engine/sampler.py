@@ -4,6 +4,9 @@
 top-p, min-p). Verification needs exactly this processed distribution: speculative sampling is lossless
 with respect to whatever distribution the verifier compares against, so it must be the one plain decoding
 would have sampled from.
+
+Seeded requests sample by an exponential race on noise keyed by (seed, output position) -- see
+``race_noise`` below -- so that the same seed gives the same text with or without speculation.
 """
 
 from __future__ import annotations
@@ -88,3 +91,80 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
         v, i = lp.topk(top)
         alts = [(int(a), float(b)) for a, b in zip(i, v)]
     return float(lp[token]), alts
+
+
+# ---- seeded sampling: position-keyed noise (reproducible whatever the speculation) --------------------
+#
+# A seeded request samples output position t (t = number of output tokens before it) by an exponential
+# race: token_t = argmax_x p_t(x) / E_t(x) with E_t(x) ~ Exp(1) i.i.d. For any fixed p,
+# P(argmax_x p(x)/E(x) = y) = p(y): E(x)/p(x) ~ Exp(rate p(x)) are independent and the first of independent
+# exponential clocks to ring is clock y with probability rate_y / sum(rates) = p(y) (the same fact as
+# Gumbel-max, with -log E(x) ~ Gumbel). The noise E_t is drawn from a stream keyed by (seed, t) only, so it
+# is independent of the prefix, the draft tree, the batch and the drafter: token_t is an exact sample from
+# p_t(. | prefix), and speculative verification (spec/verify.py, ``noise=``) can recompute exactly the token
+# plain seeded decoding would emit at every tree node. Unseeded requests keep ``sample`` (inverse CDF on
+# torch's global RNG) and recursive rejection sampling.
+
+_M32 = (1 << 32) - 1
+_M64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's finaliser on a 64-bit integer (Steele, Lea, Flood 2014): a well-mixed bijection."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _fmix32(x: int) -> int:
+    """MurmurHash3's 32-bit finaliser: a bijection on 32-bit integers that mixes every input bit."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def position_seed(seed: int, t: int) -> int:
+    """Key of the noise stream of output position ``t`` of a request seeded with ``seed``.
+
+    torch's CPU generator (mt19937) uses only the low 32 bits of its seed, so a 64-bit hash of (seed, t)
+    would collide within one long request with birthday odds (~T^2 / 2^33 for T positions). Instead:
+    ``fmix32((h(seed) + t) mod 2^32)`` with ``h`` = SplitMix64 folded to 32 bits. For a fixed seed this is
+    injective in ``t`` (no two positions of one request ever share noise), and the seed is hashed first, so
+    seed S at position 1 is unrelated to seed S+1 at position 0 (``seed + t`` would make them equal; the
+    engine gives the samples of an n > 1 request the seeds seed, seed+1, ...). Two different seeds share a
+    stream at some pair of positions less than T apart only with probability ~2T / 2^32."""
+    h = splitmix64(seed & _M64)
+    return _fmix32(((h ^ (h >> 32)) + t) & _M32)
+
+
+def race_noise(seed: int, t: int, vocab: int) -> torch.Tensor:
+    """E_t: ``vocab`` i.i.d. Exp(1) values (float32, CPU) for output position ``t`` of a seeded request.
+
+    ``-log(U)`` with ``U = torch.rand`` in [0, 1): E lies in (0, inf], never 0 (a zero would make any token it
+    is attached to win whatever its probability); E = inf (U = 0, odds 2^-24 per token) only removes one
+    token from one race. About 5x cheaper than ``exponential_`` on CPU, and deterministic whatever the
+    thread count. Generated on the CPU whatever the model's device, so a seed means the same noise there."""
+    g = torch.Generator().manual_seed(position_seed(seed, t))
+    return torch.rand(vocab, generator=g).log_().neg_()
+
+
+def race_sample(probs: torch.Tensor, noise: torch.Tensor) -> int:
+    """The winner of the exponential race: ``argmax_x probs[x] / noise[x]`` over tokens with ``probs > 0``.
+
+    Zero-probability tokens (removed by top-k / top-p / min-p) can never win: they score 0 (or nan for a zero
+    noise, which ``race_noise`` never draws), so a plain argmax only lands on one when no positive score is
+    left (every such token with noise inf: measure zero), and then the masked argmax decides. Ties (measure
+    zero) go to the lowest token id, deterministically."""
+    noise = noise.to(probs.device)
+    i = int((probs / noise).argmax())
+    if probs[i] > 0:
+        return i
+    return int(torch.where(probs > 0, probs / noise, torch.full_like(probs, -1.0)).argmax())
+
+
+def seeded_sample(probs: torch.Tensor, seed: int, t: int) -> int:
+    """Output token ``t`` of a seeded request from its processed distribution ``probs`` [V]."""
+    return race_sample(probs, race_noise(seed, t, probs.shape[-1]))

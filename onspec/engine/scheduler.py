@@ -8,6 +8,16 @@ order (lower ``priority`` first, then arrival). A prompt longer than the budget 
 KV memory is a token budget shared by all slots. When running sequences would outgrow it, the
 lowest-priority, latest-arrived sequence is preempted: its slot is freed and it returns to the waiting
 queue with its tokens, to be recomputed later (preemption by recompute; never a crash).
+
+Samples of one ``n > 1`` request share the prompt's prefill. The first sample prefills as usual; the others
+wait in the queue (taking no slot and no budget) until some running sibling has processed the whole prompt
+(so they start one step behind the first sample, whose output then drafts for them in grouped suffix
+drafting). A sample admitted then copies that sibling's first ``P - 1`` cache rows, starts with
+``cache_len = P - 1`` and prefills only the last prompt token, which gives it its own logits row (its first
+token is its own draw). The batch lists the row copies in ``shared`` and the engine performs them before the
+forward (the scheduler never touches a tensor). A preempted sample shares again if a sibling still holds the
+rows and recomputes otherwise; a sample whose first sibling finished without sharing (e.g. ``max_num_seqs =
+1``) prefills on its own.
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ class ScheduledBatch:
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
     decode: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # (source, target, rows): copy the first ``rows`` cache rows of source's slot into target's slot
+    # before the forward (n > 1 siblings sharing the prompt's prefill)
+    shared: list[tuple[Sequence, Sequence, int]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -103,6 +116,24 @@ class Scheduler:
         self.waiting.append(victim)
         out.preempted.append(victim)
 
+    @staticmethod
+    def _prefix_source(seq: Sequence) -> Sequence | None:
+        """A running sibling that has processed the whole prompt: its first ``P - 1`` cache rows are copied."""
+        if seq.siblings is None or seq.num_prompt < 2:
+            return None
+        for sib in seq.siblings:
+            if sib is not seq and sib.status is Status.RUNNING and sib.slot >= 0 and sib.cache_len >= seq.num_prompt:
+                return sib
+        return None
+
+    @staticmethod
+    def _awaits_prefix(seq: Sequence) -> bool:
+        """A fresh sample (not the first) waits while its first sibling has yet to prefill the prompt."""
+        if seq.siblings is None or seq.num_prompt < 2 or seq.num_output:
+            return False
+        lead = seq.siblings[0]
+        return lead is not seq and not lead.finished
+
     def schedule(self) -> ScheduledBatch:
         out = ScheduledBatch()
         # Keep the running set inside the KV budget (the newest, lowest-priority work yields first).
@@ -120,14 +151,22 @@ class Scheduler:
                 out.prefill.append((seq, n))
                 budget -= n
         self.waiting.sort(key=_order)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.slots.num_free:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and self.slots.num_free:
+            seq = self.waiting[i]
+            source = self._prefix_source(seq)
+            if source is None and self._awaits_prefix(seq):
+                i += 1  # holds nothing while it waits; work behind it may start
+                continue
             need = self._kv_need(seq)
             if self.running and used_kv + need > self.kv_token_budget:
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             seq.slot = self.slots.allocate()
             seq.cache_len = 0
+            if source is not None:
+                seq.cache_len = seq.num_prompt - 1
+                out.shared.append((source, seq, seq.cache_len))
             seq.status = Status.RUNNING
             self.running.append(seq)
             used_kv += need

@@ -54,16 +54,20 @@ class Sequence:
     emitted_text: int = 0               # chars of ``text`` already streamed
     emitted_tokens: int = 0
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # Unseeded sampling's generator (None: torch's global RNG). Seeded requests do not use one: they draw
+    # noise keyed by (seed, output position) so the same seed gives the same text whatever the speculation.
     generator: torch.Generator | None = None
     stats: SpecStats = field(default_factory=SpecStats)
     first_token_time: float | None = None
     preemptions: int = 0
+    # n > 1: every sample of the request in order (one list shared by all of them). Samples after the first
+    # do not prefill the prompt themselves: they wait for a sibling's cache to hold the prompt's first
+    # ``num_prompt - 1`` rows, copy them, and prefill only the last prompt token (see Scheduler.schedule).
+    siblings: list["Sequence"] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.tokens:
             self.tokens = list(self.prompt_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_prompt(self) -> int:

@@ -12,9 +12,9 @@ The engine is not thread-safe and a step blocks for tens of milliseconds, so it 
 queueing without bound), draining on shutdown, and ``Stream`` objects that abort their engine request when
 they are closed early (client disconnect), which frees the request's cache slot at the next step boundary.
 
-Streamed text is cut here, not in the engine: a sample's text is sent only up to the longest suffix that
-could still become a stop string (vLLM does the same), so a stream never shows the start of a stop string
-that the final text omits, and streamed text always concatenates to the non-streamed text.
+Streamed text is the engine's ``SeqDelta.new_text``: the engine holds back, while a sample runs, the longest
+tail that could still become a stop string (vLLM does the same), so a stream never shows the start of a stop
+string that the final text omits, and streamed text always concatenates to the non-streamed text.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..engine.engine import stop_holdback  # noqa: F401  (re-exported; the engine applies it to streamed text)
 from ..engine.sampler import SamplingParams
 from .errors import APIError, bad_request
 
@@ -89,9 +90,7 @@ class _Req:
     rid: str
     n: int
     sink: asyncio.Queue
-    stops: list[str]
     want_logprobs: bool
-    sent: list[int]                # characters of each sample's text already sent
     base: int = 0                  # choice index of sample 0 (several prompts share one response)
     done: int = 0
 
@@ -117,17 +116,6 @@ class _Abort:
 class _Call:
     fn: Callable[[Any], Any]
     result: concurrent.futures.Future
-
-
-def stop_holdback(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 class EngineWorker:
@@ -255,8 +243,7 @@ class EngineWorker:
                 f"and max_tokens asks for {cmd.params.max_tokens} more")
         engine.add_request(cmd.rid, ids, cmd.params, priority=cmd.priority)
         p = cmd.params
-        self._reqs[cmd.rid] = _Req(cmd.rid, p.n, cmd.sink, list(p.stop), p.logprobs is not None, [0] * p.n,
-                                   base=cmd.base)
+        self._reqs[cmd.rid] = _Req(cmd.rid, p.n, cmd.sink, p.logprobs is not None, base=cmd.base)
         return len(ids)
 
     def _abort(self, rid: str) -> None:
@@ -286,17 +273,7 @@ class EngineWorker:
             req = self._reqs.get(d.request_id)
             if req is None:
                 continue
-            seq = engine.seqs.get(d.seq_id)
-            text = ""
-            if seq is not None:
-                full = seq.text
-                end = len(full)
-                if not d.finished:
-                    end = len(full.rstrip("\ufffd")) if full.endswith("\ufffd") else end
-                    end -= stop_holdback(full[:end], req.stops)
-                if end > req.sent[d.index]:
-                    text = full[req.sent[d.index]:end]
-                    req.sent[d.index] = end
+            text = d.new_text  # stop-string and partial-character hold-back are the engine's (Engine._delta)
             if not (text or d.new_token_ids or d.finished):
                 continue
             chunk = Chunk(req.base + d.index, text, list(d.new_token_ids), d.finished, d.finish_reason)

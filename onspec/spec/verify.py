@@ -46,14 +46,38 @@ de-duplicating) breaks that and makes sampling lossy; dropping a value-independe
 mass children may be pruned/deduplicated freely.
 
 All randomness comes from ``generator`` (uniforms drawn once per call on the generator's device), so a
-fixed seed reproduces the outcome for the same inputs.
+fixed generator state reproduces the outcome for the same inputs (but not across different drafts).
+
+Seeded requests: exponential race on position-keyed noise (``noise=``)
+----------------------------------------------------------------------
+Rejection sampling consumes random numbers depending on the draft, so with it the same seed gives a
+different (equally well distributed) text for every draft. A seeded request instead samples output
+position ``t`` as ``argmax_x p_t(x) / E_t(x)`` with ``E_t`` i.i.d. Exp(1) keyed by (seed, t) alone
+(engine/sampler.py: ``race_noise``). ``noise(d)`` returns the vector for the child of a node at depth ``d``
+(output position = tokens already emitted + ``d``): every node at one depth shares it. Verification is
+then greedy verification with "target token after node u" = ``argmax(target[u] / noise(depth(u)))``:
+accept the deepest path whose tokens equal those target tokens and emit the target token after its last
+node. Lossless: every emitted token is ``argmax p(. | prefix) / E_t`` where ``E_t`` is independent of
+the prefix and of the draft (drafts only see emitted tokens, i.e. noise of earlier positions), hence an
+exact draw from ``p(. | prefix)``; and the output is identical to plain seeded decoding, token for token.
+
+Acceptance: a set S of point-mass children is accepted with probability ``p(S)`` -- the race winner is
+in S -- exactly as with recursive rejection sampling, so nothing is lost for the suffix drafter. For
+i.i.d. children drawn from ``q`` the race accepts less (one child: ``sum p q`` against rejection
+sampling's ``sum min(p, q)``), because the winner is fixed before looking at the draft; unseeded requests
+therefore keep rejection sampling.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from onspec.engine.sampler import race_sample
 from onspec.spec.tree import DraftTree
+
+NoiseFn = Callable[[int], torch.Tensor]  # depth of the parent node -> Exp(1) noise [V] for its children
 
 _EPS = 1e-6  # residual mass below which we treat the rejection branch as (numerically) impossible
 
@@ -79,16 +103,60 @@ def _uniforms(n: int, generator: torch.Generator | None) -> list[float]:
     return torch.rand(n, generator=generator, device=device, dtype=torch.float64).tolist()
 
 
-def _verify_greedy(tree: DraftTree, target: torch.Tensor) -> tuple[list[int], int]:
-    am = target.argmax(-1).tolist()
+def _deepest_match(tree: DraftTree, target_token: Callable[[int], int]) -> tuple[list[int], int]:
+    """Accept node i when its parent is accepted and its token is ``target_token(parent)``; return the
+    deepest accepted node's path (ties: lowest index) and the target token after it. ``target_token`` is
+    only called for accepted nodes (parents come before children in a DraftTree)."""
     ok = [True] + [False] * (len(tree) - 1)
     best, best_depth, depth = 0, 0, tree.depths()
     for i in range(1, len(tree)):
         p = tree.parents[i]
-        ok[i] = ok[p] and tree.tokens[i] == am[p]
+        ok[i] = ok[p] and tree.tokens[i] == target_token(p)
         if ok[i] and depth[i] > best_depth:
             best, best_depth = i, depth[i]
-    return tree.path(best), am[best]
+    return tree.path(best), target_token(best)
+
+
+def _verify_greedy(tree: DraftTree, target: torch.Tensor) -> tuple[list[int], int]:
+    am = target.argmax(-1).tolist()
+    return _deepest_match(tree, am.__getitem__)
+
+
+def _verify_race(tree: DraftTree, target: torch.Tensor, noise: NoiseFn) -> tuple[list[int], int]:
+    """Seeded verification (module docstring): the target token after node u is the race winner
+    ``argmax(target[u] / noise(depth(u)))``. Winners and noise vectors are computed lazily, only for accepted
+    nodes and the depths they reach (one noise vector per emitted token, as in plain seeded decoding)."""
+    depth = tree.depths()
+    noises: dict[int, torch.Tensor] = {}
+    winners: dict[int, int] = {}
+
+    def winner(u: int) -> int:
+        if u not in winners:
+            d = depth[u]
+            if d not in noises:
+                noises[d] = noise(d)
+            winners[u] = race_sample(target[u], noises[d])
+        return winners[u]
+
+    return _deepest_match(tree, winner)
+
+
+def _verify_race_lossy(tree: DraftTree, target: torch.Tensor, noise: NoiseFn) -> tuple[list[int], int]:
+    """The deliberately wrong race for :func:`lossy_verify_tree`: a child is accepted whenever its token is
+    among the race's two best (not only the winner), which over-weights drafted tokens."""
+    children: list[list[int]] = [[] for _ in range(len(tree))]
+    for i in range(1, len(tree)):
+        children[tree.parents[i]].append(i)
+    node, accepted = 0, [0]
+    while True:
+        p, e = target[node], noise(len(accepted) - 1).to(target.device)
+        scores = torch.where(p > 0, p / e, torch.full_like(p, -1.0))
+        top2 = [t for t in scores.topk(min(2, p.shape[-1])).indices.tolist() if float(p[t]) > 0]
+        nxt = next((c for c in children[node] if tree.tokens[c] in top2), -1)
+        if nxt < 0:
+            return accepted, top2[0]
+        node = nxt
+        accepted.append(node)
 
 
 def _verify_sample(tree: DraftTree, target: torch.Tensor, generator: torch.Generator | None,
@@ -130,26 +198,35 @@ def _verify_sample(tree: DraftTree, target: torch.Tensor, generator: torch.Gener
 
 
 def verify_tree(tree: DraftTree, target: torch.Tensor, greedy: bool,
-                generator: torch.Generator | None = None) -> tuple[list[int], int]:
+                generator: torch.Generator | None = None,
+                noise: NoiseFn | None = None) -> tuple[list[int], int]:
     """Verify ``tree`` against ``target`` [n, V] (row i: processed next-token distribution after node i;
-    logits are fine when ``greedy``). Returns (accepted node indices from the root 0, next_token)."""
+    logits are fine when ``greedy``). Returns (accepted node indices from the root 0, next_token).
+    Sampling uses the exponential race on ``noise`` when given (seeded requests), otherwise recursive
+    rejection sampling on ``generator``."""
     assert target.dim() == 2 and target.shape[0] == len(tree), (tuple(target.shape), len(tree))
     if greedy:
         return _verify_greedy(tree, target)
+    if noise is not None:
+        return _verify_race(tree, target, noise)
     return _verify_sample(tree, target, generator, lossless=True)
 
 
 def lossy_verify_tree(tree: DraftTree, target: torch.Tensor, greedy: bool,
-                      generator: torch.Generator | None = None) -> tuple[list[int], int]:
+                      generator: torch.Generator | None = None,
+                      noise: NoiseFn | None = None) -> tuple[list[int], int]:
     """FOR TESTS ONLY: a deliberately *wrong* sampler used to show the losslessness test has power.
 
-    It accepts with the same per-child rule but never updates the residual: every acceptance test uses the
-    original ``p`` and after rejecting all children it draws from the original ``p`` instead of the
-    residual. This over-weights proposed tokens (and lets a rejected duplicate be accepted). Greedy is the
-    same as :func:`verify_tree`."""
+    Rejection sampling: it accepts with the same per-child rule but never updates the residual: every
+    acceptance test uses the original ``p`` and after rejecting all children it draws from the original
+    ``p`` instead of the residual. This over-weights proposed tokens (and lets a rejected duplicate be
+    accepted). With ``noise`` (seeded): a child is accepted when it is among the race's two best tokens.
+    Greedy is the same as :func:`verify_tree`."""
     assert target.dim() == 2 and target.shape[0] == len(tree), (tuple(target.shape), len(tree))
     if greedy:
         return _verify_greedy(tree, target)
+    if noise is not None:
+        return _verify_race_lossy(tree, target, noise)
     return _verify_sample(tree, target, generator, lossless=False)
 
 
