@@ -170,16 +170,21 @@ def test_stop_strings_stream_and_non_stream(server, client):
     assert streamed[-1].finish_reason == "stop"
 
 
-def test_seed_reproducible_without_speculation(chat_model):
-    cfg = tiny_config(chat_model, speculation="off")
-    with running_server(cfg) as srv:
-        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-        kw = dict(model="default", prompt="seeded sampling", max_tokens=25, temperature=1.0, top_p=0.9, n=2,
-                  extra_body={"ignore_eos": True})
-        a = [ch.text for ch in c.completions.create(seed=1234, **kw).choices]
-        b = [ch.text for ch in c.completions.create(seed=1234, **kw).choices]
-        other = [ch.text for ch in c.completions.create(seed=99, **kw).choices]
-        assert a == b and a != other
+def test_seed_reproducible_with_and_without_speculation(chat_model):
+    """Same seed, same text: across calls, and whether the server speculates or not (the seeded sampler
+    draws each position's token from noise keyed by (seed, position), so the draft cannot change it)."""
+    kw = dict(model="default", prompt="seeded sampling tick tock tick tock tick", max_tokens=25,
+              temperature=1.0, top_p=0.9, n=2, extra_body={"ignore_eos": True})
+    texts = {}
+    for mode in ("off", "suffix"):
+        with running_server(tiny_config(chat_model, speculation=mode)) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+            a = [ch.text for ch in c.completions.create(seed=1234, **kw).choices]
+            b = [ch.text for ch in c.completions.create(seed=1234, **kw).choices]
+            other = [ch.text for ch in c.completions.create(seed=99, **kw).choices]
+            assert a == b and a != other
+            texts[mode] = a
+    assert texts["off"] == texts["suffix"]
 
 
 # ---- concurrency, equality with the offline engine -----------------------------------------------------
