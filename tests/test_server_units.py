@@ -61,7 +61,7 @@ def test_series_rates_and_event_dedup():
 
 def test_speedup_meter_never_exceeds_acceptance_length():
     """Even with a cost model that says small forwards are dearer than big ones (warm-up noise)."""
-    cost = SimpleNamespace(cost=lambda n: 10.0 if n <= 2 else 0.01)
+    cost = SimpleNamespace(cost=lambda n, kind="masked": 10.0 if n <= 2 else 0.01)
     spec = SimpleNamespace(draft_seconds=0.0, controller=SimpleNamespace(cost=cost))
     engine = SimpleNamespace(counters=SimpleNamespace(drafted=8, accepted=6), spec=spec)
     meter = SpeedupMeter()

@@ -53,10 +53,10 @@ class FixedCost(StepCostModel):
         super().__init__()
         self.fn = fn
 
-    def observe(self, tokens: int, seconds: float) -> None:
+    def observe(self, tokens: int, seconds: float, kind: str = "masked") -> None:
         pass
 
-    def cost(self, tokens: int) -> float:
+    def cost(self, tokens: int, kind: str = "masked") -> float:
         return self.fn(tokens)
 
 
@@ -569,6 +569,22 @@ def test_controller_budget_follows_the_cost_curve() -> None:
     assert 0 < plan.budget <= 32 - 8
     # High-probability nodes are bought first: every request gets its shallow nodes before anyone's deep ones.
     assert all(t.num_draft >= 2 for t in plan.trees.values())
+
+
+def test_controller_sees_the_jump_to_the_masked_path() -> None:
+    """Plain decode steps and steps with draft nodes take different attention paths; the first node costs a
+    jump that the controller must charge, or it drafts at batch sizes where drafting loses."""
+    trees = {i: scored_chain(2, 0.2) for i in range(16)}
+    two_curves = Controller(SpecConfig())
+    one_curve = Controller(SpecConfig())
+    for n in (8, 16, 32, 64):
+        two_curves.cost.observe(n, 0.040, "plain")
+        two_curves.cost.observe(n, 0.055, "masked")
+        one_curve.cost.observe(n, 0.040, "plain")   # no masked measurement yet: borrows the plain curve
+    assert two_curves.plan(trees, base_tokens=16, num_decode=16).budget == 0
+    assert one_curve.plan(trees, base_tokens=16, num_decode=16).budget > 0
+    # With prefill chunks in the step the base is masked too, so nodes are only charged their own tokens.
+    assert two_curves.plan(trees, base_tokens=48, num_decode=16).budget > 0
 
 
 def test_controller_off_at_large_batch() -> None:

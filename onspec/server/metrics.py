@@ -64,8 +64,9 @@ class SpeedupMeter:
             full = max(cost(tokens), 1e-9)
             # A forward over fewer tokens is never slower, so both ratios are capped at 1: the estimate can
             # never exceed the step's acceptance length, whatever noise the cost model holds.
-            plain = seconds * min(1.0, cost(max(1, tokens - drafted)) / full)
-            plain += (accepted / decode) * seconds * min(1.0, cost(decode) / full)
+            plain = seconds * min(1.0, cost(max(1, tokens - drafted), "plain" if tokens - drafted <= decode
+                                             else "masked") / full)
+            plain += (accepted / decode) * seconds * min(1.0, cost(decode, "plain") / full)
         self.plain_seconds += plain
         self.spec_seconds += spent
 

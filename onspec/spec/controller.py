@@ -54,34 +54,54 @@ class Proposer(Protocol):
 
 
 class StepCostModel:
-    """Seconds per forward, by number of tokens in the forward (power-of-two buckets, EMA, interpolated)."""
+    """Seconds per forward by number of tokens in the forward (power-of-two buckets, EMA, interpolated),
+    kept as two curves by the attention path a step takes:
+
+    * ``plain``: every row is one token (plain decoding): the mask-free decode path;
+    * ``masked``: some row has several tokens (a draft tree or a prefill chunk): tree masks over a padded
+      [rows, longest row] grid.
+
+    Why two: the first draft node of a batch switches the whole step to the masked path. At batch 16 on the
+    default model (1 thread, 120 cached tokens) one node on one row made a step 26% slower (47.6 -> 59.8 ms)
+    and one node per row 34% slower, a jump that one curve interpolated between power-of-two buckets cannot
+    show: the controller then kept drafting at batch sizes where it lost (RL rollouts ran 0.76x of off).
+    A curve with no measurement yet borrows the other one.
+    """
+
+    KINDS = ("plain", "masked")
 
     def __init__(self, decay: float = 0.9) -> None:
         self.decay = decay
-        self.table: dict[int, float] = {}
+        self.tables: dict[str, dict[int, float]] = {k: {} for k in self.KINDS}
+
+    @property
+    def table(self) -> dict[int, float]:
+        """Every measured bucket (the masked curve where both have one): for display and for "any data yet"."""
+        return {**self.tables["plain"], **self.tables["masked"]}
 
     @staticmethod
     def bucket(tokens: int) -> int:
         return 1 << max(0, math.ceil(math.log2(max(1, tokens))))
 
-    def observe(self, tokens: int, seconds: float) -> None:
+    def observe(self, tokens: int, seconds: float, kind: str = "masked") -> None:
+        table = self.tables[kind]
         b = self.bucket(tokens)
-        old = self.table.get(b)
-        # Normalise to the bucket edge assuming cost linear within a bucket's upper half.
-        self.table[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        old = table.get(b)
+        table[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
-    def cost(self, tokens: int) -> float:
-        if not self.table:
+    def cost(self, tokens: int, kind: str = "masked") -> float:
+        table = self.tables[kind] or self.tables["plain" if kind == "masked" else "masked"]
+        if not table:
             return 1.0
-        keys = sorted(self.table)
+        keys = sorted(table)
         if tokens <= keys[0]:
-            return self.table[keys[0]]
+            return table[keys[0]]
         for lo, hi in zip(keys, keys[1:]):
             if lo <= tokens <= hi:
                 w = (tokens - lo) / (hi - lo)
-                return (1 - w) * self.table[lo] + w * self.table[hi]
+                return (1 - w) * table[lo] + w * table[hi]
         top = keys[-1]  # beyond the largest measured size: linear extrapolation from the origin
-        return self.table[top] * tokens / top
+        return table[top] * tokens / top
 
 
 @dataclass
@@ -149,11 +169,11 @@ class Controller:
             nodes.extend((cal[i], sid, i) for i in range(1, len(tree)))
         nodes.sort(key=lambda x: -x[0])
         nodes = nodes[: self.cfg.max_batch_draft_tokens]
-        best_k, best_rate = 0, num_decode / self.cost.cost(base_tokens)
+        best_k, best_rate = 0, num_decode / self.cost.cost(base_tokens, self.base_kind(base_tokens, num_decode))
         gain = float(num_decode)
         for k, (p, _, _) in enumerate(nodes, start=1):
             gain += p
-            rate = gain / self.cost.cost(base_tokens + k)
+            rate = gain / self.cost.cost(base_tokens + k, "masked")
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
         keep: dict[int, int] = {}
@@ -161,7 +181,13 @@ class Controller:
             keep[sid] = keep.get(sid, 1) + 1
         pruned = {sid: trees[sid].prune(n) for sid, n in keep.items()}
         exp_tokens = num_decode + sum(p for p, _, _ in nodes[:best_k])
-        return Plan(pruned, best_k, exp_tokens, self.cost.cost(base_tokens + best_k))
+        kind = "masked" if best_k else self.base_kind(base_tokens, num_decode)
+        return Plan(pruned, best_k, exp_tokens, self.cost.cost(base_tokens + best_k, kind))
+
+    @staticmethod
+    def base_kind(base_tokens: int, num_decode: int) -> str:
+        """The attention path of a step without drafts: masked when prefill chunks ride along."""
+        return "plain" if base_tokens <= num_decode else "masked"
 
     def worth_drafting(self, strategy: str, num_decode: int, base_tokens: int, draft_seconds: float) -> bool:
         """Would this strategy's measured record beat plain decoding at this batch, drafting cost included?
@@ -173,8 +199,9 @@ class Controller:
         if st is None or st.steps < self.explore_steps:
             return True
         acc, nodes = st.accepted / st.steps, st.drafted / st.steps
-        with_spec = num_decode * (1 + acc) / (self.cost.cost(base_tokens + int(num_decode * nodes)) + draft_seconds)
-        return with_spec > num_decode / self.cost.cost(base_tokens)
+        spec_cost = self.cost.cost(base_tokens + max(1, int(num_decode * nodes)), "masked")
+        with_spec = num_decode * (1 + acc) / (spec_cost + draft_seconds)
+        return with_spec > num_decode / self.cost.cost(base_tokens, self.base_kind(base_tokens, num_decode))
 
     def should_try(self, strategy: str, step: int, worth: bool) -> bool:
         """Ask a strategy for drafts this step? Always when its record pays; otherwise only on a retry
@@ -278,7 +305,7 @@ class Speculation:
         return self.controller.plan(chosen, step_tokens, len(decode_seqs)).trees
 
     def observe_step(self, verdicts: list, batch_rows: int, num_tokens: int, seconds: float) -> None:
-        self.controller.cost.observe(num_tokens, seconds)
+        self.controller.cost.observe(num_tokens, seconds, "masked" if num_tokens > batch_rows else "plain")
         for seq, tree, accepted, _next, _aux, _hidden in verdicts:
             self.controller.observe(tree, len(accepted) - 1)
         for p in self.proposers.values():
@@ -340,7 +367,7 @@ def profile_costs(engine, controller: Controller, sizes: tuple[int, ...] = (1, 2
             for _ in range(repeats + 1):
                 t0 = time.perf_counter()
                 engine.runner.run([RowSpec(slot, 0, [0] * n, logits_from=0)])
-                controller.cost.observe(n, time.perf_counter() - t0)
+                controller.cost.observe(n, time.perf_counter() - t0, "plain" if n == 1 else "masked")
     finally:
         engine.kv.free(slot)
 

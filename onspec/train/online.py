@@ -211,7 +211,7 @@ class OnlineLearning:
         # The step that just ran used the serving version: account for it before any swap.
         if info.get("prefill", 0) == 0 and info.get("decode", 0) > 0 and "learned" in self.spec.proposers:
             batch = int(info["decode"])
-            off = self.spec.controller.cost.cost(batch) if self.spec.controller.cost.table else None
+            off = self.spec.controller.cost.cost(batch, "plain") if self.spec.controller.cost.table else None
             self.manager.observe_step(batch, tokens, info["seconds"] + draft, off)
         if self.manager.apply_pending():
             self._event("swap", self.manager.current, "swapped between two steps")
