@@ -4,6 +4,23 @@ A step is a list of ``RowSpec``s, one per sequence: a prefill chunk (causal), a 
 draft tree to verify (root = last committed token, nodes attend to their ancestors). All rows go through
 one packed forward; logits are computed only for the positions that need them (the last prompt token of a
 finishing prefill, every node of a draft tree), because the lm_head over a 49k vocabulary is not cheap.
+
+Shape buckets (why a forward may carry a few padding tokens): on a CPU the bf16 matrix products run on
+oneDNN, which compiles a primitive for every distinct input shape and keeps it in two caches (oneDNN's own
+and ideep's, 1024 entries each by default), about 0.7 MB per (rows, weight shape) pair whatever the weight's
+size. With speculation nearly every step has a different token count (rows + draft nodes + prefill
+chunk), so a server's resident memory crept up for thousands of requests and every new count also paid
+the compilation (0.5-1 ms per weight shape). bench/serve.py --modes auto, default model, resident memory
+after 100 / 500 / 1000 requests: 1263 / 1574 / 1822 MiB exact-size, 1126 / 1146 / 1154 MiB bucketed (with
+the server's cache caps, server/memory.py). The engine alone, no caps, 100 -> 400 requests: 1009 -> 1234
+MiB over 127 distinct sizes exact-size, 916 -> 932 MiB over 20 sizes bucketed. ``build`` therefore pads
+the packed token count of a multi-token forward up to ``bucket_tokens(n)`` (exact up to 8, then steps of
+1/8 of the next power of two: 27 sizes up to 512), and ``run`` pads the lm_head rows the same way.
+Padding tokens (id 0) occupy grid cells after a row's real tokens, write their K/V into that row's own slot
+past its live positions (never read: later writes overwrite them before any mask lets a query see them)
+and attend to key 0 only, so real tokens' results are unchanged. Single-token steps (plain decoding) are
+never padded: their count is the batch size, already bounded by the slot count, and padding would cost them
+the mask-free attention path.
 """
 
 from __future__ import annotations
@@ -33,18 +50,59 @@ class StepOutput:
     aux: list[torch.Tensor | None]           # per row: concatenated aux hidden states of ALL its tokens
 
 
+def bucket_tokens(n: int) -> int:
+    """The padded size of a forward of ``n`` tokens: exact up to 8, then steps of 1/8 of the next power of
+    two (16, 24, ..., 64, 80, ..., 128, 160, ..., 256, 320, ...): fewer than max(8, n / 4) padding tokens."""
+    if n <= 8:
+        return n
+    step = max(8, (1 << (n - 1).bit_length()) // 8)
+    return -(-n // step) * step
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, kv: KVCache, device: str = "cpu") -> None:
         self.model = model
         self.kv = kv
         self.device = device
         self.aux_layers: tuple[int, ...] = ()
+        # Pad multi-token forwards to ``bucket_tokens`` sizes (see the module docstring). Only on a CPU, where
+        # oneDNN caches a compiled primitive per shape; False runs every forward at its exact size.
+        self.bucket_shapes = str(device).startswith("cpu")
+
+    def _padding(self, rows: list[RowSpec], lens: list[int], T: int) -> list[int] | None:
+        """Padding tokens per row that bring the step to its bucket size; None when it needs none."""
+        if not self.bucket_shapes or T == 1:
+            return None
+        n = sum(lens)
+        extra = bucket_tokens(n) - n
+        if extra == 0:
+            return None
+        # a row's padding K/V goes into its own slot past its live rows, so it needs room there
+        room = [max(0, self.kv.max_len - r.cache_len - k) for r, k in zip(rows, lens)]
+        if sum(room) < extra:
+            return None  # sequences at the very end of their slots: run this step at its exact size
+        pads = [0] * len(rows)
+        for b, k in enumerate(lens):  # the grid's empty cells first: they cost attention nothing extra
+            take = min(extra, T - k, room[b])
+            pads[b] += take
+            extra -= take
+        width = T
+        while extra:  # then widen the grid evenly
+            width += 1
+            for b, k in enumerate(lens):
+                if extra and k + pads[b] < width and pads[b] < room[b]:
+                    pads[b] += 1
+                    extra -= 1
+        return pads
 
     def build(self, rows: list[RowSpec]) -> tuple[torch.Tensor, torch.Tensor, AttnBatch]:
         B = len(rows)
         lens = [len(r.tokens) for r in rows]
         T = max(lens)
         P = max(r.cache_len for r in rows)
+        pads = self._padding(rows, lens, T)
+        if pads is not None:
+            T = max(k + p for k, p in zip(lens, pads))
         ids: list[int] = []
         pos: list[int] = []
         index: list[int] = []
@@ -58,7 +116,14 @@ class ModelRunner:
             index.extend(b * T + t for t in range(n))
             wslot.extend([r.slot] * n)
             wpos.extend(range(r.cache_len, r.cache_len + n))
-        dense = all(n == T for n in lens)
+        if pads is not None:  # padding tokens go after all real ones, so real tokens keep their packed order
+            for b, (r, n, p) in enumerate(zip(rows, lens, pads)):
+                ids.extend([0] * p)
+                pos.extend(range(r.cache_len + n, r.cache_len + n + p))
+                index.extend(b * T + t for t in range(n, n + p))
+                wslot.extend([r.slot] * p)
+                wpos.extend(range(r.cache_len + n, r.cache_len + n + p))
+        dense = pads is None and all(n == T for n in lens)
         L = max(r.cache_len + n for r, n in zip(rows, lens))
         uniform = dense and T == 1 and all(r.cache_len == P for r in rows)
         mask = None
@@ -69,7 +134,7 @@ class ModelRunner:
                 n, c = len(r.tokens), r.cache_len
                 mask[b, 0, :, :c] = True
                 mask[b, 0, :n, c:c + n] = r.tree_mask if r.tree_mask is not None else causal[:n, :n]
-                if n < T:  # padding rows attend to one real key only, so softmax never sees an empty row
+                if n < T:  # grid padding (and padding tokens) attend to key 0 only: softmax never sees an empty row
                     mask[b, 0, n:, 0] = True
         slots = [r.slot for r in rows]
         contiguous = slots == list(range(slots[0], slots[0] + B))
@@ -99,6 +164,8 @@ class ModelRunner:
             if r.logits_from >= 0:
                 pick.extend(range(offset + r.logits_from, offset + n))
             offset += n
+        if pick and self.bucket_shapes and max(len(r.tokens) for r in rows) > 1:
+            pick = pick + [pick[-1]] * (bucket_tokens(len(pick)) - len(pick))  # lm_head rows: same buckets
         logits_all = self.model.logits(hidden[pick]).float() if pick else None
         hid_all = hidden[pick] if pick else None
         aux_cat = torch.cat(aux, dim=-1) if aux else None

@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("onspec.server")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it may use it", cfg.host)
+    from .memory import bound_onednn_caches
+
+    bound_onednn_caches()  # before any bf16 matrix product: the caches read their capacity once
     from .app import create_app
     from .launch import serve_forever
 
