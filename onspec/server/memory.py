@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 
 # Entries kept by each of oneDNN's two primitive caches in a server process (and the trainer it spawns).
-ONEDNN_CACHE_CAPACITY = 256
+ONEDNN_CACHE_CAPACITY = 128
 _ONEDNN_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 

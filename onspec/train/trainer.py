@@ -196,6 +196,13 @@ class _TrainerLoop:
             os.nice(cfg.trainer_nice)
         except OSError:
             pass
+        # oneDNN keeps a compiled primitive per (rows, weight) shape in two caches, ~0.7 MB each (see
+        # onspec/server/memory.py). Training batches come in many row counts, and a primitive costs only
+        # 0.5-1 ms to rebuild against a step of a second or more, so this process keeps few: with the
+        # server's 256 the trainer grew by ~0.5 GiB over 1000 requests and server + trainer passed 3 GiB.
+        # Read when the first primitive is created, i.e. below, so setting them here still takes effect.
+        for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+            os.environ[name] = "32"
         threads = cfg.trainer_threads
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
