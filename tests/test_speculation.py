@@ -587,6 +587,25 @@ def test_controller_sees_the_jump_to_the_masked_path() -> None:
     assert two_curves.plan(trees, base_tokens=48, num_decode=16).budget > 0
 
 
+def test_controller_charges_the_padded_size_of_a_verification_step() -> None:
+    """The runner pads multi-token forwards to bucket sizes: two nodes on a batch of 8 run as 16 tokens,
+    so they must be charged the 16-token cost, not an interpolation at 10."""
+    from onspec.engine.runner import bucket_tokens
+
+    trees = {i: scored_chain(1, 1.0) for i in range(2)}       # 8 decoding rows, 2 of them with one node
+    plans = {}
+    for pad in (None, bucket_tokens):
+        ctl = Controller(SpecConfig(), pad=pad)
+        for _ in range(50):                                   # a record of full acceptance: calibration ~1
+            ctl.observe(scored_chain(1, 1.0), 1)
+        ctl.cost.observe(8, 0.040, "plain")
+        for n, sec in ((8, 0.040), (16, 0.060), (32, 0.062)):
+            ctl.cost.observe(n, sec, "masked")
+        plans[pad is None] = ctl.plan(trees, base_tokens=8, num_decode=8)
+    assert plans[True].budget == 2       # unpadded: 10 tokens look cheap (0.045 s)
+    assert plans[False].budget == 0      # padded: they cost 16 tokens' 0.060 s for 1.8 extra tokens
+
+
 def test_controller_off_at_large_batch() -> None:
     ctl = Controller(SpecConfig(off_batch_size=16))
     ctl.cost = FREE

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -133,6 +134,10 @@ class Controller:
     explore_steps: int = 20      # verified steps before a strategy's record can switch it off
     explore_every: int = 16      # a switched-off strategy is tried again after this many steps ...
     explore_max: int = 512       # ... and the interval doubles after every retry that still loses, up to this
+    # The token count a masked forward of n tokens really runs at (the runner pads multi-token forwards to
+    # bucket sizes on a CPU, see engine/runner.py): its cost is that of the padded size, so nodes that fit
+    # in the padding are free and the node that opens a new bucket pays for all of it. None: no padding.
+    pad: Callable[[int], int] | None = None
     _interval: dict[str, int] = field(default_factory=dict)
     _next_try: dict[str, int] = field(default_factory=dict)
 
@@ -173,7 +178,7 @@ class Controller:
         gain = float(num_decode)
         for k, (p, _, _) in enumerate(nodes, start=1):
             gain += p
-            rate = gain / self.cost.cost(base_tokens + k, "masked")
+            rate = gain / self.cost.cost(self.padded(base_tokens + k), "masked")
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
         keep: dict[int, int] = {}
@@ -182,7 +187,11 @@ class Controller:
         pruned = {sid: trees[sid].prune(n) for sid, n in keep.items()}
         exp_tokens = num_decode + sum(p for p, _, _ in nodes[:best_k])
         kind = "masked" if best_k else self.base_kind(base_tokens, num_decode)
-        return Plan(pruned, best_k, exp_tokens, self.cost.cost(base_tokens + best_k, kind))
+        tokens = self.padded(base_tokens + best_k) if kind == "masked" else base_tokens
+        return Plan(pruned, best_k, exp_tokens, self.cost.cost(tokens, kind))
+
+    def padded(self, tokens: int) -> int:
+        return self.pad(tokens) if self.pad is not None else tokens
 
     @staticmethod
     def base_kind(base_tokens: int, num_decode: int) -> str:
@@ -199,7 +208,7 @@ class Controller:
         if st is None or st.steps < self.explore_steps:
             return True
         acc, nodes = st.accepted / st.steps, st.drafted / st.steps
-        spec_cost = self.cost.cost(base_tokens + max(1, int(num_decode * nodes)), "masked")
+        spec_cost = self.cost.cost(self.padded(base_tokens + max(1, int(num_decode * nodes))), "masked")
         with_spec = num_decode * (1 + acc) / (spec_cost + draft_seconds)
         return with_spec > num_decode / self.cost.cost(base_tokens, self.base_kind(base_tokens, num_decode))
 
@@ -248,6 +257,7 @@ class Speculation:
         self.skipped: dict[str, int] = {}        # steps a strategy was not even asked (did not pay)
         self.steps = 0
         self._versions: dict[str, int | None] = {}  # drafter swaps seen per strategy
+        self._step_started: float | None = None      # when the current step's drafting began
         self.listeners: list = []  # callables(verdicts) e.g. the trace recorder of the online trainer
 
     @property
@@ -279,6 +289,7 @@ class Speculation:
 
     # ---- per step ----------------------------------------------------------------------------
     def draft(self, decode_seqs: list, step_tokens: int) -> dict[int, DraftTree]:
+        self._step_started = time.perf_counter()
         names = self.strategies()
         if not names or len(decode_seqs) >= self.cfg.off_batch_size or self.cfg.max_draft_tokens == 0:
             return {}
@@ -305,7 +316,16 @@ class Speculation:
         return self.controller.plan(chosen, step_tokens, len(decode_seqs)).trees
 
     def observe_step(self, verdicts: list, batch_rows: int, num_tokens: int, seconds: float) -> None:
-        self.controller.cost.observe(num_tokens, seconds, "masked" if num_tokens > batch_rows else "plain")
+        # Charge the whole step, not the forward alone (``seconds``): asking the drafters, verifying every
+        # row's tree, compacting its cache rows and committing grow with the batch and the nodes too, and
+        # leaving them out let the controller draft at batch 8 where it lost (0.86x of off).
+        started, self._step_started = self._step_started, None
+        if started is not None:
+            seconds = max(seconds, time.perf_counter() - started)
+        if num_tokens > batch_rows:  # a masked step: it ran at its padded size
+            self.controller.cost.observe(self.controller.padded(num_tokens), seconds, "masked")
+        else:
+            self.controller.cost.observe(num_tokens, seconds, "plain")
         for seq, tree, accepted, _next, _aux, _hidden in verdicts:
             self.controller.observe(tree, len(accepted) - 1)
         for p in self.proposers.values():
@@ -377,6 +397,10 @@ def attach_speculation(engine, cfg: SpecConfig, extra: dict[str, Proposer] | Non
     proposers: dict[str, Proposer] = {"suffix": SuffixAdapter(cfg)}
     proposers.update(extra or {})
     spec = Speculation(engine, cfg, proposers)
+    if getattr(engine.runner, "bucket_shapes", False):
+        from ..engine.runner import bucket_tokens
+
+        spec.controller.pad = bucket_tokens
     if cfg.profile_at_start:
         profile_costs(engine, spec.controller)
     engine.spec = spec
