@@ -14,6 +14,16 @@ from onspec.models.loader import load_model, resolve_model_dir
 # and pytest side by side) spinning OpenMP threads slow such work down many times over.
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread, whatever an engine it built set (``EngineConfig.num_threads``)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),

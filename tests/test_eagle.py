@@ -66,16 +66,6 @@ def chisq_pvalue(observed: torch.Tensor, probs: torch.Tensor, min_expected: floa
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run tiny matrix products, where a second intra-op thread buys nothing, and on a shared,
-    oversubscribed machine spinning OpenMP threads made them 10x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
     return load_model(str(tiny_llama), dtype="float32")

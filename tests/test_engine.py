@@ -29,14 +29,6 @@ CHAT = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
     return load_model(str(tiny_llama), "float32")

@@ -29,14 +29,6 @@ from onspec.spec.controller import attach_speculation
 from onspec.spec.tree import DraftTree
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dirs):
     return load_model(str(tiny_model_dirs["llama"]), "float32")

@@ -37,14 +37,6 @@ from test_speculation import (FORCE, FREE, PROMPT, REPEAT_TEXT, SMALL_V, OracleP
 from test_speculation import small_vocab  # noqa: F401  (a fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_llama) -> LoadedModel:
     return load_model(str(tiny_llama), "float32")

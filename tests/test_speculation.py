@@ -35,14 +35,6 @@ from onspec.spec.controller import Controller, StepCostModel, attach_speculation
 from onspec.spec.tree import DraftTree
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 # ---- helpers --------------------------------------------------------------------------------------
 
 

@@ -40,14 +40,6 @@ from onspec.train.traces import TraceBuffer, TraceChunk, TraceRecorder, attach_r
 from onspec.train.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def target(tiny_llama):
     return load_model(str(tiny_llama), "float32")

@@ -25,14 +25,6 @@ from onspec.train.online import OnlineLearning, start_online_learning, trainer_c
 from onspec.train.publish import Manifest, VersionState, latest_promoted, list_versions, publish_version, version_dir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def target(tiny_llama):
     return load_model(str(tiny_llama), "float32")
