@@ -216,3 +216,33 @@ def chat_texts(tokenizer, messages: Sequence[str]) -> list[str]:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b and b == b and a == a else float("nan")
+
+
+def hf_generate(model_dir: Path | str, dtype: str, tokenizer, max_tokens: int,
+                exact_length: bool = False) -> Callable[[list[str], int], Callable[[], int]]:
+    """transformers ``generate`` (greedy) as a peer: loads the model once and returns
+    ``make(prompts, lookup)`` -> a run function generating for each prompt in turn (plain, or prompt-lookup
+    decoding with ``lookup`` tokens) and returning the number of new tokens. ``exact_length`` forces
+    ``max_tokens`` new tokens per prompt (decode throughput compares equal work)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    length = {"min_new_tokens": max_tokens} if exact_length else {}
+
+    def make(prompts: list[str], lookup: int = 0) -> Callable[[], int]:
+        ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids for p in prompts]
+        extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+
+        def run() -> int:
+            n = 0
+            with torch.inference_mode():
+                for x in ids:
+                    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
+                                         do_sample=False, pad_token_id=tokenizer.eos_token_id, **length, **extra)
+                    n += out.shape[1] - x.shape[1]
+            return n
+        return run
+    return make

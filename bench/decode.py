@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (busy_warning, chat_texts, machine_info, measure_interleaved,  # noqa: E402
+from bench.common import (busy_warning, chat_texts, hf_generate, machine_info, measure_interleaved,  # noqa: E402
                           print_table, ratio, set_threads, write_results)
 
 
@@ -77,31 +77,6 @@ def onspec_batch(llm, prompts: list[str], batch: int, max_tokens: int):
 
     def run() -> int:
         return sum(len(o.outputs[0].token_ids) for o in llm.generate(batch_prompts, params))
-    return run
-
-
-# ---- transformers ------------------------------------------------------------------------------------
-
-
-def hf_single(model_dir: Path, dtype: str, tokenizer, prompts: list[str], max_tokens: int, lookup: int = 0):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids for p in prompts]
-    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
-
-    def run() -> int:
-        n = 0
-        with torch.inference_mode():
-            for x in ids:
-                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
-                                     min_new_tokens=max_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.eos_token_id, **extra)
-                n += out.shape[1] - x.shape[1]
-        return n
     return run
 
 
@@ -180,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 if lookup and "pld" in skip:
                     continue
                 name = f"transformers {short}" + (" prompt-lookup" if lookup else "")
-                configs[name] = (hf_single(model_dir, dtype, tok, prompts, N, lookup), None)
+                configs[name] = (hf_generate(model_dir, dtype, tok, N, exact_length=True)(prompts, lookup), None)
     else:
         notes.append("transformers: skipped (--skip hf)")
     if "llamacpp" not in skip:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (Measurement, busy_warning, chat_texts, machine_info,  # noqa: E402
+from bench.common import (Measurement, busy_warning, chat_texts, hf_generate, machine_info,  # noqa: E402
                           measure_interleaved, print_table, ratio, set_threads, write_results)
 
 ALL_SOURCES = ("request", "group", "global")
@@ -120,34 +120,6 @@ def all_at_once(prompts: list[str], params):
     return run
 
 
-# ---- transformers ----------------------------------------------------------------------------------
-
-
-def hf_runner(model_dir: Path, tokenizer, max_tokens: int):
-    """transformers ``generate`` (bfloat16, greedy) over a list of prompts, plain or prompt-lookup."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-
-    def make(prompts: list[str], lookup: int):
-        ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids for p in prompts]
-        extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
-
-        def run() -> int:
-            n = 0
-            with torch.inference_mode():
-                for x in ids:
-                    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
-                                         do_sample=False, pad_token_id=tokenizer.eos_token_id, **extra)
-                    n += out.shape[1] - x.shape[1]
-            return n
-        return run
-    return make
-
-
 # ---- main ------------------------------------------------------------------------------------------
 
 
@@ -174,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                  "c": ("(c) code edit", code_edit_prompts(k))}
     if "hf" not in skip:
         from onspec.models.loader import resolve_model_dir
-        hf_make = hf_runner(resolve_model_dir("default"), tok, N)
+        hf_make = hf_generate(resolve_model_dir("default"), "bfloat16", tok, N)
     results: dict[str, dict[str, Measurement]] = {}
     rows = []
     for key, (label, msgs) in workloads.items():
