@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats, args.max_tokens, args.chat, args.code, args.batches = 1, 32, 1, 1, "1,8"
     if args.repeats < 1 or args.max_tokens < 1 or args.threads < 1:
         p.error("--repeats, --max-tokens and --threads must be >= 1")
+    if args.chat < 0 or args.code < 0 or args.chat + args.code < 1:
+        p.error("--chat and --code must be >= 0, and at least one prompt is needed")
     return args
 
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("WARNING: " + warn)
     bf16 = onspec_llm("bfloat16", args.threads)
     tok = bf16.tokenizer
-    messages = chat_prompts(args.chat) + humaneval_prompts(args.code)
+    messages = (chat_prompts(args.chat) if args.chat else []) + (humaneval_prompts(args.code) if args.code else [])
     prompts = chat_texts(tok, messages)
     R, N = args.repeats, args.max_tokens
 
