@@ -33,6 +33,7 @@ import torch
 
 from ..config import SpecConfig
 from .tree import DraftTree
+from .utility import MeasuredUtility
 
 
 class Proposer(Protocol):
@@ -252,6 +253,9 @@ class Speculation:
         self.cfg = cfg
         self.proposers = proposers
         self.controller = Controller(cfg)
+        # auto mode: the controller's model-driven choice is also judged by what it achieved (spec/utility.py)
+        self.utility = MeasuredUtility()
+        self._pure_decode = False                  # the current step carries no prefill chunk
         self.draft_seconds = 0.0
         self.draft_cost: dict[str, float] = {}   # EMA seconds per propose() call, by strategy
         self.skipped: dict[str, int] = {}        # steps a strategy was not even asked (did not pay)
@@ -294,13 +298,19 @@ class Speculation:
         if not names or len(decode_seqs) >= self.cfg.off_batch_size or self.cfg.max_draft_tokens == 0:
             return {}
         self.steps += 1
-        budgets = {s.seq_id: self.cfg.max_draft_tokens for s in decode_seqs}
-        candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in decode_seqs}
+        self._pure_decode = step_tokens == len(decode_seqs)
         for name in names:
             version = _drafter_version(self.proposers[name])
             if self._versions.setdefault(name, version) != version:  # a new drafter: its old record is moot
                 self._versions[name] = version
                 self.controller.forget(name)
+                self.utility.forget()
+        if self.cfg.mode == "auto" and not self.utility.allow(len(decode_seqs)):
+            self.skipped["measured"] = self.skipped.get("measured", 0) + 1
+            return {}
+        budgets = {s.seq_id: self.cfg.max_draft_tokens for s in decode_seqs}
+        candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in decode_seqs}
+        for name in names:
             cost = self.draft_cost.get(name, 0.0)
             worth = self.controller.worth_drafting(name, len(decode_seqs), step_tokens, cost)
             if not self.controller.should_try(name, self.steps, worth):
@@ -328,6 +338,11 @@ class Speculation:
             self.controller.cost.observe(num_tokens, seconds, "plain")
         for seq, tree, accepted, _next, _aux, _hidden in verdicts:
             self.controller.observe(tree, len(accepted) - 1)
+        if self._pure_decode and num_tokens >= batch_rows == len(verdicts) and verdicts:
+            committed = sum(len(accepted) for _, _, accepted, *_ in verdicts)
+            drafted = num_tokens > batch_rows
+            self.utility.observe(batch_rows, committed, seconds, drafted)
+        self._pure_decode = False
         for p in self.proposers.values():
             p.observe(verdicts)
         for listener in self.listeners:
