@@ -402,6 +402,7 @@ def test_admin_routes_call_the_learner_on_the_engine_thread(server):
     info = httpx.get(server.url + "/v1/speculator", headers=admin, timeout=30).json()
     assert info["online_learning"]["enabled"] and info["learner"]["version"] == 1
     assert isinstance(info["strategies"], dict) and "estimated_speedup" in info
+    assert isinstance(info["measured_utility"], dict)  # per batch bucket: drafting open or closed, both rates
     r = httpx.post(server.url + "/v1/speculator/promote", json={"version": 3}, headers=admin, timeout=30)
     assert r.status_code == 200 and r.json()["promote"]["version"] == 3
     r = httpx.post(server.url + "/v1/speculator/promote", json={"version": 9}, headers=admin, timeout=30)

@@ -70,6 +70,7 @@ class EngineSnapshot:
     by_strategy: dict[str, tuple[int, int]] = field(default_factory=dict)     # name -> (seq-steps, committed)
     controller: dict[str, dict[str, float]] = field(default_factory=dict)    # name -> drafted/accepted/steps
     decisions: dict[str, int] = field(default_factory=dict)
+    measured_utility: dict[int, dict] = field(default_factory=dict)  # batch bucket -> rates, open/closed
     draft_seconds: float = 0.0
     running: int = 0
     waiting: int = 0
@@ -317,6 +318,7 @@ class EngineWorker:
             snap.controller = {k: {"drafted": s.drafted, "accepted": s.accepted, "steps": s.steps,
                                    "predicted": s.predicted} for k, s in ctl.stats.items()}
             snap.decisions = dict(ctl.decisions)
+            snap.measured_utility = e.spec.utility.summary()
             snap.draft_seconds = e.spec.draft_seconds
         if self.meter is not None:
             snap.last_batch, snap.last_step_tokens = self.meter.last_batch, self.meter.last_tokens

@@ -256,6 +256,7 @@ class Speculation:
         # auto mode: the controller's model-driven choice is also judged by what it achieved (spec/utility.py)
         self.utility = MeasuredUtility()
         self._pure_decode = False                  # the current step carries no prefill chunk
+        self._asked: dict[str, float] = {}         # strategies asked for drafts this step -> seconds taken
         self.draft_seconds = 0.0
         self.draft_cost: dict[str, float] = {}   # EMA seconds per propose() call, by strategy
         self.skipped: dict[str, int] = {}        # steps a strategy was not even asked (did not pay)
@@ -299,27 +300,30 @@ class Speculation:
             return {}
         self.steps += 1
         self._pure_decode = step_tokens == len(decode_seqs)
+        self._asked = {}
+        auto = self.cfg.mode == "auto"
+        if auto and self.utility.plain_probe(len(decode_seqs)):
+            self.skipped["probe"] = self.skipped.get("probe", 0) + 1  # a plain step keeps the baseline measured
+            return {}
+        budgets = {s.seq_id: self.cfg.max_draft_tokens for s in decode_seqs}
+        candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in decode_seqs}
         for name in names:
             version = _drafter_version(self.proposers[name])
             if self._versions.setdefault(name, version) != version:  # a new drafter: its old record is moot
                 self._versions[name] = version
                 self.controller.forget(name)
-                self.utility.forget()
-        if self.cfg.mode == "auto" and not self.utility.allow(len(decode_seqs)):
-            self.skipped["measured"] = self.skipped.get("measured", 0) + 1
-            return {}
-        budgets = {s.seq_id: self.cfg.max_draft_tokens for s in decode_seqs}
-        candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in decode_seqs}
-        for name in names:
+                self.utility.forget(name)
             cost = self.draft_cost.get(name, 0.0)
             worth = self.controller.worth_drafting(name, len(decode_seqs), step_tokens, cost)
-            if not self.controller.should_try(name, self.steps, worth):
+            if not self.controller.should_try(name, self.steps, worth) or (
+                    auto and not self.utility.allow(len(decode_seqs), name)):
                 self.skipped[name] = self.skipped.get(name, 0) + 1
                 continue
             t0 = time.perf_counter()
             for sid, tree in self.proposers[name].propose(decode_seqs, budgets).items():
                 candidates[sid].append(tree)
             dt = time.perf_counter() - t0
+            self._asked[name] = dt
             self.draft_cost[name] = dt if name not in self.draft_cost else 0.9 * self.draft_cost[name] + 0.1 * dt
             self.draft_seconds += dt
         chosen = self.controller.choose(candidates)
@@ -338,11 +342,15 @@ class Speculation:
             self.controller.cost.observe(num_tokens, seconds, "plain")
         for seq, tree, accepted, _next, _aux, _hidden in verdicts:
             self.controller.observe(tree, len(accepted) - 1)
-        if self._pure_decode and num_tokens >= batch_rows == len(verdicts) and verdicts:
+        if self._pure_decode and batch_rows == len(verdicts) and verdicts:
             committed = sum(len(accepted) for _, _, accepted, *_ in verdicts)
-            drafted = num_tokens > batch_rows
-            self.utility.observe(batch_rows, committed, seconds, drafted)
-        self._pure_decode = False
+            nodes: dict[str, int] = {}
+            for _, tree, *_ in verdicts:
+                if tree.num_draft:
+                    nodes[tree.source] = nodes.get(tree.source, 0) + tree.num_draft
+            chosen = max(nodes, key=nodes.get) if nodes else None
+            self.utility.observe(batch_rows, committed, seconds, chosen, self._asked)
+        self._pure_decode, self._asked = False, {}
         for p in self.proposers.values():
             p.observe(verdicts)
         for listener in self.listeners:

@@ -10,10 +10,13 @@ decoding in bench/speculation.py while predicting a gain.
 So the controller's choice is also judged by what it achieved, per batch-size bucket, the way the online
 trainer's promotions are judged by live utility (``train/swap.py``): committed tokens per second of the
 whole step, in steps that drafted against steps that did not, counting only pure decoding steps (a step
-that carries a prefill chunk has a different cost). Where drafting measurably loses, the bucket is closed:
-no drafting there, except a trial of a few steps after an exponentially growing pause (16, 32, ... 512
-steps), so a bucket that starts paying (a better drafter, more repetitive traffic) is reopened. While a
-bucket is open and drafting nearly every step, one step in ``probe_every`` (one in ``probe_early`` until
+that carries a prefill chunk has a different cost), per strategy: a step is credited to the strategy that
+drafted most of its nodes, and a strategy asked for drafts that were not used is charged its proposal
+time (see ``MeasuredUtility.observe``). Where a strategy measurably loses, it is switched off in that bucket (the
+suffix drafter may pay at batch 2 where an untrained learned head costing half a target forward does
+not), except for a trial of a few steps after an exponentially growing pause (16, 32, ... 512 of its
+decisions), so a strategy that starts paying (a better drafter, more repetitive traffic) is switched back
+on. While drafting runs in a bucket, one step in ``probe_every`` (one in ``probe_early`` until
 ``min_plain`` plain steps were seen) is run without drafts so the baseline stays measured; that costs at
 most 1/``probe_every`` of the gain.
 """
@@ -45,29 +48,46 @@ class RateEMA:
 
 
 @dataclass
+class StrategyRecord:
+    """One strategy's measured utility in one batch bucket, and whether it is switched off there.
+
+    ``utility`` is an EMA of per-step samples of (rate of the step with the strategy asked) / (rate without
+    it); below 1 it costs more than it returns."""
+
+    utility: float = 1.0
+    samples: int = 0
+    decay: float = 0.9
+    closed: bool = False
+    in_trial: bool = False   # switched off, but drafting again to see whether it pays now
+    trial_samples: int = 0   # samples taken in the current trial
+    pause: int = 0           # the strategy's decisions in this bucket denied before the next trial
+    reopen_at: int = 0       # the decision count at which the next trial starts
+    decisions: int = 0
+
+    def add(self, sample: float) -> None:
+        self.utility = sample if self.samples == 0 else self.decay * self.utility + (1 - self.decay) * sample
+        self.samples += 1
+
+
+@dataclass
 class BucketRecord:
     plain: RateEMA = field(default_factory=RateEMA)
-    drafted: RateEMA = field(default_factory=RateEMA)
-    closed: bool = False
-    in_trial: bool = False   # closed, but drafting again to see whether it pays now
-    trial_drafted: int = 0   # drafting steps observed in the current trial
-    pause: int = 0           # steps of this bucket denied drafting before the next trial
-    reopen_at: int = 0       # the bucket's step count at which the next trial starts
-    steps: int = 0           # decoding steps taken in this bucket
+    steps: int = 0
+    strategies: dict[str, StrategyRecord] = field(default_factory=dict)
 
 
 @dataclass
 class MeasuredUtility:
-    """Per batch-size bucket: is drafting measurably paying? See the module docstring."""
+    """Per batch-size bucket and strategy: is drafting measurably paying? See the module docstring."""
 
-    min_steps: int = 8         # drafting steps measured before a bucket can be closed ...
-    min_plain: int = 4         # ... and plain steps
-    margin: float = 0.02       # close when drafting's rate is below (1 - margin) x the plain rate
-    trial_steps: int = 8       # drafting steps a closed bucket's trial is judged on
+    min_steps: int = 8         # utility samples before a strategy can be switched off ...
+    min_plain: int = 4         # ... and plain steps before a drafting step can be judged
+    margin: float = 0.02       # off when the measured utility is below 1 - margin
+    trial_steps: int = 8       # samples a switched-off strategy's trial is judged on
     pause_min: int = 16
     pause_max: int = 512
-    probe_every: int = 32      # an open bucket runs one plain step in this many to keep the baseline fresh,
-    probe_early: int = 4       # ... or in this many while it has fewer than min_plain plain steps
+    probe_every: int = 32      # a bucket where drafting runs runs one plain step in this many to keep the
+    probe_early: int = 4       # baseline fresh, or one in this many while it has fewer than min_plain
     buckets: dict[int, BucketRecord] = field(default_factory=dict)
 
     @staticmethod
@@ -77,47 +97,75 @@ class MeasuredUtility:
     def record(self, batch: int) -> BucketRecord:
         return self.buckets.setdefault(self.bucket(batch), BucketRecord())
 
-    def allow(self, batch: int) -> bool:
-        """May this step draft at all? Called once per decoding step, before the drafters are asked."""
+    def plain_probe(self, batch: int) -> bool:
+        """Should this step run without drafts to measure the baseline? Called once per decoding step."""
         rec = self.record(batch)
         rec.steps += 1
-        if rec.closed:
-            if not rec.in_trial and rec.steps >= rec.reopen_at:
-                rec.in_trial, rec.trial_drafted = True, 0
-                rec.drafted = RateEMA(rec.drafted.decay)  # the trial is judged on its own steps
-            return rec.in_trial
-        # open: keep the plain baseline measured while drafting runs nearly every step
+        if not any(not s.closed or s.in_trial for s in rec.strategies.values()):
+            return False  # nothing drafts here (yet, or any more): plain steps happen by themselves
         every = self.probe_every if rec.plain.count >= self.min_plain else self.probe_early
-        return rec.steps % every != 0
+        return rec.steps % every == 0
 
-    def observe(self, batch: int, committed: int, seconds: float, drafted: bool) -> None:
-        """A pure decoding step finished: ``committed`` tokens over ``batch`` rows in ``seconds``."""
+    def allow(self, batch: int, strategy: str) -> bool:
+        """May ``strategy`` draft in this step? Called once per step and strategy, before it is asked."""
+        st = self.record(batch).strategies.setdefault(strategy, StrategyRecord())
+        st.decisions += 1
+        if st.closed and not st.in_trial and st.decisions >= st.reopen_at:
+            st.in_trial, st.trial_samples = True, 0
+            st.samples = 0  # the trial is judged on its own steps
+        return not st.closed or st.in_trial
+
+    def observe(self, batch: int, committed: int, seconds: float, chosen: str | None,
+                asked: dict[str, float]) -> None:
+        """A pure decoding step finished: ``committed`` tokens over ``batch`` rows in ``seconds``;
+        ``asked`` maps each strategy asked for drafts to the seconds its proposal took, ``chosen`` is the
+        strategy whose trees carried most of the step's draft nodes (None: no drafts).
+
+        Counterfactuals, per strategy: the chosen one against plain steps (its rate with the other
+        proposals' time taken out, over the plain rate); one asked but not chosen cost its proposal time
+        and returned nothing, so its sample is (seconds - its time) / seconds."""
         if seconds <= 0:
             return
+        if chosen is not None and chosen not in asked:
+            return  # drafts credited to a name that was not asked (a composite drafter): nothing to judge
         rec = self.record(batch)
-        (rec.drafted if drafted else rec.plain).add(committed, seconds)
-        if rec.closed:
-            if rec.in_trial and drafted:
-                rec.trial_drafted += 1
-                if rec.trial_drafted >= self.trial_steps:  # the trial is over: reopen, or pause twice as long
-                    rec.in_trial = False
-                    if self._losing(rec):
-                        rec.pause = min(self.pause_max, 2 * rec.pause)
-                        rec.reopen_at = rec.steps + rec.pause + 1
+        total = sum(asked.values())
+        if chosen is None:
+            rec.plain.add(committed, max(1e-9, seconds - total))
+        for name, t in asked.items():
+            st = rec.strategies.setdefault(name, StrategyRecord())
+            if name == chosen:
+                if rec.plain.count < self.min_plain:
+                    continue
+                sample = committed / max(1e-9, seconds - (total - t)) / rec.plain.rate
+            else:
+                sample = max(0.0, seconds - t) / seconds
+            st.add(sample)
+            self._judge(st)
+
+    def _judge(self, st: StrategyRecord) -> None:
+        losing = st.utility < 1 - self.margin
+        if st.closed:
+            if st.in_trial:
+                st.trial_samples += 1
+                if st.trial_samples >= self.trial_steps:  # the trial is over: reopen, or pause twice as long
+                    st.in_trial = False
+                    if losing:
+                        st.pause = min(self.pause_max, 2 * st.pause)
+                        st.reopen_at = st.decisions + st.pause + 1
                     else:
-                        rec.closed, rec.pause = False, 0
-        elif rec.plain.count >= self.min_plain and rec.drafted.count >= self.min_steps and self._losing(rec):
-            rec.closed, rec.pause = True, self.pause_min
-            rec.reopen_at = rec.steps + rec.pause + 1
+                        st.closed, st.pause = False, 0
+        elif st.samples >= self.min_steps and losing:
+            st.closed, st.pause = True, self.pause_min
+            st.reopen_at = st.decisions + st.pause + 1
 
-    def _losing(self, rec: BucketRecord) -> bool:
-        return rec.drafted.rate < (1 - self.margin) * rec.plain.rate
-
-    def forget(self) -> None:
-        """The drafters changed (a new learned version): every bucket is judged afresh."""
-        self.buckets.clear()
+    def forget(self, strategy: str) -> None:
+        """A strategy's drafter changed (a new learned version): it is judged afresh in every bucket."""
+        for rec in self.buckets.values():
+            rec.strategies.pop(strategy, None)
 
     def summary(self) -> dict[int, dict]:
-        return {b: {"closed": r.closed, "plain_rate": round(r.plain.rate, 2), "drafted_rate": round(r.drafted.rate, 2),
-                    "plain_steps": r.plain.count, "drafted_steps": r.drafted.count}
+        return {b: {"plain_rate": round(r.plain.rate, 2), "plain_steps": r.plain.count,
+                    "strategies": {n: {"off": s.closed and not s.in_trial, "utility": round(s.utility, 3),
+                                       "samples": s.samples} for n, s in r.strategies.items()}}
                 for b, r in sorted(self.buckets.items())}
