@@ -11,7 +11,7 @@ in this same run.
 Memory: the server's resident set (its children included: a trainer process with --train online) is
 sampled every 0.1 s; the table reports the peak, and a final phase sends --mem-requests requests to the
 "auto" server and compares the resident set after the first and the last hundred (growth would be a
-leak). Writes bench/results/serve.json and bench/results/serve.png.
+leak), for the server process, its children (the trainer) and their total apart. Writes bench/results/serve.json and bench/results/serve.png.
 
     python bench/serve.py --quick                 # one run per level, 200-request memory phase
     python bench/serve.py --requests 64           # 64 requests per level, 3 runs each (median)
@@ -100,31 +100,49 @@ def free_port() -> int:
 
 
 class RSSSampler:
-    """Peak resident memory of a process and its children, sampled on a thread."""
+    """Resident memory of a process and its children, sampled on a thread: the total's peak, and each part's.
+
+    Parts: ``server`` (the process itself), ``trainer`` (its children: with ``--train online`` the drafter
+    trainer, plus multiprocessing's small resource tracker) and ``total``. Reporting them apart is what lets
+    growth be attributed: the two processes hold different caches (the engine's KV cache and oneDNN
+    primitives; the trainer's replay buffer and its own primitives).
+    """
+
+    PARTS = ("server", "trainer", "total")
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.proc = psutil.Process(pid)
         self.interval = interval
         self.peak = 0
+        self.peaks = {k: 0 for k in self.PARTS}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def current(self) -> int:
-        total = 0
+    def parts(self) -> dict[str, int]:
+        """Bytes resident now: {"server", "trainer" (all children), "total"}."""
+        out = {k: 0 for k in self.PARTS}
         try:
-            procs = [self.proc] + self.proc.children(recursive=True)
+            out["server"] = self.proc.memory_info().rss
+            children = self.proc.children(recursive=True)
         except psutil.Error:
-            return 0
-        for p in procs:
+            return out
+        for p in children:
             try:
-                total += p.memory_info().rss
+                out["trainer"] += p.memory_info().rss
             except psutil.Error:
                 pass
-        return total
+        out["total"] = out["server"] + out["trainer"]
+        return out
+
+    def current(self) -> int:
+        return self.parts()["total"]
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
+            now = self.parts()
+            for k, v in now.items():
+                self.peaks[k] = max(self.peaks[k], v)
+            self.peak = self.peaks["total"]
             time.sleep(self.interval)
 
     def start(self) -> "RSSSampler":
@@ -225,18 +243,31 @@ def summarise(mode: str, conc: int, runs: list[tuple[list[RequestResult], float]
 
 
 def memory_phase(server: Server, n: int, max_tokens: int) -> dict:
-    """n requests at concurrency 16 in blocks of 100; the resident set after each block."""
-    marks = []
+    """n requests at concurrency 16 in blocks of 100; the resident set after each block.
+
+    ``rss_mib_by_requests`` is [(requests, total MiB)] as before; ``by_process`` has the same marks and the
+    first/last/growth/peak figures for each part of :class:`RSSSampler` (server, trainer, total).
+    """
+    marks: list[tuple[int, float]] = []
+    parts: list[tuple[int, dict[str, float]]] = []
     done = 0
     while done < n:
         block = min(100, n - done)
         asyncio.run(run_level(server.url, 16, block, max_tokens))
         done += block
-        marks.append((done, server.rss.current() / 2**20))
-        print(f"  memory: {done:5d} requests, RSS {marks[-1][1]:7.1f} MiB", flush=True)
+        now = {k: v / 2**20 for k, v in server.rss.parts().items()}
+        parts.append((done, now))
+        marks.append((done, now["total"]))
+        print(f"  memory: {done:5d} requests, RSS {now['total']:7.1f} MiB (server {now['server']:7.1f}, "
+              f"trainer {now['trainer']:7.1f})", flush=True)
     first, last = marks[0][1], marks[-1][1]
+    by_process = {}
+    for k in RSSSampler.PARTS:
+        series = [(d, m[k]) for d, m in parts]
+        by_process[k] = {"rss_mib_by_requests": series, "first_mib": series[0][1], "last_mib": series[-1][1],
+                         "growth_mib": series[-1][1] - series[0][1], "peak_mib": server.rss.peaks[k] / 2**20}
     return {"requests": n, "rss_mib_by_requests": marks, "first_mib": first, "last_mib": last,
-            "growth_mib": last - first, "peak_mib": server.rss.peak / 2**20}
+            "growth_mib": last - first, "peak_mib": server.rss.peak / 2**20, "by_process": by_process}
 
 
 def plot(levels: list[LevelResult], memory: dict | None, path: Path) -> None:
@@ -264,8 +295,13 @@ def plot(levels: list[LevelResult], memory: dict | None, path: Path) -> None:
         ax.grid(alpha=0.3)
     if memory:
         xs, ys = zip(*memory["rss_mib_by_requests"])
-        axes[3].plot(xs, ys, marker="o")
-        axes[3].set_title("server resident memory")
+        axes[3].plot(xs, ys, marker="o", label="total")
+        for part in ("server", "trainer"):
+            series = memory.get("by_process", {}).get(part, {}).get("rss_mib_by_requests")
+            if series and any(v for _, v in series):
+                axes[3].plot(*zip(*series), marker=".", linestyle="--", label=part)
+        axes[3].legend(fontsize=8)
+        axes[3].set_title("resident memory (server + trainer)")
         axes[3].set_xlabel("requests served")
         axes[3].set_ylabel("MiB")
         axes[3].set_ylim(0, max(ys) * 1.2)
@@ -332,6 +368,10 @@ def main() -> int:
         print(f"\nmemory ({modes[-1]}, {memory['requests']} requests at concurrency 16): peak "
               f"{memory['peak_mib']:.0f} MiB, after first 100 {memory['first_mib']:.0f} MiB, after all "
               f"{memory['last_mib']:.0f} MiB (growth {memory['growth_mib']:+.0f} MiB); limit 3072 MiB")
+        print(f"{'part':>8} {'first':>8} {'last':>8} {'growth':>8} {'peak':>8}  (MiB)")
+        for part, m in memory["by_process"].items():
+            print(f"{part:>8} {m['first_mib']:>8.0f} {m['last_mib']:>8.0f} {m['growth_mib']:>+8.0f} "
+                  f"{m['peak_mib']:>8.0f}")
     out = Path(args.out)
     out.write_text(json.dumps({"args": vars(args), "max_tokens": max_tokens, "levels": [asdict(x) for x in levels],
                                "memory": memory, "cpu_count": os.cpu_count(),

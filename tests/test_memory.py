@@ -217,3 +217,178 @@ def test_bound_onednn_caches_sets_both_capacities_unless_given(monkeypatch) -> N
     got = server_memory.bound_onednn_caches()
     assert got == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(server_memory.ONEDNN_CACHE_CAPACITY),
                    "LRU_CACHE_CAPACITY": "512"}
+
+
+# ---- the learned drafter and its trainer (issue 5: server + trainer must not grow) --------------------
+
+
+def _linear_rows(module: torch.nn.Module) -> set[int]:
+    """Row counts of every linear layer's input in ``module`` from now on (what oneDNN compiles per shape)."""
+    rows: set[int] = set()
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(lambda _m, args: rows.add(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    return rows
+
+
+def _learned_engine(loaded, bucket: bool) -> tuple[Engine, set[int]]:
+    from onspec.spec.controller import Plan
+    from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
+
+    spec_cfg = SpecConfig(mode="learned", max_draft_tokens=8, profile_at_start=False)
+    eng = Engine(EngineConfig(model=str(loaded.path), dtype="float32", num_threads=1, max_model_len=256,
+                              max_num_seqs=8, spec=spec_cfg), loaded=loaded)
+    drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch, draft_vocab_size=200), seed=2)
+    drafter.bucket_rows = bucket
+    spec = attach_learned(eng, spec_cfg, drafter)
+    # verify every proposal (a random drafter's trees would otherwise be pruned by the cost rule)
+    spec.controller.plan = lambda trees, base, nd: Plan(trees, sum(t.num_draft for t in trees.values()), 0.0, 0.0)
+    spec.controller.worth_drafting = lambda *args, **kwargs: True
+    return eng, _linear_rows(spec.proposers["learned"].drafter)
+
+
+def test_learned_drafter_matmuls_come_in_bucket_row_counts(tiny) -> None:
+    """The engine-side drafter (catch-up forwards over sequences x pending positions, one forward per tree
+    depth) runs every linear layer on a bucket row count, and speculation stays lossless. Without the
+    padding the same traffic shows many other row counts (each a new oneDNN primitive in bf16)."""
+    prompts = repetitive_prompts(tiny.arch.vocab_size, 24, seed=3)
+    plain = run_requests(engine_for(tiny), prompts)
+    eng, rows = _learned_engine(tiny, bucket=True)
+    assert run_requests(eng, prompts) == plain
+    assert eng.counters.drafted > 0
+    assert rows and all(bucket_tokens(n) == n for n in rows), sorted(rows)
+    off, raw = _learned_engine(tiny, bucket=False)
+    assert run_requests(off, prompts) == plain
+    assert len({n for n in raw if bucket_tokens(n) != n}) >= 5, sorted(raw)
+
+
+def _synthetic_chunks(loaded, n: int, seed: int = 0) -> list:
+    """Trace chunks of many lengths with random states, some with rejected branches."""
+    from onspec.train.traces import TraceChunk
+
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    H, V = loaded.arch.hidden_size, loaded.arch.vocab_size
+    out = []
+    for i in range(n):
+        L = rng.randint(3, 70)
+        c = TraceChunk(key=f"k{i}", start=0, tokens=torch.randint(3, V, (L,), generator=g),
+                       aux=torch.randn(L, 3 * H, generator=g), hidden=torch.randn(L, H, generator=g),
+                       has_hidden=torch.rand(L, generator=g) > 0.2, generated=torch.arange(L) >= L // 3,
+                       heldout=False)
+        R = rng.randint(0, 12)
+        if R:
+            c.br_token = torch.randint(3, V, (R,), generator=g)
+            c.br_parent = torch.tensor([rng.randrange(L) if r == 0 or rng.random() < 0.7 else -rng.randint(1, r)
+                                        for r in range(R)])
+            c.br_aux, c.br_hidden = torch.randn(R, 3 * H, generator=g), torch.randn(R, H, generator=g)
+        out.append(c)
+    return out
+
+
+def _trainer(loaded, **kw):
+    from onspec.config import TrainerConfig
+    from onspec.spec.eagle import EagleConfig, init_drafter
+    from onspec.train.trainer import Trainer
+
+    cfg = TrainerConfig(autocast=False, min_positions=16, batch_positions=160, buffer_bytes=2**22,
+                        max_branches=64, **kw)
+    drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch, draft_vocab_size=200), seed=0)
+    return Trainer(drafter, loaded, cfg)
+
+
+def test_trainer_batches_come_in_bucket_shapes_and_padding_changes_no_loss(tiny, monkeypatch) -> None:
+    """Training batches are padded to bucket (samples, length) and the drafter's linear layers see bucket
+    row counts (backward included: its products have the same row counts); the loss with padding equals
+    the loss without it. Unpadded, the same steps show many other shapes."""
+    from onspec.train import objective as obj
+    from onspec.train import trainer as trainer_mod
+
+    chunks = _synthetic_chunks(tiny, 60)
+    tr = _trainer(tiny)
+    for c in chunks:
+        tr.add(c)
+    # the same batch, padded and not: the same loss (every padded row/position is masked out)
+    samples = tr.buffer.sample(200, random.Random(1))
+    losses = {}
+    for bucket in (False, True):
+        tr.drafter.bucket_rows = bucket
+        loss, stats = obj.objective(tr.drafter, obj.collate(samples, bucket=bucket), tr.cfg)
+        assert torch.isfinite(loss) and stats["branches"] > 0
+        losses[bucket] = float(loss.detach())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+
+    shapes: set[tuple[int, int]] = set()
+
+    def recording(samples, bucket=True, _c=obj.collate):
+        batch = _c(samples, bucket=bucket)
+        shapes.add(tuple(batch.tokens.shape))
+        return batch
+
+    def train_steps(bucket: bool) -> set[int]:
+        shapes.clear()
+        tr.drafter.bucket_rows = bucket
+        monkeypatch.setattr(trainer_mod, "collate", lambda s: recording(s, bucket=bucket))
+        rows = _linear_rows(tr.drafter)
+        for _ in range(12):
+            assert torch.isfinite(torch.tensor(tr.step()["loss"]))
+        return rows
+
+    rows = train_steps(True)
+    assert all(bucket_tokens(b) == b and bucket_tokens(L) == L for b, L in shapes), sorted(shapes)
+    assert all(bucket_tokens(n) == n for n in rows), sorted(rows)
+    tr2 = _trainer(tiny)
+    for c in chunks:
+        tr2.add(c)
+    tr = tr2
+    raw_rows = train_steps(False)
+    assert len({n for n in raw_rows if bucket_tokens(n) != n}) >= 5, sorted(raw_rows)
+
+
+def test_prompt_hidden_recompute_is_unchanged_by_padding(tiny) -> None:
+    """The trainer's recompute of prompt positions' final hidden states runs the target's top layers on
+    a bucket row count; the padding rows come last (causal attention), so the real rows are unchanged."""
+    from onspec.train.recompute import PromptHidden
+
+    ph = PromptHidden(tiny, (0, 1, 1))
+    rows = _linear_rows(tiny.model.layers[1])
+    H = tiny.arch.hidden_size
+    x = torch.randn(13, H, generator=torch.Generator().manual_seed(0))
+    padded = ph._top_layers(x)  # 13 -> 16 rows inside
+    assert padded.shape == (13, H) and rows == {16}
+    # reference: the last rows do not change the first ones (causal), so an exact run of 13 rows agrees
+    exact = ph._top_layers(x[:8])  # 8 rows: a bucket size, no padding
+    torch.testing.assert_close(padded[:8], exact, rtol=1e-5, atol=1e-5)
+
+
+def test_replay_buffer_footprint_is_fixed_and_evicts_oldest_first() -> None:
+    """The replay buffer's memory is one arena allocated (and touched) when it is made: adding chunks well
+    past the byte budget does not grow what it holds, entries are views into the arena with the right
+    contents, and the oldest are evicted first. The old buffer's footprint grew with every chunk until the
+    budget was reached (what the server's memory bench showed as the trainer growing)."""
+    from onspec.train.traces import TraceBuffer, TraceChunk
+
+    def chunk(n: int, tag: int) -> TraceChunk:
+        return TraceChunk(key=str(tag), start=0, tokens=torch.full((n,), tag), aux=torch.full((n, 96), float(tag)),
+                          hidden=torch.full((n, 32), -float(tag)), has_hidden=torch.ones(n, dtype=torch.bool),
+                          generated=torch.ones(n, dtype=torch.bool))
+
+    budget = 64 * 2**20
+    before = _rss_mib()
+    buf = TraceBuffer(budget, half_life=4096)
+    made = _rss_mib()
+    assert made - before > 0.9 * budget / 2**20          # the whole budget is resident from the start
+    allocated = buf.allocated_bytes
+    rng = random.Random(0)
+    for i in range(3 * budget // (200 * 644)):
+        stored = buf.add(chunk(rng.randint(2, 400), i))
+        assert buf.allocated_bytes == allocated and buf.bytes <= budget
+        lo, hi = buf.arena.data.data_ptr(), buf.arena.data.data_ptr() + buf.arena.capacity
+        assert lo <= stored.aux.data_ptr() < hi and lo <= stored.tokens.data_ptr() < hi
+    assert buf.evicted > 0
+    assert _rss_mib() - made < 24, "adding chunks past the budget grew the process"
+    tags = [int(c.key) for _, c in buf.items]
+    assert tags == list(range(tags[0], tags[0] + len(tags)))    # the newest, in order (oldest evicted)
+    for _, c in buf.items:                                       # nothing overwritten by later chunks
+        t = int(c.key)
+        assert bool((c.tokens == t).all() and (c.aux == t).all() and (c.hidden == -t).all())

@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import ConfigError
+from ..engine.runner import bucket_tokens
 from ..models.llama import ArchConfig, RMSNorm, apply_rope, rope_inv_freq
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -182,6 +183,8 @@ class EagleDrafter(nn.Module):
         rope_src = SimpleNamespace(head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
         self.inv_freq = rope_inv_freq(rope_src)  # type: ignore[arg-type]
         self.embed_weight: torch.Tensor | None = None
+        # Pad the rows of every matrix product to ``bucket_tokens`` sizes on a CPU (see ``_rows``).
+        self.bucket_rows = True
         if embed is not None:
             self.set_embeddings(embed)
 
@@ -220,11 +223,34 @@ class EagleDrafter(nn.Module):
 
     def project(self, aux: torch.Tensor) -> torch.Tensor:
         """Target aux states [..., 3 Ht] -> drafter features [..., H]."""
-        return self.fc(aux.to(self.dtype))
+        return self._linear(self.fc, aux.to(self.dtype))
 
     def logits(self, prenorm: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits of prenorm outputs [..., H] -> [..., draft_vocab]."""
-        return self.lm_head(self.norm(prenorm))
+        return self._linear(self.lm_head, self.norm(prenorm))
+
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``x`` [..., C] as rows [N', C] with zero rows appended up to ``bucket_tokens(N)``; and ``N``.
+
+        Why: on a CPU a bf16 matrix product runs on oneDNN, which compiles and caches a primitive per
+        (rows, weight) shape, ~0.7 MB each (onspec/server/memory.py). The drafter's row counts vary with
+        everything: catch-up forwards (sequences x pending positions), tree depths (expanded nodes), and
+        the trainer's batches (samples x longest sample), so unpadded they kept creating primitives and
+        both the server and the trainer grew. Padded to the engine's buckets (engine/runner.py) the row
+        counts fall into a few dozen sizes. Rows of a linear layer are independent, so the padding changes
+        no real row (the extra zero rows are dropped, and get no gradient)."""
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
+        if self.bucket_rows and rows.device.type == "cpu":
+            extra = bucket_tokens(n) - n
+            if extra:
+                rows = F.pad(rows, (0, 0, 0, extra))
+        return rows, n
+
+    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` over bucket-padded rows (see ``_rows``)."""
+        rows, n = self._rows(x)
+        return layer(rows)[:n].view(*x.shape[:-1], -1)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [...] -> cos, sin [..., 1, D] (rotate-half convention, as the target)."""
@@ -241,14 +267,15 @@ class EagleDrafter(nn.Module):
         B, T = emb.shape[:2]
         x = torch.cat((m.input_layernorm(emb), m.hidden_norm(hidden)), dim=-1)
         a = m.self_attn
-        q = a.q_proj(x).view(B, T, c.num_heads, c.head_dim)
-        k = a.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
-        v = a.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        x, n = self._rows(x)    # padded once for q, k and v (see ``_rows``)
+        q = a.q_proj(x)[:n].view(B, T, c.num_heads, c.head_dim)
+        k = a.k_proj(x)[:n].view(B, T, c.num_kv_heads, c.head_dim)
+        v = a.v_proj(x)[:n].view(B, T, c.num_kv_heads, c.head_dim)
         cos, sin = self.rope(positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        r = hidden + a.o_proj(attend(q, k, v))
-        h = m.post_attention_layernorm(r)
-        return r + m.mlp.down_proj(F.silu(m.mlp.gate_proj(h)) * m.mlp.up_proj(h))
+        r = hidden + self._linear(a.o_proj, attend(q, k, v))
+        h, n = self._rows(m.post_attention_layernorm(r))
+        return r + m.mlp.down_proj(F.silu(m.mlp.gate_proj(h)) * m.mlp.up_proj(h))[:n].view(B, T, -1)
 
     # ---- inference -------------------------------------------------------------------------------
     def draft_step(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainerConfig
+from ..engine.runner import bucket_tokens
 from .traces import TraceChunk
 
 
@@ -129,12 +130,22 @@ class Batch:
     lab_w: torch.Tensor             # [B, L]: weight of the label at each position (0 = no label)
     draft_tok: torch.Tensor         # [B, L]
     root_ok: torch.Tensor           # [B, L]: position t is a drafting root (token t + 1 generated, new)
-    samples: list[Sample]
+    samples: list[Sample]           # the real rows; rows past them (bucket padding) are empty
 
 
-def collate(samples: list[Sample]) -> Batch:
-    B = len(samples)
+def collate(samples: list[Sample], bucket: bool = True) -> Batch:
+    """Samples as one right-padded batch. With ``bucket`` the batch size and the length are padded up to
+    ``bucket_tokens`` sizes (empty rows: length 0, no label, no root; extra positions past every length).
+
+    Why: the trainer's matrix products have ``B * L`` rows (linear layers, padded again by the drafter) and
+    ``[B, heads, L, L]`` shapes (attention scores); on a CPU oneDNN caches a compiled primitive per shape
+    (~0.7 MB each, onspec/server/memory.py), and batches drawn from the replay buffer come in nearly every
+    (B, L), so the trainer process kept growing. Bucketed, they come in a bounded set. Padding changes no
+    loss: every term is masked by ``lengths`` / ``lab_w`` / ``root_ok``."""
+    n_real = len(samples)
+    B = bucket_tokens(n_real) if bucket else n_real
     L = max(len(s) for s in samples)
+    L = bucket_tokens(L) if bucket else L
     A = samples[0].aux.shape[1]
     K = samples[0].lab_ids.shape[1]
     tokens = torch.zeros(B, L, dtype=torch.long)
@@ -155,7 +166,7 @@ def collate(samples: list[Sample]) -> Batch:
             r = s.generated[1:].clone()
             r[:max(0, s.loss_from - 1)] = False
             root_ok[b, 1:n - 1] = r[1:]
-    lengths = torch.tensor([len(s) for s in samples])
+    lengths = torch.tensor([len(s) for s in samples] + [0] * (B - n_real))
     return Batch(tokens, aux, lengths, lab_ids, lab_p, lab_w, draft_tok, root_ok, samples)
 
 
@@ -221,6 +232,7 @@ def discard_loss(drafter, batch: Batch, max_branches: int, generator: torch.Gene
     R = max(len(k) for k in chosen)
     if R == 0:
         return torch.zeros(()), 0
+    R = bucket_tokens(R)  # a bounded set of shapes (see ``collate``); padding rows attend to themselves only
     A = batch.aux.shape[2]
     K = samples[0].lab_ids.shape[1]
     tok = torch.zeros(B, R, dtype=torch.long)
@@ -249,6 +261,8 @@ def discard_loss(drafter, batch: Batch, max_branches: int, generator: torch.Gene
             valid[b, j] = True
         for j in range(len(local), R):                       # padding rows: themselves only
             mask[b, j, (L - 1) + j] = True
+    for b in range(len(samples), B):                         # the batch's padding samples too
+        mask[b, torch.arange(R), (L - 1) + torch.arange(R)] = True
     pre, _, _ = drafter.draft_step(tok, drafter.project(par_aux), rpos, past_k, past_v, mask)
     kl = _kl_sparse(drafter.logits(pre), lab_ids, lab_p)
     w = valid.float()

@@ -48,10 +48,19 @@ class PromptHidden:
         return True
 
     def _top_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """The final hidden states of ``x`` [m, H] (residuals entering layer ``hi``), computed over ``m``
+        padded up to ``bucket_tokens(m)`` rows: prompts come in every length, and on a CPU each new row
+        count would leave a compiled oneDNN primitive per weight shape in this process (~0.7 MB each,
+        onspec/server/memory.py). The padding rows come last and attention is causal, so they change no
+        real row; they are dropped."""
+        from ..engine.runner import bucket_tokens
         from ..models.llama import AttnBatch
 
         model, a = self.model, self.arch
-        n = x.shape[0]
+        m = x.shape[0]
+        n = bucket_tokens(m)
+        if n > m:
+            x = torch.cat((x, x.new_zeros(n - m, x.shape[1])))
         if self.hi < a.num_layers:
             positions = torch.arange(n)
             cos, sin = model.rope(positions, x.dtype)
@@ -62,4 +71,4 @@ class PromptHidden:
                 k = torch.zeros(1, a.num_kv_heads, n, a.head_dim, dtype=x.dtype)
                 v = torch.zeros_like(k)
                 x = layer(x, cos, sin, k, v, batch)
-        return model.norm(x)
+        return model.norm(x)[:m]

@@ -25,6 +25,7 @@ chunks to a sink (in practice :class:`onspec.train.trainer.TraceSender`, a bound
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import random
@@ -36,6 +37,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..config import TrainerConfig
+from .arena import ArenaRing, aligned
 
 
 # ---- the record ---------------------------------------------------------------------------------------
@@ -371,12 +373,23 @@ class TraceBuffer:
     A chunk's sampling weight is its number of positions times ``2 ** (-age / half_life)``, where ``age``
     counts the positions added after it: recent traffic dominates (the drafter follows a shifting workload)
     while older data still regularises (less overfitting than training on the last requests only).
+
+    Storage: the budget is one preallocated, touched arena (:class:`onspec.train.arena.ArenaRing`) and an
+    added chunk's tensors are copied into it, so the buffer's resident footprint is fixed from the start
+    instead of growing for the first few hundred requests of a server (issue 5: memory must not grow).
+    Entries are the added objects with their tensor fields replaced by views of the arena: they stay
+    valid while the entry is in the buffer (collate/evaluate copy what they use before the next ``add``),
+    and an evicted entry's tensors are overwritten by later ones. A chunk larger than the whole arena is
+    kept with its own tensors (and evicts everything else), as the old buffer kept it.
+    Works for any dataclass with tensor fields, ``__len__`` and ``nbytes()`` (``TraceChunk``, ``Sample``).
     """
 
-    def __init__(self, max_bytes: int, half_life: int) -> None:
+    def __init__(self, max_bytes: int, half_life: int, preallocate: bool = True) -> None:
         self.max_bytes = max_bytes
         self.half_life = half_life
-        self.items: deque[tuple[int, TraceChunk]] = deque()  # (positions added before it, chunk)
+        self.arena = ArenaRing(max_bytes, touch=preallocate)
+        self.items: deque[tuple[int, object]] = deque()  # (positions added before it, chunk)
+        self._in_arena: deque[bool] = deque()            # per item: stored in the arena (else its own)
         self.bytes = 0
         self.added_positions = 0
         self.evicted = 0
@@ -388,14 +401,45 @@ class TraceBuffer:
     def positions(self) -> int:
         return sum(len(c) for _, c in self.items)
 
-    def add(self, chunk: TraceChunk) -> None:
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes this buffer holds memory for: the arena, plus any oversized chunk kept outside it."""
+        own = sum(c.nbytes() for (_, c), inside in zip(self.items, self._in_arena) if not inside)
+        return self.arena.capacity + own
+
+    def add(self, chunk):
+        """Store ``chunk`` (copied into the arena); returns the stored entry."""
+        fields = [(f.name, getattr(chunk, f.name)) for f in dataclasses.fields(chunk)]
+        tensors = [(name, t) for name, t in fields if isinstance(t, torch.Tensor)]
+        size = sum(aligned(t.numel() * t.element_size()) for _, t in tensors)
+        inside = self.arena.fits(size)
+        if inside:
+            region = self.arena.reserve(size)
+            while self.arena.overlaps_oldest(region):
+                self._evict()
+            self.arena.take(region)
+            views, off = {}, 0
+            for name, t in tensors:
+                views[name] = self.arena.view(region, off, t.detach().contiguous())
+                off += aligned(t.numel() * t.element_size())
+            chunk = dataclasses.replace(chunk, **views)
+        else:
+            while self.items:
+                self._evict()
         self.items.append((self.added_positions, chunk))
+        self._in_arena.append(inside)
         self.added_positions += len(chunk)
         self.bytes += chunk.nbytes()
         while self.bytes > self.max_bytes and len(self.items) > 1:
-            _, old = self.items.popleft()
-            self.bytes -= old.nbytes()
-            self.evicted += 1
+            self._evict()
+        return chunk
+
+    def _evict(self) -> None:
+        _, old = self.items.popleft()
+        if self._in_arena.popleft():
+            self.arena.release_oldest()
+        self.bytes -= old.nbytes()
+        self.evicted += 1
 
     def weights(self) -> list[float]:
         now = self.added_positions
