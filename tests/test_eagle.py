@@ -474,6 +474,26 @@ def test_propose_tree_is_valid_and_follows_the_drafter(tiny, trained) -> None:
     assert prop.propose([seq], {0: 0}) == {}
 
 
+def test_an_unconfident_drafter_stops_growing_its_tree_early(tiny, cfg) -> None:
+    """A random head is near-uniform over the (here tiny) draft vocabulary: with a cut-off above its
+    probabilities its tree stops after the root's children (no forward for depth 2+), while with the
+    cut-off disabled the same head pays for every depth."""
+    ctx = greedy_continuation(tiny, PROMPTS[0], 12)
+    forwards = {}
+    for cut in (0.3, 0.0):
+        prop = EagleProposer(init_drafter(tiny, cfg, seed=3), topk=3, max_depth=5, min_path_prob=cut)
+        seq = prefilled(prop, tiny, 0, ctx)
+        before = prop.stats.forwards
+        tree = prop.propose([seq], {0: 12})[0]
+        forwards[cut] = prop.stats.forwards - before
+        if cut:
+            assert max(tree.depths()) == 1
+    assert forwards[0.3] < forwards[0.0]
+    # a path probability above the cut-off keeps growing (the head's best two-token paths are ~0.01)
+    prop = EagleProposer(init_drafter(tiny, cfg, seed=3), topk=3, max_depth=5, min_path_prob=0.002)
+    assert max(prop.propose([prefilled(prop, tiny, 0, ctx)], {0: 12})[0].depths()) > 1
+
+
 def test_batched_propose_equals_single_and_swap_rebuilds(tiny, cfg, trained) -> None:
     ctxs = [c[:len(p) + n] for c, p, n in zip(greedy_continuations(tiny, PROMPTS[:3], 15), PROMPTS, (9, 3, 15))]
     single = []

@@ -112,11 +112,16 @@ class EagleProposer:
     wants_aux = True
 
     def __init__(self, drafter: EagleDrafter, topk: int = 4, max_depth: int = 6,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, min_path_prob: float = 0.02) -> None:
         if topk < 1 or max_depth < 1:
             raise ValueError("topk and max_depth: must be >= 1")
         self.topk = topk
         self.max_depth = max_depth
+        # A sequence's tree stops growing once its best frontier path is this unlikely: an untrained head
+        # (near-uniform over the draft vocabulary) then costs one drafter forward, not max_depth of them,
+        # and a confident one still drafts deep. Each depth is a sequential forward, half a millisecond to
+        # several on a CPU, paid whether or not the controller keeps the nodes.
+        self.min_log_prob = math.log(min_path_prob) if min_path_prob > 0 else -math.inf
         self.dtype = dtype
         self.drafter = self._prepare(drafter)
         self.engine = None
@@ -326,6 +331,8 @@ class EagleProposer:
             for b, (_, _, budget) in enumerate(active):
                 ns = nodes[b]
                 sel = sorted(frontier[b], key=lambda i: -ns[i].cum)[:k]
+                if ns[sel[0]].cum < self.min_log_prob:
+                    continue
                 # EAGLE-2 always expands; we stop when it cannot change the result: descendants of the
                 # selected nodes score at most the best of them, and `budget` nodes already do better.
                 if len(ns) - 1 >= budget:
