@@ -1,7 +1,8 @@
 """RL rollout benchmark: the same GRPO run (same seeds, same prompts) under four rollout configurations.
 
-  (a) no speculation, FIFO                         the baseline
-  (b) + context-aware scheduling (Seer)            probe-first, longest-estimate-first, anti-starvation
+  (a) no speculation, FIFO                         the baseline: every response prefills its own prompt
+  (b) + context-aware scheduling (Seer)            probe-first, longest-estimate-first, anti-starvation,
+                                                   and a group's responses prefill their prompt once
   (c) + grouped suffix drafting                    siblings share a suffix tree (lossless speculation)
   (d) + co-trained learned drafter (TLT)           EAGLE-3 drafter trained in each rollout's tail
 
@@ -13,6 +14,13 @@ must agree within sampling noise; the speed ratios are against (a) measured in t
 
     .venv/bin/python bench/rl.py --quick        # a few minutes on a shared 2-core CPU
     .venv/bin/python bench/rl.py                # bigger: more steps, prompts and tokens
+    .venv/bin/python bench/rl.py --long         # long, variable-length reasoning rollouts (gsm_symbolic)
+
+``--long`` is the setting Seer (arXiv 2511.14617) and TLT target: step-by-step answers to grade-school word
+problems (reasoning-gym ``gsm_symbolic``) up to 512 tokens, whose lengths vary widely within a group, so
+the last responses form a long tail. The default workload (one-digit sums, ~30-token answers) has almost
+no tail and a large prompt-prefill share. ``--baseline-shares-prefill`` gives (a) the group prefill
+sharing too (as a vLLM prefix cache would), to separate that gain from scheduling and speculation.
 
 Writes bench/results/rl.json and bench/results/rl.png (reward, rollout time, tail, acceptance by step).
 """
@@ -37,18 +45,23 @@ from onspec.rl.rollout import RolloutConfig  # noqa: E402
 from onspec.rl.tasks import TaskConfig  # noqa: E402
 
 CONFIGS = {
-    "a: off, FIFO": dict(schedule="fifo", speculation="off", grouped=False, cotrain=False),
-    "b: + Seer scheduling": dict(schedule="seer", speculation="off", grouped=False, cotrain=False),
-    "c: + grouped suffix": dict(schedule="seer", speculation="suffix", grouped=True, cotrain=False),
-    "d: + co-trained drafter": dict(schedule="seer", speculation="auto", grouped=True, cotrain=True),
+    "a: off, FIFO": dict(schedule="fifo", speculation="off", grouped=False, cotrain=False, share=False),
+    "b: + Seer scheduling": dict(schedule="seer", speculation="off", grouped=False, cotrain=False, share=True),
+    "c: + grouped suffix": dict(schedule="seer", speculation="suffix", grouped=True, cotrain=False, share=True),
+    "d: + co-trained drafter": dict(schedule="seer", speculation="auto", grouped=True, cotrain=True, share=True),
 }
+
+# --long: reason step by step (long, variable-length answers) and end with a gradable line
+LONG_TASK = "gsm_symbolic"
+LONG_INSTRUCTION = "Solve it step by step, then give the final number on a last line: Answer: <number>"
 
 
 def run_config(name: str, spec: dict, base: RLConfig) -> list[dict]:
     from onspec.rl.cotrain import make_cotrainer
     from onspec.rl.loop import RLRunner
 
-    rollout = replace(base.rollout, schedule=spec["schedule"], grouped_drafting=spec["grouped"])
+    rollout = replace(base.rollout, schedule=spec["schedule"], grouped_drafting=spec["grouped"],
+                      share_prefill=spec["share"])
     cfg = replace(base, rollout=rollout, speculation=spec["speculation"], cotrain=spec["cotrain"])
     cotrainer = make_cotrainer(cfg) if cfg.cotrain else None
     runner = RLRunner(cfg, cotrainer=cotrainer)
@@ -72,6 +85,10 @@ def summarise(rows: list[dict]) -> dict:
         / max(1, sum(r["generated_tokens"] for r in rows)),
         "tail_seconds": med(r["tail_seconds"] for r in rows),
         "tokens_per_second": med(r["tokens_per_second"] for r in rows),
+        "prefill_tokens": statistics.mean(r["prefill_tokens"] for r in rows),
+        "shared_prompt_tokens": statistics.mean(r.get("shared_prompt_tokens", 0) for r in rows),
+        "response_tokens": statistics.mean(r["response_tokens"] for r in rows),
+        "truncated": statistics.mean(r.get("truncated", 0.0) for r in rows),
         "acceptance_length": med(r["acceptance_length"] for r in rows),
         "acceptance_by_strategy": {k: statistics.mean(v) for k, v in strategies.items()},
         "reward_mean": statistics.mean(r["reward"] for r in rows),
@@ -86,6 +103,12 @@ def summarise(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small run (2 steps, 2 prompts x 8, 96 tokens)")
+    p.add_argument("--long", action="store_true",
+                   help=f"long reasoning rollouts: task {LONG_TASK}, step-by-step instruction, 512 tokens")
+    p.add_argument("--task", default=None, help="reasoning-gym task (default basic_arithmetic; --long: "
+                   f"{LONG_TASK})")
+    p.add_argument("--baseline-shares-prefill", action="store_true",
+                   help="(a) also prefills each group's prompt once (isolates that gain)")
     p.add_argument("--model", default="default")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--prompts", type=int, default=None)
@@ -96,18 +119,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is best on a busy 2-core CPU)")
     p.add_argument("--only", default="", help="comma-separated config letters to run (e.g. a,c)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="rl")
+    p.add_argument("--name", default=None, help="results file name (default rl, or rl_long with --long)")
     args = p.parse_args(argv)
+    args.name = args.name or ("rl_long" if args.long else "rl")
     steps = args.steps or (2 if args.quick else 5)
     prompts = args.prompts or (2 if args.quick else 4)
-    max_tokens = args.max_tokens or (96 if args.quick else 128)
+    max_tokens = args.max_tokens or (96 if args.quick else 512 if args.long else 128)
     max_running = args.max_running or (8 if args.quick else 16)
-    base = RLConfig(model=args.model, task=TaskConfig(seed=args.seed), prompts_per_step=prompts, steps=steps,
+    task_name = args.task or (LONG_TASK if args.long else None)
+    task = TaskConfig(seed=args.seed, **({"name": task_name} if task_name else {}),
+                      **({"instruction": LONG_INSTRUCTION} if args.long else {}))
+    base = RLConfig(model=args.model, task=task, prompts_per_step=prompts, steps=steps,
                     rollout=RolloutConfig(group_size=args.group_size, max_tokens=max_tokens, temperature=1.0,
                                           chunk_tokens=args.chunk_tokens, max_running=max_running, seed=args.seed),
                     grpo=GRPOConfig(), max_num_seqs=max_running, threads=args.threads,
                     cotrain_tail=max(1, max_running // 4), seed=args.seed)
     chosen = {k: v for k, v in CONFIGS.items() if not args.only or k[0] in args.only.split(",")}
+    if args.baseline_shares_prefill:
+        chosen = {k: {**v, "share": True} for k, v in chosen.items()}
     warn = busy_warning(args.threads or 2)
     runs: dict[str, list[dict]] = {}
     for name, spec in chosen.items():
@@ -115,18 +144,25 @@ def main(argv: list[str] | None = None) -> int:
     summary = {name: summarise(rows) for name, rows in runs.items()}
     base_name = next(iter(summary))
     b = summary[base_name]
-    cols = ["config", "rollout s/step", "s/1k tok", "tail s", "accept len", "by strategy", "reward", "speedup",
-            "speedup/tok", "tail vs (a)"]
+    cols = ["config", "rollout s/step", "s/1k tok", "tail s", "resp tok", "prefill tok", "accept len",
+            "by strategy", "reward", "speedup", "speedup/tok", "tail vs (a)"]
     table = []
     for name, s in summary.items():
         strat = " ".join(f"{k}:{v:.2f}" for k, v in sorted(s["acceptance_by_strategy"].items()))
-        table.append([name, s["rollout_seconds"], s["seconds_per_1k_tokens"], s["tail_seconds"], s["acceptance_length"],
+        table.append([name, s["rollout_seconds"], s["seconds_per_1k_tokens"], s["tail_seconds"],
+                      s["response_tokens"], s["prefill_tokens"], s["acceptance_length"],
                       strat, s["reward_mean"], b["rollout_seconds"] / s["rollout_seconds"],
                       b["seconds_per_1k_tokens"] / s["seconds_per_1k_tokens"],
                       s["tail_seconds"] / b["tail_seconds"] if b["tail_seconds"] > 0 else float("nan")])
-    notes = [f"{steps} RL steps x {prompts} prompts x {args.group_size} responses, max_tokens {max_tokens}, "
+    notes = [f"task {task.name}; {steps} RL steps x {prompts} prompts x {args.group_size} responses, "
+             f"max_tokens {max_tokens}, "
              f"{max_running} concurrent; medians over steps; speedup = (a) rollout time / this one; "
-             f"speedup/tok: the same per generated token (sampled lengths differ between configurations)."]
+             f"speedup/tok: the same per generated token (sampled lengths differ between configurations); "
+             f"resp tok: mean response length (cut at max_tokens: "
+             + ", ".join(f"{k[0]} {v['truncated']:.0%}" for k, v in summary.items())
+             + "); prefill tok: prompt tokens computed per step (a group's "
+             f"responses share one prefill from (b) on"
+             + (", and in (a) too: --baseline-shares-prefill)." if args.baseline_shares_prefill else ").")]
     if warn:
         notes.append(warn)
     print_table("RL rollout phase (same seeds, same prompts)", cols, table, notes)

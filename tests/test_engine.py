@@ -601,3 +601,78 @@ def test_n_samples_share_the_learned_drafters_prompt_aux(tiny) -> None:
     assert [sq.output_ids for sq in seqs] == [ref] * 3
     assert all(sq.stats.by_strategy.get("learned", [0])[0] > 0 for sq in seqs)
     assert eng.counters.shared_prompt_tokens == 2 * (len(prompt) - 1) and not eng._prompt_aux
+
+
+# ---- add_siblings: separate requests (RL responses) that prefill one prompt once --------------------------
+
+
+def _run_all(eng: Engine) -> None:
+    while eng.has_unfinished():
+        eng.step()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_add_siblings_equals_separate_requests(tiny, temperature: float) -> None:
+    """Per-sample seeds and priorities; the tokens are those of each request added on its own."""
+    prompt = token_prompts(tiny.arch.vocab_size, lengths=(27,))[0]
+    seeds = [None, None, None] if temperature == 0 else [101, 7, 55]
+    params = [SamplingParams(temperature=temperature, seed=s, max_tokens=14 + i, ignore_eos=True)
+              for i, s in enumerate(seeds)]
+    eng = make_llm(tiny, max_num_batched_tokens=16).engine  # the first sample's prefill takes two chunks
+    seqs = eng.add_siblings(["a", "b", "c"], prompt, params, priorities=[0, 1, 2], group="g")
+    eng.step()
+    assert seqs[0].slot >= 0 and all(s.slot < 0 for s in seqs[1:])  # the others wait for its rows
+    _run_all(eng)
+    assert eng.counters.shared_prompt_tokens == 2 * (len(prompt) - 1)
+    assert eng.counters.prompt_tokens == len(prompt) + 2
+    alone = make_llm(tiny)
+    ref = [outputs(alone, [prompt], p)[0] for p in params]
+    assert [s.output_ids for s in seqs] == ref
+    if temperature:
+        assert len({tuple(r) for r in ref}) == 3
+    for rid in "abc":
+        eng.release_request(rid)
+    assert not eng.requests and not eng.seqs and not eng._prompt_aux
+    assert eng.kv.num_free == eng.kv.num_slots
+
+
+def test_add_siblings_join_a_running_sibling(tiny) -> None:
+    """A request joining later copies the rows from a sibling that is decoding (the first one finished)."""
+    prompt = token_prompts(tiny.arch.vocab_size, lengths=(19,))[0]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=m, ignore_eos=True)
+              for s, m in ((1, 3), (2, 30), (3, 12))]
+    eng = make_llm(tiny).engine
+    first = eng.add_siblings(["a", "b"], prompt, params[:2])
+    while not first[0].finished:
+        eng.step()
+    eng.release_request("a")
+    late = eng.add_siblings(["c"], prompt, params[2:], join=first[1])[0]
+    eng.step()
+    assert late.cache_len == len(prompt) and late.num_output == 1  # copied P - 1 rows, prefilled one token
+    _run_all(eng)
+    assert eng.counters.shared_prompt_tokens == 2 * (len(prompt) - 1)
+    alone = make_llm(tiny)
+    assert [first[1].output_ids, late.output_ids] == [outputs(alone, [prompt], p)[0] for p in params[1:]]
+    with pytest.raises(ValueError, match="join"):
+        eng.add_siblings(["d"], prompt[:-1], params[:1], join=first[1])
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_siblings(["e", "e"], prompt, params[:2])
+    with pytest.raises(ValueError, match="n = 1"):
+        eng.add_siblings(["f"], prompt, [replace(params[0], n=2)])
+
+
+def test_add_siblings_abort_the_prefilling_sibling(tiny) -> None:
+    """Aborting the sample that prefills for the others: the next one prefills and the rest share its rows."""
+    prompt = token_prompts(tiny.arch.vocab_size, lengths=(30,))[0]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    eng = make_llm(tiny, max_num_batched_tokens=16).engine
+    seqs = eng.add_siblings(["a", "b", "c", "d"], prompt, [params] * 4)
+    eng.step()
+    assert eng.abort("a")
+    eng.step()
+    assert seqs[1].slot >= 0 and seqs[2].slot < 0 and seqs[3].slot < 0
+    _run_all(eng)
+    ref = outputs(make_llm(tiny), [prompt], params)[0]
+    assert [s.output_ids for s in seqs[1:]] == [ref] * 3
+    assert eng.counters.shared_prompt_tokens == 2 * (len(prompt) - 1)
+    assert eng.kv.num_free == eng.kv.num_slots and not eng.scheduler.waiting

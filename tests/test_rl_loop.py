@@ -52,6 +52,8 @@ def test_one_rl_step_updates_engine_weights(chat_tiny, tmp_path):
     history = runner.run(progress_bar=False)
     m = history[0]
     assert m.trained_sequences > 0 and m.generated_tokens > 0
+    # 4 slots, 2 groups of 4: each group's responses prefill the prompt once (share_prefill)
+    assert m.shared_prompt_tokens > 0 and 0.0 <= m.truncated <= 1.0
     after = list(engine_model.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, after)), "the engine still has the old weights"
     assert all(torch.equal(a, b) for a, b in zip(after, runner.trainer.policy.parameters()))
@@ -59,7 +61,7 @@ def test_one_rl_step_updates_engine_weights(chat_tiny, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1
     for key in ("reward", "rollout_seconds", "tail_seconds", "tokens_per_second", "acceptance_length",
-                "acceptance_by_strategy", "train_seconds"):
+                "acceptance_by_strategy", "train_seconds", "shared_prompt_tokens", "truncated"):
         assert key in rows[0]
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
 

@@ -194,3 +194,34 @@ def test_progress_and_acceptance_reported(tiny_llama):
     # greedy siblings are identical, so grouped suffix drafting must accept drafts
     assert res.acceptance_length("suffix") > 1.5
     assert res.tail_seconds <= res.seconds
+
+
+@pytest.mark.parametrize("spec", ["off", "suffix"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("schedule,chunk", [("fifo", 0), ("seer", 0), ("seer", 6)])
+def test_shared_prefill_keeps_every_token(tiny_llama, spec, temperature, schedule, chunk):
+    """Siblings prefill their prompt once (add_siblings, joins included) and sample exactly the same tokens
+    as when every response prefills its own prompt: greedy and seeded."""
+    runs = {}
+    for share in (False, True):
+        cfg = RolloutConfig(group_size=4, max_tokens=16, temperature=temperature, schedule=schedule,
+                            chunk_tokens=chunk, share_prefill=share, seed=5)
+        runs[share] = run_rollout(ChunkRunner(_engine(tiny_llama, spec, 5), cfg), PROMPTS, cfg, step=1)
+    off, on = runs[False], runs[True]
+    assert [it.generated for it in on.items] == [it.generated for it in off.items]
+    assert off.shared_prompt_tokens == 0
+    # 5 slots for 3 groups x 4: some responses start later and join a running sibling of their group
+    assert on.shared_prompt_tokens >= sum(2 * (len(p) - 1) for p in PROMPTS)
+    assert on.prefill_tokens == off.prefill_tokens - on.shared_prompt_tokens
+    if temperature:
+        assert len({tuple(it.generated) for it in on.items}) > len(PROMPTS)
+
+
+def test_shared_prefill_joins_later_chunks(tiny_llama):
+    """One slot free at a time: every response after the first of a group joins a running sibling."""
+    cfg = RolloutConfig(group_size=3, max_tokens=10, temperature=1.0, schedule="fifo", seed=1)
+    engine = _engine(tiny_llama, "off", 2)
+    res = run_rollout(ChunkRunner(engine, cfg), PROMPTS[:1], cfg)
+    # responses 0 and 1 start together, response 2 when one of them finishes (its sibling still runs)
+    assert res.shared_prompt_tokens == 2 * (len(PROMPTS[0]) - 1)
+    assert engine.kv.num_free == engine.kv.num_slots and not engine._prompt_aux and not engine.requests

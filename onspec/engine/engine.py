@@ -121,8 +121,8 @@ class Engine:
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = 0, group: str | None = None) -> list[Sequence]:
+    def _checked_prompt(self, prompt: str | list[int], request_ids: list[str]) -> list[int]:
+        """The prompt's token ids, or a ValueError naming what is wrong with it or with the request ids."""
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("prompt: must not be empty")
@@ -133,25 +133,70 @@ class Engine:
             raise PromptTooLongError(
                 f"prompt has {len(ids)} tokens; the context length is {self.max_model_len} "
                 f"(leave room for at least one generated token)")
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        for i, rid in enumerate(request_ids):
+            if rid in self.requests or rid in request_ids[:i]:
+                raise ValueError(f"request_id {rid!r} is already in use")
+        return ids
+
+    def _add_seq(self, seq: Sequence) -> Sequence:
+        seq.seq_id = next(self._ids)
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        if self.spec is not None:
+            self.spec.add_request(seq)
+        return seq
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0, group: str | None = None) -> list[Sequence]:
+        ids = self._checked_prompt(prompt, [request_id])
         group = group or (request_id if params.n > 1 else None)
-        seqs = []
+        seqs: list[Sequence] = []
         for i in range(params.n):
             p = params
             if params.n > 1 and params.seed is not None:
                 p = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-            seq = Sequence(prompt_ids=ids, params=p, request_id=request_id, priority=priority, group=group,
-                           seq_id=next(self._ids))
+            seq = Sequence(prompt_ids=ids, params=p, request_id=request_id, priority=priority, group=group)
             if params.n > 1:
                 seq.siblings = seqs  # share the prompt's prefill (see Scheduler)
-            seqs.append(seq)
-            self.seqs[seq.seq_id] = seq
-            self.scheduler.add(seq)
-            if self.spec is not None:
-                self.spec.add_request(seq)
+            seqs.append(self._add_seq(seq))
         self.requests[request_id] = seqs
         return seqs
+
+    def add_siblings(self, request_ids: list[str], prompt: str | list[int], params: list[SamplingParams],
+                     priorities: list[int] | None = None, group: str | None = None,
+                     join: Sequence | None = None) -> list[Sequence]:
+        """Add one single-sample request per id, all with one prompt, as siblings that prefill it once.
+
+        What ``n > 1`` does inside one request, for requests that must stay separate: each has its own
+        ``SamplingParams`` (its own seed: the RL rollout's per-response seeds), priority and request id (it
+        finishes, is read and released on its own). The first sample prefills the prompt; the others copy
+        its first ``P - 1`` cache rows (same scheduler machinery as ``n > 1``: waiting, preemption, abort,
+        chunked prefill). ``join``: a sequence added earlier by ``add_siblings`` with the same prompt; the
+        new samples join its siblings and copy the rows from whichever of them still holds them. Sharing
+        changes no token: a sample's first token comes from its own logits row over identical cache rows.
+        """
+        if not request_ids or len(params) != len(request_ids):
+            raise ValueError("add_siblings: need one SamplingParams per request id (at least one)")
+        if any(p.n != 1 for p in params):
+            raise ValueError("add_siblings: every sample's params must have n = 1")
+        priorities = priorities if priorities is not None else [0] * len(request_ids)
+        if len(priorities) != len(request_ids):
+            raise ValueError("add_siblings: need one priority per request id")
+        ids = self._checked_prompt(prompt, list(request_ids))
+        siblings: list[Sequence] = []
+        if join is not None:
+            if join.siblings is None or join.prompt_ids != ids:
+                raise ValueError("add_siblings: join must be a sibling sequence with the same prompt")
+            siblings = join.siblings
+        out = []
+        for rid, p, prio in zip(request_ids, params, priorities):
+            seq = Sequence(prompt_ids=ids, params=p, request_id=rid, priority=prio, group=group)
+            seq.siblings = siblings
+            siblings.append(seq)  # before the scheduler sees it: it waits for the first unfinished sibling
+            self._add_seq(seq)
+            self.requests[rid] = [seq]
+            out.append(seq)
+        return out
 
     def abort(self, request_id: str) -> bool:
         seqs = self.requests.pop(request_id, None)
@@ -161,9 +206,9 @@ class Engine:
             if not seq.finished:
                 self.scheduler.abort(seq.seq_id)
                 self._retire(seq, "abort")
+            self._drop_prompt_aux(seq)
             self.seqs.pop(seq.seq_id, None)
             seq.siblings = None
-        self._prompt_aux.pop(seqs[0].seq_id, None)
         return True
 
     def has_unfinished(self) -> bool:
@@ -237,14 +282,13 @@ class Engine:
         for seq in list(batch.decode) + [s for s, _ in batch.prefill]:
             if seq.finished:
                 self.scheduler.finish(seq)
-                if seq.siblings is not None and all(s.finished for s in seq.siblings):
-                    self._prompt_aux.pop(seq.siblings[0].seq_id, None)
+                self._drop_prompt_aux(seq)
         return deltas
 
     def _keep_prompt_aux(self, seq: Sequence, start: int, aux: torch.Tensor) -> None:
         """Keep the aux rows of the prompt's first P - 1 positions for the siblings that will copy them."""
         need = seq.num_prompt - 1
-        if start >= need or all(s.finished for s in seq.siblings if s is not seq):
+        if start >= need:  # kept even with no sibling waiting: add_siblings(join=...) may bring one later
             return
         chunks = self._prompt_aux.setdefault(seq.siblings[0].seq_id, [])
         if start == 0:
@@ -365,9 +409,12 @@ class Engine:
 
     def release_request(self, request_id: str) -> None:
         """Forget a finished request's bookkeeping (the API calls this once it has read the outputs)."""
-        seqs = self.requests.pop(request_id, [])
-        for seq in seqs:
+        for seq in self.requests.pop(request_id, []):
+            self._drop_prompt_aux(seq)
             self.seqs.pop(seq.seq_id, None)
             seq.siblings = None  # no reference cycle left behind
-        if seqs:
-            self._prompt_aux.pop(seqs[0].seq_id, None)
+
+    def _drop_prompt_aux(self, seq: Sequence) -> None:
+        """Forget the kept prompt aux rows of ``seq``'s siblings once none of them is left unfinished."""
+        if seq.siblings and all(s.finished for s in seq.siblings):
+            self._prompt_aux.pop(seq.siblings[0].seq_id, None)

@@ -16,8 +16,10 @@ drafting). A sample admitted then copies that sibling's first ``P - 1`` cache ro
 ``cache_len = P - 1`` and prefills only the last prompt token, which gives it its own logits row (its first
 token is its own draw). The batch lists the row copies in ``shared`` and the engine performs them before the
 forward (the scheduler never touches a tensor). A preempted sample shares again if a sibling still holds the
-rows and recomputes otherwise; a sample whose first sibling finished without sharing (e.g. ``max_num_seqs =
-1``) prefills on its own.
+rows and recomputes otherwise. The sample that prefills for the others is the first unfinished sibling: if
+it finishes without sharing (e.g. ``max_num_seqs = 1``) or is aborted, the next one prefills and the rest
+wait for it. Separate requests can be siblings too (``Engine.add_siblings``: RL responses, each with its own
+seed); a request joining later copies the rows from any running sibling.
 """
 
 from __future__ import annotations
@@ -128,11 +130,14 @@ class Scheduler:
 
     @staticmethod
     def _awaits_prefix(seq: Sequence) -> bool:
-        """A fresh sample (not the first) waits while its first sibling has yet to prefill the prompt."""
+        """A fresh sample waits while another sibling, the first unfinished one, has yet to prefill the prompt.
+
+        The first unfinished sibling, not the first: if the first was aborted or finished without sharing
+        (or a sample joined after it finished, ``Engine.add_siblings``), the next one prefills for the rest."""
         if seq.siblings is None or seq.num_prompt < 2 or seq.num_output:
             return False
-        lead = seq.siblings[0]
-        return lead is not seq and not lead.finished
+        lead = next((s for s in seq.siblings if not s.finished), seq)
+        return lead is not seq
 
     def schedule(self) -> ScheduledBatch:
         out = ScheduledBatch()

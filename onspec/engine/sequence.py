@@ -60,9 +60,10 @@ class Sequence:
     stats: SpecStats = field(default_factory=SpecStats)
     first_token_time: float | None = None
     preemptions: int = 0
-    # n > 1: every sample of the request in order (one list shared by all of them). Samples after the first
-    # do not prefill the prompt themselves: they wait for a sibling's cache to hold the prompt's first
-    # ``num_prompt - 1`` rows, copy them, and prefill only the last prompt token (see Scheduler.schedule).
+    # n > 1 (or Engine.add_siblings): every sample with this prompt in order (one list shared by all of them).
+    # Samples after the first unfinished one do not prefill the prompt themselves: they wait for a sibling's
+    # cache to hold the prompt's first ``num_prompt - 1`` rows, copy them, and prefill only the last prompt
+    # token (see Scheduler.schedule).
     siblings: list["Sequence"] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -114,6 +114,8 @@ class StepMetrics:
     trained_sequences: int
     step_seconds: float
     drafter: dict = field(default_factory=dict)
+    shared_prompt_tokens: int = 0        # prompt cache rows copied between siblings instead of prefilled
+    truncated: float = 0.0               # fraction of responses cut at max_tokens (a cap flattens the tail)
 
 
 class RLRunner:
@@ -229,7 +231,9 @@ class RLRunner:
             prefill_tokens=result.prefill_tokens, reprefill_tokens=result.reprefill_tokens,
             chunks=result.chunks, moves=result.moves,
             train_seconds=upd.seconds, loss=upd.loss, grad_norm=upd.grad_norm, clip_frac=upd.clip_frac,
-            kl=upd.kl, trained_sequences=upd.trained_sequences, step_seconds=seconds, drafter=drafter)
+            kl=upd.kl, trained_sequences=upd.trained_sequences, step_seconds=seconds, drafter=drafter,
+            shared_prompt_tokens=result.shared_prompt_tokens,
+            truncated=sum(it.finish_reason == "length" for it in result.items) / n)
 
     def run(self, progress_bar: bool = True) -> list[StepMetrics]:
         try:

@@ -21,6 +21,13 @@ Ideas from Seer (arXiv 2511.14617), written for this engine:
   therefore *pins* each group with a placeholder member (a negative id the engine never uses) for the
   whole rollout. With several workers, each finished chunk's tokens are also copied into the other
   workers' trees of that group (``share``), so siblings on different engines still draft from each other.
+* Group prefill sharing (``share_prefill``). The engine shares an ``n > 1`` request's prompt prefill between
+  its samples; RL responses are separate requests (each its own seed and lifetime), so ``ChunkRunner``
+  adds the chunks of one group with the same context together through ``Engine.add_siblings``, and a chunk
+  submitted later joins a sibling still running with that context. The prompt is prefilled once per group
+  instead of ``group_size`` times; ``shared_prompt_tokens`` counts the cache rows copied instead. (Seer and
+  veRL get the same from vLLM's prefix cache; our engine keeps no cache between requests, hence siblings.)
+  Only first chunks share: continuation chunks of a divided rollout have per-response contexts.
 
 Exactness: speculation is lossless, so a rollout's tokens have exactly the policy's distribution. Sampling
 uses a per-chunk seed derived from (seed, step, group, response, tokens so far): the same item gets the same
@@ -53,6 +60,7 @@ class RolloutConfig:
     chunk_tokens: int = 0                # divided rollout chunk size; 0 = undivided
     starvation_every: int = 8            # every k-th dispatch serves the longest-waiting item
     grouped_drafting: bool = True        # siblings share a suffix tree (engine group ids + pins)
+    share_prefill: bool = True           # siblings with the same context prefill it once (add_siblings)
     max_running: int = 0                 # per-worker concurrent requests; 0 = the engine's max_num_seqs
     tail_fraction: float = 0.1           # tail = time to finish the last this fraction of responses
     seed: int = 0
@@ -128,12 +136,13 @@ class RolloutResult:
     seconds: float
     tail_seconds: float
     generated_tokens: int
-    prefill_tokens: int                 # prompt tokens the engines computed (first chunks + re-prefills)
+    prefill_tokens: int                 # context tokens the engines computed (first chunks + re-prefills)
     reprefill_tokens: int               # of which continuation chunks re-computed
     chunks: int
     moves: int                          # continuation chunks that ran on a different worker
     by_strategy: dict[str, list[int]]   # strategy -> [sequence-steps, committed tokens]
     finish_order: list[tuple[int, int]]
+    shared_prompt_tokens: int = 0       # context cache rows copied from a sibling (not in prefill_tokens)
 
     @property
     def tokens_per_second(self) -> float:
@@ -313,6 +322,9 @@ class ChunkRunner:
         self._live: dict[str, WorkItem] = {}
         self._pins: dict[str, int] = {}
         self._pin_ids = itertools.count(1)
+        # (group, context) -> the engine's sibling list of the chunks submitted with it (share_prefill), so a
+        # later chunk with the same context joins them; dropped once none of them is running
+        self._families: dict[tuple, list] = {}
 
     @property
     def capacity(self) -> int:
@@ -356,20 +368,37 @@ class ChunkRunner:
             tree.extend(("remote", key), tokens)
 
     def submit(self, work: list[WorkItem]) -> list[ChunkResult]:
-        """Add chunks to the engine; chunks that cannot run (context too long) come back finished."""
-        refused = []
+        """Add chunks to the engine; chunks that cannot run (context too long) come back finished.
+
+        With ``share_prefill`` the chunks of one group with the same context go in as siblings (one prefill,
+        see the module docstring), the most urgent (lowest priority value) first: it is the one that
+        prefills, unless a sibling added earlier is still running with the context's cache rows."""
+        families: dict[tuple, list[WorkItem]] = {}
         for w in work:
-            if w.group_id is not None:
-                self.pin(w.group_id)
-            rid = f"rl-{next(self._rids)}"
-            params = SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                    max_tokens=w.max_tokens, seed=w.seed)
+            fkey = (w.key[0], tuple(w.prompt_ids)) if self.cfg.share_prefill else (w.key,)
+            families.setdefault(fkey, []).append(w)
+        refused = []
+        for fkey, ws in families.items():
+            ws.sort(key=lambda w: w.priority)
+            for w in ws:
+                if w.group_id is not None:
+                    self.pin(w.group_id)
+            rids = [f"rl-{next(self._rids)}" for _ in ws]
+            params = [SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                     max_tokens=w.max_tokens, seed=w.seed) for w in ws]
             try:
-                self.engine.add_request(rid, w.prompt_ids, params, priority=w.priority, group=w.group_id)
+                if self.cfg.share_prefill:
+                    join = next((s for s in self._families.get(fkey, ()) if not s.finished), None)
+                    seqs = self.engine.add_siblings(rids, ws[0].prompt_ids, params, [w.priority for w in ws],
+                                                    group=ws[0].group_id, join=join)
+                    self._families[fkey] = seqs[0].siblings
+                else:
+                    self.engine.add_request(rids[0], ws[0].prompt_ids, params[0], priority=ws[0].priority,
+                                            group=ws[0].group_id)
             except ValueError:  # the context outgrew the engine: the response ends here
-                refused.append(ChunkResult(w.key, [], "length", w.max_tokens))
+                refused.extend(ChunkResult(w.key, [], "length", w.max_tokens) for w in ws)
                 continue
-            self._live[rid] = w
+            self._live.update(zip(rids, ws))
         return refused
 
     def step(self) -> list[ChunkResult]:
@@ -383,6 +412,8 @@ class ChunkRunner:
                 done.append(ChunkResult(w.key, list(seq.output_ids), seq.finish_reason, w.max_tokens))
                 self.engine.release_request(rid)
                 del self._live[rid]
+        if done:
+            self._families = {k: v for k, v in self._families.items() if any(not s.finished for s in v)}
         return done
 
     def counters(self) -> dict[str, list[int]]:
@@ -409,6 +440,7 @@ def run_rollout(runner: ChunkRunner, prompts: list[list[int]], cfg: RolloutConfi
     coord = Coordinator(prompts, cfg, step, [runner.capacity])
     before = runner.counters()
     tokens0 = runner.engine.counters.generated_tokens
+    shared0 = runner.engine.counters.shared_prompt_tokens
     try:
         while not coord.done:
             for w, work in coord.assign().items():
@@ -428,9 +460,10 @@ def run_rollout(runner: ChunkRunner, prompts: list[list[int]], cfg: RolloutConfi
     finally:
         runner.unpin_all()
     seconds = time.perf_counter() - coord.t0
+    shared = runner.engine.counters.shared_prompt_tokens - shared0
     return RolloutResult(items=coord.items, seconds=seconds, tail_seconds=coord.tail_seconds(seconds),
                          generated_tokens=runner.engine.counters.generated_tokens - tokens0,
-                         prefill_tokens=coord.prefill_tokens, reprefill_tokens=coord.reprefill_tokens,
+                         prefill_tokens=coord.prefill_tokens - shared, reprefill_tokens=coord.reprefill_tokens,
                          chunks=coord.chunks, moves=coord.moves,
                          by_strategy=strategy_delta(before, runner.counters()),
-                         finish_order=list(coord.finish_order))
+                         finish_order=list(coord.finish_order), shared_prompt_tokens=shared)
