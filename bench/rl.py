@@ -47,7 +47,8 @@ from onspec.rl.tasks import TaskConfig  # noqa: E402
 CONFIGS = {
     "a: off, FIFO": dict(schedule="fifo", speculation="off", grouped=False, cotrain=False, share=False),
     "b: + Seer scheduling": dict(schedule="seer", speculation="off", grouped=False, cotrain=False, share=True),
-    "c: + grouped suffix": dict(schedule="seer", speculation="suffix", grouped=True, cotrain=False, share=True),
+    # auto with no learned drafter attached: the grouped suffix drafter, budgeted by the controller
+    "c: + grouped suffix": dict(schedule="seer", speculation="auto", grouped=True, cotrain=False, share=True),
     "d: + co-trained drafter": dict(schedule="seer", speculation="auto", grouped=True, cotrain=True, share=True),
 }
 

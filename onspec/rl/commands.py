@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--minibatches", type=int, default=1, help="optimizer steps per rollout batch")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
     p.add_argument("--speculation", default=None, choices=SPECULATION_MODES,
-                   help="rollout speculation (default: suffix; auto with --cotrain)")
+                   help="rollout speculation (default: auto: the controller drafts where it pays)")
     p.add_argument("--schedule", default="seer", choices=SCHEDULES)
     p.add_argument("--chunk-tokens", type=int, default=0, help="divided rollout chunk size (0: undivided)")
     p.add_argument("--no-group-drafting", action="store_true", help="siblings do not share a suffix tree")
@@ -70,7 +70,7 @@ def config_from_args(args: argparse.Namespace):
                       autocast=not args.no_autocast)
     return RLConfig(model=args.model, dtype=args.dtype, task=task, prompts_per_step=args.prompts,
                     steps=args.steps, rollout=rollout, grpo=grpo,
-                    speculation=args.speculation or ("auto" if args.cotrain else "suffix"),
+                    speculation=args.speculation or "auto",
                     max_num_seqs=args.max_num_seqs, threads=args.threads, workers=args.workers,
                     ray_address=args.ray_address, cotrain=args.cotrain, out=args.out, plot=args.plot,
                     seed=args.seed)

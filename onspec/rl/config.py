@@ -24,7 +24,8 @@ class RLConfig:
     steps: int = 20
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    speculation: str = "suffix"          # rollout engine's speculation (lossless either way)
+    speculation: str = "auto"            # rollout speculation (lossless either way); auto: the controller
+                                         # drafts (grouped suffix; + learned with cotrain) only where it pays
     max_num_seqs: int = 64               # engine slots per worker
     max_model_len: int = 1024
     threads: int = 0                     # torch threads (0: torch's default)
