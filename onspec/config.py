@@ -89,8 +89,9 @@ class TrainerConfig:
     chunk_positions: int = 256          # a sequence's trace is cut into chunks of this many positions
     chunk_context: int = 32             # positions repeated at the head of a continued chunk (context only)
     queue_chunks: int = 64              # engine-side send queue (oldest dropped when full; never blocks)
-    buffer_bytes: int = 192 * 2**20     # trainer replay buffer budget (oldest chunks evicted): ~45k positions,
-                                        # ~350 requests; bounds server + trainer under 3 GiB (bench/serve.py)
+    buffer_bytes: int = 128 * 2**20     # trainer replay buffer budget (oldest chunks evicted): ~30k positions,
+                                        # ~3.7 recency half-lives, so what it drops had < 8% of a fresh chunk's
+                                        # sampling weight; bounds server + trainer under 3 GiB (bench/serve.py)
     heldout_every: int = 8              # every n-th chunk is held out (gate and manifest figures)
     heldout_positions: int = 1024       # held-out window: the most recent positions kept for the gate
     recency_half_life: int = 8192       # positions: a chunk's sampling weight halves per this many newer ones

@@ -392,3 +392,82 @@ def test_replay_buffer_footprint_is_fixed_and_evicts_oldest_first() -> None:
     for _, c in buf.items:                                       # nothing overwritten by later chunks
         t = int(c.key)
         assert bool((c.tokens == t).all() and (c.aux == t).all() and (c.hidden == -t).all())
+
+
+def _mixed_lengths_buffer(n_short: int = 40):
+    """A replay buffer of one long chunk among many short ones: the draw that padded worst before."""
+    from onspec.train.traces import TraceBuffer, TraceChunk
+
+    buf = TraceBuffer(2**24, half_life=10**6, preallocate=False)
+    for i, n in enumerate([280] + [12] * n_short + [280]):
+        buf.add(TraceChunk(key=str(i), start=0, tokens=torch.zeros(n, dtype=torch.long), aux=torch.zeros(n, 6),
+                           hidden=torch.zeros(n, 2), has_hidden=torch.ones(n, dtype=torch.bool),
+                           generated=torch.ones(n, dtype=torch.bool)))
+    return buf
+
+
+def test_trainer_batches_are_bounded_in_padded_size() -> None:
+    """A training batch drawn with a cell bound never pads past it (and still holds at least one chunk),
+    while an unbounded draw of the same positions from a buffer of one long chunk among many short ones
+    padded to many times its positions: the rare large step that set the trainer's high-water mark and
+    made its memory rise in steps over a long-running server (issue 5)."""
+    from onspec.train.traces import padded_cells
+
+    buf = _mixed_lengths_buffer()
+    rng = random.Random(0)
+    unbounded = max(padded_cells(len(s), max(len(c) for c in s)) for s in (buf.sample(512, rng) for _ in range(200)))
+    assert unbounded > 4 * 1024
+    for _ in range(200):
+        s = buf.sample(512, rng, max_cells=1024)
+        assert s and padded_cells(len(s), max(len(c) for c in s)) <= 1024
+    big = buf.sample(512, random.Random(1), max_cells=8)   # a bound below one chunk: that chunk alone
+    assert len(big) == 1
+
+
+def test_trainer_steps_and_evaluation_stay_within_their_cell_bound(tiny, monkeypatch) -> None:
+    """Optimizer steps (``Trainer.batch_cells``) and the held-out evaluation (``batch_cells`` of
+    ``simulated_acceptance``) collate batches within their bounds on a buffer of mixed lengths; the
+    evaluation over several bounded groups gives the figure of one unbounded pass."""
+    from onspec.train import objective as obj
+    from onspec.train import trainer as trainer_mod
+
+    tr = _trainer(tiny)
+    for c in _synthetic_chunks(tiny, 60):
+        tr.add(c)
+    cells: list[int] = []
+
+    def recording(samples, bucket=True, _c=obj.collate):
+        batch = _c(samples, bucket=bucket)
+        cells.append(batch.tokens.numel())
+        return batch
+
+    monkeypatch.setattr(trainer_mod, "collate", recording)
+    for _ in range(10):
+        tr.step()
+    assert cells and max(cells) <= tr.batch_cells
+    samples = [s for _, s in tr.buffer.items]
+    whole, roots = obj.simulated_acceptance(tr.drafter.eval(), samples, 3, batch_cells=10**9)
+    monkeypatch.setattr(obj, "collate", recording)
+    cells.clear()
+    grouped, roots2 = obj.simulated_acceptance(tr.drafter, samples, 3, batch_cells=256)
+    assert len(cells) > 1 and max(cells) <= 256
+    assert roots2 == roots and grouped == pytest.approx(whole, abs=1e-9)
+
+
+def test_trainer_drops_target_layers_it_never_reads(tiny_model_dirs) -> None:
+    """The trainer process keeps only the target layers from its highest aux layer up (and the embeddings,
+    lm_head and final norm): soft targets and recomputed prompt hidden states are unchanged, and the
+    dropped layers' memory is freed (most of the target: ~190 MiB of the default model in bfloat16)."""
+    from onspec.train.recompute import PromptHidden
+    from onspec.train.trainer import drop_layers_below
+
+    loaded = load_model(str(tiny_model_dirs["llama"]), "float32")
+    n = loaded.arch.num_layers
+    hi = n - 1
+    H = loaded.arch.hidden_size
+    x = torch.randn(13, H, generator=torch.Generator().manual_seed(0))
+    before = PromptHidden(loaded, (0, 1, hi))._top_layers(x)
+    per_layer = sum(p.numel() * p.element_size() for p in loaded.model.layers[0].parameters())
+    assert drop_layers_below(loaded, hi) >= hi * per_layer > 0
+    assert all(isinstance(layer, torch.nn.Identity) for layer in loaded.model.layers[:hi])
+    torch.testing.assert_close(PromptHidden(loaded, (0, 1, hi))._top_layers(x), before)

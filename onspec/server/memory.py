@@ -63,10 +63,13 @@ class MemoryTrimmer:
 
     def maybe_trim(self) -> bool:
         """Trim if the last trim is old enough; True when a trim ran."""
-        now = time.monotonic()
-        if now - self._last < self.min_interval:
+        if time.monotonic() - self._last < self.min_interval:
             return False
-        self._last = now
+        return self.trim()
+
+    def trim(self) -> bool:
+        """Trim now (after large transient work); True when a trim ran."""
+        self._last = time.monotonic()
         fn = self._fn()
         if fn is None:
             return False

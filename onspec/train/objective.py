@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..config import TrainerConfig
 from ..engine.runner import bucket_tokens
-from .traces import TraceChunk
+from .traces import TraceChunk, padded_cells
 
 
 @dataclass
@@ -284,30 +284,36 @@ def objective(drafter, batch: Batch, cfg: TrainerConfig, generator: torch.Genera
 
 
 @torch.no_grad()
-def simulated_acceptance(drafter, samples: list[Sample], depth: int, batch_positions: int = 2048,
+def simulated_acceptance(drafter, samples: list[Sample], depth: int, batch_cells: int = 1024,
                          autocast: bool = False) -> tuple[float, int]:
-    """(1 + mean accepted drafts of greedy chain drafting of ``depth`` tokens, number of roots)."""
+    """(1 + mean accepted drafts of greedy chain drafting of ``depth`` tokens, number of roots).
+
+    Samples are evaluated in groups whose padded batch (``traces.padded_cells``) stays within
+    ``batch_cells`` (a single longer sample goes alone): the logits are ``cells x draft vocabulary`` floats
+    per unroll step, and a group bounded only by its real positions (2048 before) padded to several
+    thousand cells when short and long chunks met, a transient of hundreds of MiB before every publish
+    (trainer) and every gate decision (server) that the processes then kept (issue 5)."""
     if not samples:
         return 1.0, 0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        return _simulated_acceptance(drafter, samples, depth, batch_positions)
+        return _simulated_acceptance(drafter, samples, depth, batch_cells)
 
 
-def _simulated_acceptance(drafter, samples: list[Sample], depth: int, batch_positions: int
+def _simulated_acceptance(drafter, samples: list[Sample], depth: int, batch_cells: int
                           ) -> tuple[float, int]:
     accepted, roots = 0.0, 0
     group: list[Sample] = []
-    size = 0
+    longest = 0
     for s in samples + [None]:  # type: ignore[list-item]
-        if s is not None and (size + len(s) <= batch_positions or not group):
+        if s is not None and (not group or padded_cells(len(group) + 1, max(longest, len(s))) <= batch_cells):
             group.append(s)
-            size += len(s)
+            longest = max(longest, len(s))
             continue
         if group:
             a, r = _accept_counts(drafter, collate(group), depth)
             accepted += a
             roots += r
-        group, size = ([s], len(s)) if s is not None else ([], 0)
+        group, longest = ([s], len(s)) if s is not None else ([], 0)
     return (1.0 + accepted / roots if roots else 1.0), roots
 
 

@@ -37,7 +37,15 @@ from typing import Callable, Iterable
 import torch
 
 from ..config import TrainerConfig
+from ..engine.runner import bucket_tokens
 from .arena import ArenaRing, aligned
+
+
+def padded_cells(n: int, max_len: int) -> int:
+    """Positions of a batch of ``n`` sequences of at most ``max_len`` positions once ``objective.collate``
+    pads both to ``bucket_tokens`` sizes: what a training or evaluation step's memory scales with (its
+    logits are ``cells x draft vocabulary`` floats per unroll step)."""
+    return bucket_tokens(n) * bucket_tokens(max_len)
 
 
 # ---- the record ---------------------------------------------------------------------------------------
@@ -445,19 +453,32 @@ class TraceBuffer:
         now = self.added_positions
         return [len(c) * math.pow(2.0, -(now - (at + len(c))) / self.half_life) for at, c in self.items]
 
-    def sample(self, positions: int, rng: random.Random) -> list[TraceChunk]:
-        """Chunks (without replacement) totalling about ``positions`` positions."""
+    def sample(self, positions: int, rng: random.Random, max_cells: int | None = None) -> list[TraceChunk]:
+        """Chunks (without replacement) totalling about ``positions`` positions.
+
+        ``max_cells`` bounds the padded batch (:func:`padded_cells`): a drawn chunk that would take it past
+        the bound is passed over (it stays in the buffer for later steps), and drawing stops after a few
+        such misses. Why: chunks run from a few positions to ``chunk_positions + chunk_context``, and one
+        long chunk drawn with twenty short ones padded 512 positions to 24 x 320 = 7680, whose logits,
+        softmaxes and gradients took well over a GiB for that one step; the rare large draws set the
+        trainer process's high-water mark, which then rose in steps over a long-running server (issue 5).
+        The first chunk is always taken, so a batch is never empty."""
         if not self.items:
             return []
         w = self.weights()
         idx = list(range(len(self.items)))
-        out, total = [], 0
-        while idx and total < positions:
+        out: list = []
+        total = longest = misses = 0
+        while idx and total < positions and misses < 8:
             (k,) = rng.choices(range(len(idx)), weights=[w[i] for i in idx])
             i = idx.pop(k)
             chunk = self.items[i][1]
+            if out and max_cells is not None and padded_cells(len(out) + 1, max(longest, len(chunk))) > max_cells:
+                misses += 1
+                continue
             out.append(chunk)
             total += len(chunk)
+            longest = max(longest, len(chunk))
         return out
 
     def recent(self, positions: int) -> list[TraceChunk]:

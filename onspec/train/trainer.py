@@ -30,10 +30,15 @@ from pathlib import Path
 import torch
 
 from ..config import TrainerConfig
+from ..server.memory import MemoryTrimmer
 from .objective import (Sample, SoftTargets, collate, make_optimizer, objective, simulated_acceptance,
                         trainable_parameters)
 from .recompute import PromptHidden
 from .traces import TraceBuffer, TraceChunk
+
+
+# Seconds between two malloc_trim calls of the trainer process after optimizer steps (see _TrainerLoop.run).
+TRIM_EVERY_SECONDS = 2.0
 
 
 class Trainer:
@@ -74,8 +79,15 @@ class Trainer:
         return self.heldout.recent(self.cfg.heldout_positions)
 
     # ---- optimisation ----------------------------------------------------------------------------
+    @property
+    def batch_cells(self) -> int:
+        """Bound on an optimizer step's padded batch (``traces.padded_cells``): twice its positions, room
+        for three chunks of full length or for many short ones, and a bounded step working set (see
+        ``TraceBuffer.sample``)."""
+        return 2 * self.cfg.batch_positions
+
     def step(self, batch_samples: list[Sample] | None = None) -> dict:
-        samples = batch_samples or self.buffer.sample(self.cfg.batch_positions, self.rng)
+        samples = batch_samples or self.buffer.sample(self.cfg.batch_positions, self.rng, self.batch_cells)
         if not samples:
             return {}
         batch = collate(samples)
@@ -144,6 +156,22 @@ def load_target_light(model_path: str, dtype: str):
     return LoadedModel(model=net, tokenizer=None, arch=arch, path=path, name=path.name, eos_token_ids=())
 
 
+def drop_layers_below(target, keep_from: int) -> int:
+    """Replace the target's decoder layers below ``keep_from`` with empty modules; returns the bytes freed.
+
+    Why: the trainer process reads only the target's embeddings and lm_head (soft targets, the drafter's
+    shared embeddings) and its layers from the highest aux layer up (``PromptHidden`` recomputes prompt
+    hidden states from there). The layers below are most of the model, ~190 MiB of the default model in
+    bfloat16 that this process held for nothing (issue 5: server + trainer under 3 GiB)."""
+    layers = target.model.layers
+    freed = 0
+    for i in range(min(keep_from, len(layers))):
+        freed += sum(p.numel() * p.element_size() for p in layers[i].parameters())
+        freed += sum(b.numel() * b.element_size() for b in layers[i].buffers())
+        layers[i] = torch.nn.Identity()
+    return freed
+
+
 def load_version_for_training(root: Path, version: int, target):
     """(fp32 drafter, optimizer state or None, manifest) of a published version."""
     from ..spec.eagle import load_eagle3
@@ -206,10 +234,19 @@ class _TrainerLoop:
         threads = cfg.trainer_threads
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
+        # Every step allocates and frees a working set of tens to hundreds of MiB (logits over the draft
+        # vocabulary, their softmaxes and gradients, attention scores) in tensors of many sizes; glibc keeps
+        # what sits in its heaps (everything under its adaptive mmap threshold, up to 32 MiB), so without a
+        # trim the process stays at its largest step's footprint plus fragmentation. A trim costs a few
+        # milliseconds against a step of about a second.
+        trimmer = MemoryTrimmer(min_interval=TRIM_EVERY_SECONDS)
         target = load_target_light(self.launch.model_path, self.launch.model_dtype)
         drafter, opt_state, manifest = load_version_for_training(self.root, self.launch.start_version, target)
         trainer = Trainer(drafter, target, cfg, step=manifest.step, samples=manifest.samples,
                           optimizer_state=opt_state)
+        drop_layers_below(target, trainer.prompt_hidden.hi)
+        del drafter, opt_state
+        trimmer.trim()  # the dropped layers and the loading's transients
         parent = self.launch.start_version
         self._emit({"type": "started", "version": parent, "step": trainer.steps, "pid": os.getpid()})
         last_pub_t, last_pub_step = time.monotonic(), trainer.steps
@@ -243,6 +280,7 @@ class _TrainerLoop:
             if trainer.ready() and not self.stop_event.is_set():
                 t0 = time.perf_counter()
                 stats = trainer.step()
+                trimmer.maybe_trim()
                 dt = time.perf_counter() - t0
                 compute += dt
             now = time.monotonic()
@@ -264,6 +302,7 @@ class _TrainerLoop:
                             "samples": trainer.samples, "heldout_acceptance": al, "heldout_roots": roots})
                 parent = v
                 last_pub_t, last_pub_step = time.monotonic(), trainer.steps
+                trimmer.trim()  # the evaluation's batches and the serialised weights and optimizer state
             if now - last_status >= 1.0:
                 last_status = now
                 self._emit({"type": "status", "step": trainer.steps, "samples": trainer.samples,
