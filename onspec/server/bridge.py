@@ -186,6 +186,8 @@ class EngineWorker:
                     self._dispatch(engine.step())
                     self._publish()
                     last_snap = time.monotonic()
+                    if self.trimmer is not None:
+                        self.trimmer.maybe_trim(busy=True)  # rate-limited: once a minute under load
                 elif time.monotonic() - last_snap > 0.5:
                     self._publish()
                     last_snap = time.monotonic()

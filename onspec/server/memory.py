@@ -2,8 +2,8 @@
 
 Tensors of many different sizes are allocated and freed every step; glibc keeps much of the freed memory in
 its heaps, so the resident set of a long-running server creeps up although nothing is leaked. The engine
-thread calls ``release_free_memory`` when it goes idle (at most every ``min_interval`` seconds), which costs
-a few milliseconds and nothing while busy. On other C libraries this is a no-op.
+thread trims when it goes idle (at most every ``min_interval`` seconds) and, under continuous load, once
+every ``busy_interval`` seconds; a trim costs a few milliseconds. On other C libraries this is a no-op.
 
 ``bound_onednn_caches`` bounds the other source of creep, oneDNN's per-shape primitive caches (see there).
 """
@@ -46,7 +46,13 @@ def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> dict[str, str]
 
 @dataclass
 class MemoryTrimmer:
+    """``malloc_trim`` with rate limits: at most every ``min_interval`` seconds when idle, and every
+    ``busy_interval`` seconds under continuous load (a server at concurrency 16 may never go idle, and its
+    resident set then stepped up by 64 MiB at a time: glibc's heap high-water marks). A trim costs a few
+    milliseconds, so once a minute under load is noise against the steps it runs between."""
+
     min_interval: float = 10.0
+    busy_interval: float = 60.0
     _last: float = 0.0
     _trim: object = field(default=None, repr=False)
     _loaded: bool = False
@@ -61,9 +67,9 @@ class MemoryTrimmer:
                 self._trim = None
         return self._trim
 
-    def maybe_trim(self) -> bool:
-        """Trim if the last trim is old enough; True when a trim ran."""
-        if time.monotonic() - self._last < self.min_interval:
+    def maybe_trim(self, busy: bool = False) -> bool:
+        """Trim if the last trim is old enough (for an idle or a ``busy`` process); True when a trim ran."""
+        if time.monotonic() - self._last < (self.busy_interval if busy else self.min_interval):
             return False
         return self.trim()
 

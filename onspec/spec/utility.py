@@ -51,12 +51,14 @@ class RateEMA:
 class StrategyRecord:
     """One strategy's measured utility in one batch bucket, and whether it is switched off there.
 
-    ``utility`` is an EMA of per-step samples of (rate of the step with the strategy asked) / (rate without
-    it); below 1 it costs more than it returns."""
+    ``asked`` sums (exponentially weighted) the tokens and seconds of the steps the strategy was asked in,
+    as they would have gone without the other strategies' proposals (see ``MeasuredUtility.observe``);
+    its rate over the plain rate is the utility: below 1 asking the strategy costs more than it returns.
+    Sums, not an average of per-step ratios: most steps where a suffix drafter finds no match cost it a
+    fraction of a millisecond and return nothing (a ratio of 0.99 each), and an average of those with the
+    few steps that commit 8 tokens would switch off a drafter that doubles the rate."""
 
-    utility: float = 1.0
-    samples: int = 0
-    decay: float = 0.9
+    asked: RateEMA = field(default_factory=lambda: RateEMA(decay=0.97))
     closed: bool = False
     in_trial: bool = False   # switched off, but drafting again to see whether it pays now
     trial_samples: int = 0   # samples taken in the current trial
@@ -64,14 +66,13 @@ class StrategyRecord:
     reopen_at: int = 0       # the decision count at which the next trial starts
     decisions: int = 0
 
-    def add(self, sample: float) -> None:
-        self.utility = sample if self.samples == 0 else self.decay * self.utility + (1 - self.decay) * sample
-        self.samples += 1
+    def utility(self, plain_rate: float) -> float:
+        return self.asked.rate / plain_rate if plain_rate > 0 else 1.0
 
 
 @dataclass
 class BucketRecord:
-    plain: RateEMA = field(default_factory=RateEMA)
+    plain: RateEMA = field(default_factory=lambda: RateEMA(decay=0.95))
     steps: int = 0
     strategies: dict[str, StrategyRecord] = field(default_factory=dict)
 
@@ -80,10 +81,11 @@ class BucketRecord:
 class MeasuredUtility:
     """Per batch-size bucket and strategy: is drafting measurably paying? See the module docstring."""
 
-    min_steps: int = 8         # utility samples before a strategy can be switched off ...
+    min_steps: int = 32        # steps a strategy was asked in before it can be switched off (wins are
+                               # sparse: a suffix drafter may commit 8 tokens in one step of ten) ...
     min_plain: int = 4         # ... and plain steps before a drafting step can be judged
-    margin: float = 0.02       # off when the measured utility is below 1 - margin
-    trial_steps: int = 8       # samples a switched-off strategy's trial is judged on
+    margin: float = 0.03       # off when the measured utility is below 1 - margin
+    trial_steps: int = 16      # steps a switched-off strategy's trial is judged on
     pause_min: int = 16
     pause_max: int = 512
     probe_every: int = 32      # a bucket where drafting runs runs one plain step in this many to keep the
@@ -112,7 +114,7 @@ class MeasuredUtility:
         st.decisions += 1
         if st.closed and not st.in_trial and st.decisions >= st.reopen_at:
             st.in_trial, st.trial_samples = True, 0
-            st.samples = 0  # the trial is judged on its own steps
+            st.asked = RateEMA(st.asked.decay)  # the trial is judged on its own steps
         return not st.closed or st.in_trial
 
     def observe(self, batch: int, committed: int, seconds: float, chosen: str | None,
@@ -121,9 +123,9 @@ class MeasuredUtility:
         ``asked`` maps each strategy asked for drafts to the seconds its proposal took, ``chosen`` is the
         strategy whose trees carried most of the step's draft nodes (None: no drafts).
 
-        Counterfactuals, per strategy: the chosen one against plain steps (its rate with the other
-        proposals' time taken out, over the plain rate); one asked but not chosen cost its proposal time
-        and returned nothing, so its sample is (seconds - its time) / seconds."""
+        Counterfactuals, per strategy (its tokens and seconds): the chosen one gets the step with the other
+        proposals' time taken out; one asked whose drafts were not used gets what a plain step would have
+        done plus its proposal time: ``batch`` tokens in ``batch / plain rate + its seconds``."""
         if seconds <= 0:
             return
         if chosen is not None and chosen not in asked:
@@ -132,19 +134,19 @@ class MeasuredUtility:
         total = sum(asked.values())
         if chosen is None:
             rec.plain.add(committed, max(1e-9, seconds - total))
+        if rec.plain.count < self.min_plain:
+            return
+        plain_rate = rec.plain.rate
         for name, t in asked.items():
             st = rec.strategies.setdefault(name, StrategyRecord())
             if name == chosen:
-                if rec.plain.count < self.min_plain:
-                    continue
-                sample = committed / max(1e-9, seconds - (total - t)) / rec.plain.rate
+                st.asked.add(committed, max(1e-9, seconds - (total - t)))
             else:
-                sample = max(0.0, seconds - t) / seconds
-            st.add(sample)
-            self._judge(st)
+                st.asked.add(batch, batch / plain_rate + t)
+            self._judge(st, plain_rate)
 
-    def _judge(self, st: StrategyRecord) -> None:
-        losing = st.utility < 1 - self.margin
+    def _judge(self, st: StrategyRecord, plain_rate: float) -> None:
+        losing = st.utility(plain_rate) < 1 - self.margin
         if st.closed:
             if st.in_trial:
                 st.trial_samples += 1
@@ -155,7 +157,7 @@ class MeasuredUtility:
                         st.reopen_at = st.decisions + st.pause + 1
                     else:
                         st.closed, st.pause = False, 0
-        elif st.samples >= self.min_steps and losing:
+        elif st.asked.count >= self.min_steps and losing:
             st.closed, st.pause = True, self.pause_min
             st.reopen_at = st.decisions + st.pause + 1
 
@@ -166,6 +168,7 @@ class MeasuredUtility:
 
     def summary(self) -> dict[int, dict]:
         return {b: {"plain_rate": round(r.plain.rate, 2), "plain_steps": r.plain.count,
-                    "strategies": {n: {"off": s.closed and not s.in_trial, "utility": round(s.utility, 3),
-                                       "samples": s.samples} for n, s in r.strategies.items()}}
+                    "strategies": {n: {"off": s.closed and not s.in_trial,
+                                       "utility": round(s.utility(r.plain.rate), 3), "samples": s.asked.count}
+                                   for n, s in r.strategies.items()}}
                 for b, r in sorted(self.buckets.items())}
