@@ -120,6 +120,15 @@ def test_a_drafter_that_seldom_matches_but_pays_when_it_does_stays_on() -> None:
     assert st.utility(u.buckets[1].plain.rate) == pytest.approx(1.5, rel=0.1)
 
 
+def test_a_clear_loss_is_switched_off_sooner() -> None:
+    """Half the plain rate is evidence enough after clear_steps; a 10% loss needs min_steps."""
+    for drafted_rate, off_after in ((50.0, 8), (90.0, 32)):
+        u = MeasuredUtility(probe_every=1000)
+        warm_plain(u, 2)
+        d = drive(u, 2, 40, plain_rate=100.0, drafted_rate=drafted_rate)
+        assert d.index(False) == off_after
+
+
 def test_a_new_drafter_is_judged_afresh() -> None:
     u = MeasuredUtility(min_steps=2, min_plain=2, trial_steps=2, probe_every=1000)
     warm_plain(u, 8, n=2)

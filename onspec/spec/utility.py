@@ -85,6 +85,8 @@ class MeasuredUtility:
                                # sparse: a suffix drafter may commit 8 tokens in one step of ten) ...
     min_plain: int = 4         # ... and plain steps before a drafting step can be judged
     margin: float = 0.03       # off when the measured utility is below 1 - margin
+    clear_loss: float = 0.8    # ... or, after only clear_steps steps, below this: a drafter costing half a
+    clear_steps: int = 8       # forward per proposal need not be watched for 32 steps (after every swap)
     trial_steps: int = 16      # steps a switched-off strategy's trial is judged on
     pause_min: int = 16
     pause_max: int = 512
@@ -157,7 +159,8 @@ class MeasuredUtility:
                         st.reopen_at = st.decisions + st.pause + 1
                     else:
                         st.closed, st.pause = False, 0
-        elif st.asked.count >= self.min_steps and losing:
+        elif losing and (st.asked.count >= self.min_steps or (
+                st.asked.count >= self.clear_steps and st.utility(plain_rate) < self.clear_loss)):
             st.closed, st.pause = True, self.pause_min
             st.reopen_at = st.decisions + st.pause + 1
 
