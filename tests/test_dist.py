@@ -40,6 +40,10 @@ def test_two_local_workers_match_one(tiny_llama, single_worker_reference, chunk)
     assert {it.worker for it in res.items} == {0, 1}       # work was spread over both
     if chunk:
         assert res.moves > 0 and res.reprefill_tokens > 0   # chunks rebalanced across workers
+    # a group's responses sent to a worker together prefill their prompt once there
+    assert res.shared_prompt_tokens > 0
+    assert res.prefill_tokens + res.shared_prompt_tokens == sum(
+        len(PROMPTS[it.group]) for it in res.items) + res.reprefill_tokens
 
 
 def test_group_text_is_shared_across_workers(tiny_llama):

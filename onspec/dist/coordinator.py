@@ -107,8 +107,9 @@ def run_distributed_rollout(pool: WorkerPool, prompts: list[list[int]], cfg: Rol
             acc = by_strategy.setdefault(k, [0, 0])
             acc[0] += v[0]
             acc[1] += v[1]
+    shared = sum(s.shared_prompt_tokens for s in stats)  # counted in coord.prefill_tokens, not computed
     return RolloutResult(items=coord.items, seconds=seconds, tail_seconds=coord.tail_seconds(seconds),
                          generated_tokens=sum(s.generated_tokens for s in stats),
-                         prefill_tokens=coord.prefill_tokens, reprefill_tokens=coord.reprefill_tokens,
+                         prefill_tokens=coord.prefill_tokens - shared, reprefill_tokens=coord.reprefill_tokens,
                          chunks=coord.chunks, moves=coord.moves, by_strategy=by_strategy,
-                         finish_order=list(coord.finish_order))
+                         finish_order=list(coord.finish_order), shared_prompt_tokens=shared)

@@ -26,6 +26,7 @@ class RolloutStats:
     generated_tokens: int = 0
     by_strategy: dict[str, list[int]] = field(default_factory=dict)
     steps: int = 0
+    shared_prompt_tokens: int = 0    # prompt cache rows copied from a sibling instead of prefilled
 
 
 class RolloutWorker:
@@ -50,6 +51,7 @@ class RolloutWorker:
         self._before = self.runner.counters()
         self._tokens0 = self.engine.counters.generated_tokens
         self._steps0 = self.engine.counters.steps
+        self._shared0 = self.engine.counters.shared_prompt_tokens
 
     def tick(self, work: list[WorkItem], shares: list[tuple[str, object, list[int]]],
              max_steps: int = 8) -> TickResult:
@@ -66,7 +68,8 @@ class RolloutWorker:
         self.runner.unpin_all()
         return RolloutStats(generated_tokens=self.engine.counters.generated_tokens - self._tokens0,
                             by_strategy=strategy_delta(self._before, self.runner.counters()),
-                            steps=self.engine.counters.steps - self._steps0)
+                            steps=self.engine.counters.steps - self._steps0,
+                            shared_prompt_tokens=self.engine.counters.shared_prompt_tokens - self._shared0)
 
     def load_weights(self, state: dict) -> int:
         from ..rl.grpo import load_broadcast
