@@ -31,6 +31,22 @@ FAMILIES = {
 }
 
 
+class StubProposer:
+    """A learned-drafter stand-in for controller tests: the Proposer protocol's lifecycle hooks do nothing
+    and ``propose`` drafts nothing; tests override what they need."""
+
+    name, wants_aux = "learned", False
+
+    def add_request(self, seq): ...
+    def on_commit(self, seq, tokens): ...
+    def finish(self, seq): ...
+    def observe_prefill(self, seq, n, aux): ...
+    def observe(self, verdicts): ...
+
+    def propose(self, seqs, budgets):
+        return {}
+
+
 def make_tiny_model(out: Path, family: str = "llama", vocab_size: int = 512, seed: int = 0,
                     rope_scaling: dict | None = None, tie: bool = True) -> Path:
     """A random HF model directory of the given family, with the default model's tokenizer files

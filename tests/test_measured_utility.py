@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import StubProposer
 from onspec.config import EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
 from onspec.engine.sampler import SamplingParams
@@ -138,20 +139,12 @@ def test_a_new_drafter_is_judged_afresh() -> None:
     assert u.allow(8, "learned")
 
 
-class SlowDrafter:
+class SlowDrafter(StubProposer):
     """Proposes one always-rejected node per request and takes long doing it: drafting can only lose."""
-
-    name, wants_aux = "learned", False
 
     def __init__(self, vocab: int) -> None:
         self.vocab = vocab
         self.calls = 0
-
-    def add_request(self, seq): ...
-    def on_commit(self, seq, tokens): ...
-    def finish(self, seq): ...
-    def observe_prefill(self, seq, n, aux): ...
-    def observe(self, verdicts): ...
 
     def propose(self, seqs, budgets):
         self.calls += 1

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import StubProposer, make_tiny_model
 from onspec import LLM, SamplingParams
 from onspec.config import EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
@@ -629,20 +629,9 @@ def test_controller_backs_off_exploring_a_losing_strategy_and_forgets_on_a_new_d
 
 def test_speculation_forgets_a_strategys_record_when_its_drafter_is_swapped(tiny) -> None:
     """A new drafter version must be judged afresh, not by the record of the one it replaced."""
-    class Learned:
-        name, wants_aux = "learned", False
-
+    class Learned(StubProposer):
         def __init__(self) -> None:
             self.stats = type("S", (), {"swaps": 0})()
-
-        def add_request(self, seq): ...
-        def on_commit(self, seq, tokens): ...
-        def finish(self, seq): ...
-        def observe_prefill(self, seq, n, aux): ...
-        def observe(self, verdicts): ...
-
-        def propose(self, seqs, budgets):
-            return {}
 
     learned = Learned()
     eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32", spec=SpecConfig(profile_at_start=False)),

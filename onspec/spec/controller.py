@@ -23,7 +23,6 @@ choice but keep the budget rule unless ``mode`` asks for a fixed budget.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch
 
 from ..config import SpecConfig
 from .tree import DraftTree
-from .utility import MeasuredUtility
+from .utility import MeasuredUtility, pow2_bucket
 
 
 class Proposer(Protocol):
@@ -81,9 +80,7 @@ class StepCostModel:
         """Every measured bucket (the masked curve where both have one): for display and for "any data yet"."""
         return {**self.tables["plain"], **self.tables["masked"]}
 
-    @staticmethod
-    def bucket(tokens: int) -> int:
-        return 1 << max(0, math.ceil(math.log2(max(1, tokens))))
+    bucket = staticmethod(pow2_bucket)
 
     def observe(self, tokens: int, seconds: float, kind: str = "masked") -> None:
         table = self.tables[kind]

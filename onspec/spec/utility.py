@@ -27,6 +27,11 @@ import math
 from dataclasses import dataclass, field
 
 
+def pow2_bucket(n: int) -> int:
+    """The power of two at or above ``n``: the buckets step costs and measured rates are kept by."""
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
 @dataclass
 class RateEMA:
     """Exponentially weighted committed tokens and seconds: their ratio is a rate that weights recent
@@ -60,8 +65,7 @@ class StrategyRecord:
 
     asked: RateEMA = field(default_factory=lambda: RateEMA(decay=0.97))
     closed: bool = False
-    in_trial: bool = False   # switched off, but drafting again to see whether it pays now
-    trial_samples: int = 0   # samples taken in the current trial
+    in_trial: bool = False   # switched off, but drafting again (``asked`` restarts) to see whether it pays now
     pause: int = 0           # the strategy's decisions in this bucket denied before the next trial
     reopen_at: int = 0       # the decision count at which the next trial starts
     decisions: int = 0
@@ -94,12 +98,8 @@ class MeasuredUtility:
     probe_early: int = 4       # baseline fresh, or one in this many while it has fewer than min_plain
     buckets: dict[int, BucketRecord] = field(default_factory=dict)
 
-    @staticmethod
-    def bucket(batch: int) -> int:
-        return 1 << max(0, math.ceil(math.log2(max(1, batch))))
-
     def record(self, batch: int) -> BucketRecord:
-        return self.buckets.setdefault(self.bucket(batch), BucketRecord())
+        return self.buckets.setdefault(pow2_bucket(batch), BucketRecord())
 
     def plain_probe(self, batch: int) -> bool:
         """Should this step run without drafts to measure the baseline? Called once per decoding step."""
@@ -115,7 +115,7 @@ class MeasuredUtility:
         st = self.record(batch).strategies.setdefault(strategy, StrategyRecord())
         st.decisions += 1
         if st.closed and not st.in_trial and st.decisions >= st.reopen_at:
-            st.in_trial, st.trial_samples = True, 0
+            st.in_trial = True
             st.asked = RateEMA(st.asked.decay)  # the trial is judged on its own steps
         return not st.closed or st.in_trial
 
@@ -151,8 +151,7 @@ class MeasuredUtility:
         losing = st.utility(plain_rate) < 1 - self.margin
         if st.closed:
             if st.in_trial:
-                st.trial_samples += 1
-                if st.trial_samples >= self.trial_steps:  # the trial is over: reopen, or pause twice as long
+                if st.asked.count >= self.trial_steps:  # the trial is over: reopen, or pause twice as long
                     st.in_trial = False
                     if losing:
                         st.pause = min(self.pause_max, 2 * st.pause)
