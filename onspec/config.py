@@ -112,9 +112,10 @@ class TrainerConfig:
     min_positions: int = 256            # train only once the buffer holds this many positions
     trainer_threads: int = 1            # torch threads of the trainer process while the engine is busy
     idle_threads: int = 0               # ... while it is idle (0 = every core)
-    # Fraction of wall time the trainer may compute while the engine is busy. On 2 cores a 0.1 share made
-    # the engine's (2-thread) target forwards 28% slower in bench/online.py's day-0 run (profiled: 39 -> 50
-    # ms per step; OpenMP threads wait at every barrier for the one whose core the trainer took), so 0.05.
+    # Fraction of wall time the trainer may compute while the engine is busy (it computes on a thread the
+    # engine lends it between two steps: channel.ThreadLender). Before the lend a 0.1 share made the
+    # engine's 2-thread forwards 28% slower (39 -> 50 ms per step: OpenMP threads waited at every barrier
+    # for the core the trainer took); with it, 0.05 costs ~5% of serving throughput (bench/online.py cost).
     busy_share: float = 0.05
     trainer_nice: int = 0               # niceness of the trainer process (see trainer.py: why not 19)
     idle_after: float = 2.0             # seconds without an engine step after which the engine counts as idle

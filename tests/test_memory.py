@@ -374,6 +374,11 @@ def test_replay_buffer_footprint_is_fixed_and_evicts_oldest_first() -> None:
                           generated=torch.ones(n, dtype=torch.bool))
 
     budget = 64 * 2**20
+    from onspec.server.memory import MemoryTrimmer
+
+    # Free heap pages left by earlier tests would let the arena reuse memory that is already resident (no
+    # RSS growth to see): hand them back to the kernel first.
+    MemoryTrimmer().trim()
     before = _rss_mib()
     buf = TraceBuffer(budget, half_life=4096)
     made = _rss_mib()

@@ -192,6 +192,7 @@ def test_trainer_death_falls_back_to_suffix_and_restart_resumes(tmp_path, target
         assert ol.status()["fallback"]
         out = serve(engine, ps, 20)
         assert out == ref
+        assert not ol.lender.lent and ol.trainer.lease not in ol.lender.leases  # nothing stays lent to the dead
         assert "learned" not in engine.spec.proposers and "suffix" in engine.spec.proposers
         assert any(e["kind"] == "fallback" for e in ol.status()["events"])
     finally:
@@ -246,6 +247,7 @@ def test_warmup_publishes_a_version_serve_resumes(tmp_path) -> None:
 def test_trainer_process_learns_publishes_and_is_gated(tmp_path, target) -> None:
     root = tmp_path / "v"
     engine = make_engine(target, max_num_seqs=4)
+    threads = torch.get_num_threads()
     ol = start_online_learning(engine, cfg_for(root, min_positions=32, batch_positions=128, publish_every_steps=5,
                                                poll_seconds=0.2, idle_after=0.2, busy_share=1.0))
     try:
@@ -261,5 +263,7 @@ def test_trainer_process_learns_publishes_and_is_gated(tmp_path, target) -> None
         st = ol.status()
         assert st["trainer_steps"] > 0 and len(st["versions"]) >= 2
         assert any(g["kind"] in ("promote", "reject") for g in st["gates"])
+        assert ol.lender.grants > 0  # the trainer computed on threads the stepping engine lent it
     finally:
         ol.stop()
+    assert torch.get_num_threads() == threads  # and the engine has them back

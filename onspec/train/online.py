@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import re
 import threading
 import time
@@ -86,7 +87,7 @@ class OnlineLearning:
 
     def __init__(self, engine, cfg: TrainerConfig, start_trainer: bool = True) -> None:
         from ..spec.eagle import EagleConfig, attach_learned, init_drafter, load_eagle3
-        from .channel import TraceSender
+        from .channel import CpuLease, ThreadLender, TraceSender
         from .swap import CandidateError, VersionManager, load_candidate
         from .trainer import TrainerLaunch, TrainerProcess
         from .traces import TraceRecorder, attach_recorder
@@ -143,6 +144,13 @@ class OnlineLearning:
             self.sender = TraceSender(self.trainer.traces_q, cfg.queue_chunks)
         else:
             self.sender = None
+        # Cores for work beside the engine's steps (the trainer process; this process's gate evaluations):
+        # lent between two steps rather than fought over (channel.ThreadLender says why).
+        self.lender = ThreadLender(lend=cfg.trainer_threads)
+        if self.trainer is not None:
+            self.lender.add(self.trainer.lease)
+        self.poll_lease = self.lender.add(CpuLease(multiprocessing.get_context("spawn")))
+        self._last_step_t = 0.0
         self.recorder = TraceRecorder(cfg, self._sink)
         self._detach_recorder = attach_recorder(engine, self.recorder)
         if self.trainer is not None:
@@ -202,6 +210,8 @@ class OnlineLearning:
         self._last_draft = self.spec.draft_seconds
         if self.trainer is not None:
             self.trainer.clock.tick()
+        self._last_step_t = time.monotonic()
+        self.lender.between_steps()
         self._steps += 1
         if self._stopped:
             return
@@ -220,6 +230,10 @@ class OnlineLearning:
 
     def _fall_back_to_suffix(self) -> None:
         """Serve on with suffix drafting only (the trainer is gone; nothing would improve the drafter)."""
+        if self.trainer is not None and self.trainer.lease in self.lender.leases:
+            self.trainer.lease.want.value = 0    # a dead borrower: threads it had borrowed come back
+            self.lender.leases.remove(self.trainer.lease)
+            self.lender.between_steps()
         for name in ("learned", "hybrid"):
             self.spec.proposers.pop(name, None)
         self.engine.runner.aux_layers = ()
@@ -260,10 +274,17 @@ class OnlineLearning:
             if v not in self._seen:
                 self._seen.add(v)
                 self._todo.append(v)
-        while self._todo and not self._stopped:
-            self.manager.consider(self._todo.pop(0))
-        if self.manager.waiting and not self._stopped:
-            self.manager.retry_waiting()
+        if (self._todo or self.manager.has_retry()) and not self._stopped:
+            # Loading, checksumming and judging a candidate is CPU work beside the engine's steps.
+            with self.poll_lease.borrow(self._engine_idle, stop=self._stop):
+                torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP count = the lowered one
+                while self._todo and not self._stopped:
+                    self.manager.consider(self._todo.pop(0))
+                if self.manager.has_retry() and not self._stopped:
+                    self.manager.retry_waiting()
+
+    def _engine_idle(self) -> bool:
+        return time.monotonic() - self._last_step_t > 0.25
 
     # ---- the handle ----------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -328,6 +349,7 @@ class OnlineLearning:
         self._detach_recorder()
         if self._on_step in self.engine.step_listeners:
             self.engine.step_listeners.remove(self._on_step)
+        self.lender.release()
         self.manager.state.save(self.root)
 
 

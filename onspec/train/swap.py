@@ -70,10 +70,12 @@ class HeldoutWindow:
     def __init__(self, positions: int) -> None:
         self.positions = positions
         self.chunks: list[TraceChunk] = []
+        self.revision = 0           # counts additions: a waiting candidate is judged again only after one
         self._lock = threading.Lock()
 
     def add(self, chunk: TraceChunk) -> None:
         with self._lock:
+            self.revision += 1
             self.chunks.append(chunk)
             total = sum(len(c) for c in self.chunks)
             while len(self.chunks) > 1 and total - len(self.chunks[0]) >= self.positions:
@@ -257,6 +259,7 @@ class VersionManager:
         self.counts = {"promotions": 0, "rejections": 0, "invalid": 0, "rollbacks": 0, "swaps": 0}
         self.pending: tuple[int, object, object, str, dict] | None = None  # (version, fp32, serve copy, kind, fig)
         self.waiting: list[int] = []                               # candidates waiting for held-out evidence
+        self._judged_revision = -1                                 # the window's revision at the last judgement
         self._lock = threading.RLock()
         if current not in self.state.promoted:
             self.state.promoted.append(current)
@@ -277,6 +280,7 @@ class VersionManager:
         self.manifests[version] = manifest
         with self._lock:
             current, cur_drafter = self.current, self.drafters[self.current]
+        self._judged_revision = self.window.revision
         result = self.gate.judge(drafter, cur_drafter, self.window.snapshot())
         if result is None:
             if version not in self.waiting:
@@ -295,6 +299,10 @@ class VersionManager:
         self.waiting = [v for v in self.waiting if v > version]
         self._queue_swap(version, drafter, "promote", figures, result.reason)
         return self.decisions[-1]
+
+    def has_retry(self) -> bool:
+        """A candidate waits for held-out evidence and the window has grown since it was last judged."""
+        return bool(self.waiting) and self.window.revision != self._judged_revision
 
     def retry_waiting(self) -> None:
         for v in list(self.waiting)[-1:]:  # the newest only: older ones are superseded

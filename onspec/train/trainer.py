@@ -10,9 +10,11 @@ discard term on rejected branches).
 it starts from, then loops: drain traces, train, publish a version every ``publish_every_steps`` steps or
 ``publish_every_seconds`` seconds (with its held-out simulated acceptance length), report status. On a
 shared 2-core CPU it must not starve serving (the "TLT" design's idle-time training, arXiv 2511.16665):
-while the engine is busy the process runs one thread (at ``trainer_nice``) and sleeps so that it computes only
-``busy_share`` of the wall time; when the engine has been idle for ``idle_after`` seconds it trains flat out
-on every core.
+while the engine is busy the process runs one thread (at ``trainer_nice``), computes only on a core the
+engine has lent it between two steps (``channel.ThreadLender``: the engine drops a thread rather than have its
+OpenMP threads wait for a core the trainer took), and sleeps so that it computes only ``busy_share`` of
+the wall time (ingesting traces included); when the engine has been idle for ``idle_after`` seconds it
+trains flat out on every core.
 
 ``TrainerProcess`` is the engine-side handle: spawn, queues, liveness, stop.
 """
@@ -34,8 +36,12 @@ from ..server.memory import MemoryTrimmer
 from .objective import (Sample, SoftTargets, collate, make_optimizer, objective, simulated_acceptance,
                         trainable_parameters)
 from .recompute import PromptHidden
+from .channel import CpuLease
 from .traces import TraceBuffer, TraceChunk
 
+
+# Trace chunks turned into samples per round of the loop at most (a round is one lease of the engine's cores).
+INGEST_PER_ROUND = 8
 
 # Seconds between two malloc_trim calls of the trainer process after optimizer steps (see _TrainerLoop.run).
 TRIM_EVERY_SECONDS = 2.0
@@ -189,10 +195,10 @@ def load_version_for_training(root: Path, version: int, target):
     return drafter, opt_state, manifest
 
 
-def trainer_main(launch: TrainerLaunch, traces_q, events_q, control_q, clock, stop_event) -> None:
-    """Entry point of the trainer process (see the module docstring)."""
+def trainer_main(launch: TrainerLaunch, traces_q, events_q, control_q, clock, stop_event, lease) -> None:
+    """Entry point of the trainer process (see the module docstring); ``lease`` is a :class:`CpuLease`."""
     try:
-        _TrainerLoop(launch, traces_q, events_q, control_q, clock, stop_event).run()
+        _TrainerLoop(launch, traces_q, events_q, control_q, clock, stop_event, lease).run()
     except KeyboardInterrupt:
         pass
     except BaseException as exc:  # report, then die: the engine keeps serving without us
@@ -205,16 +211,16 @@ def trainer_main(launch: TrainerLaunch, traces_q, events_q, control_q, clock, st
 
 
 class _TrainerLoop:
-    def __init__(self, launch: TrainerLaunch, traces_q, events_q, control_q, clock, stop_event) -> None:
+    def __init__(self, launch: TrainerLaunch, traces_q, events_q, control_q, clock, stop_event,
+                 lease: CpuLease) -> None:
         self.launch = launch
+        self.lease = lease
         self.cfg = launch.cfg
         self.traces_q, self.events_q, self.control_q = traces_q, events_q, control_q
         self.clock, self.stop_event = clock, stop_event
         self.root = Path(launch.versions_dir)
 
     def run(self) -> None:
-        from .publish import Manifest, VersionError, next_version, publish_version
-
         cfg = self.cfg
         try:
             # Why not nice 19 by default: the engine's OpenMP threads spin between parallel regions, so
@@ -253,8 +259,10 @@ class _TrainerLoop:
         last_status = 0.0
         received = 0
         compute = 0.0
+        pending: list[bytes] = []   # trace chunks received, not yet turned into samples
         while not self.stop_event.is_set():
-            received += self._drain(trainer, block=not trainer.ready())
+            if not pending and not trainer.ready():
+                pending += self._receive(block=True, limit=1)  # wait for data outside any CPU lease
             force = False
             for msg in self._control():
                 if msg.get("type") == "reset":
@@ -277,32 +285,34 @@ class _TrainerLoop:
                 torch.set_num_threads(threads)
             stats: dict = {}
             dt = 0.0
-            if trainer.ready() and not self.stop_event.is_set():
-                t0 = time.perf_counter()
-                stats = trainer.step()
-                trimmer.maybe_trim()
-                dt = time.perf_counter() - t0
-                compute += dt
             now = time.monotonic()
             due = (trainer.steps - last_pub_step >= cfg.publish_every_steps
                    or (now - last_pub_t >= cfg.publish_every_seconds and trainer.steps > last_pub_step))
-            if (due or force) and trainer.steps > last_pub_step:
-                al, roots = trainer.evaluate()
-                for _ in range(5):
-                    v = next_version(self.root)
-                    try:
-                        publish_version(self.root, trainer.drafter, Manifest(
-                            version=v, parent=parent, kind="trained", step=trainer.steps, samples=trainer.samples,
-                            heldout_acceptance=al, heldout_positions=roots, loss=trainer.last.get("loss"),
-                            base_model=self.launch.base_model), trainer.opt.state_dict())
-                        break
-                    except VersionError:
-                        continue  # someone else took the number: try the next one
-                self._emit({"type": "published", "version": v, "parent": parent, "step": trainer.steps,
-                            "samples": trainer.samples, "heldout_acceptance": al, "heldout_roots": roots})
-                parent = v
-                last_pub_t, last_pub_step = time.monotonic(), trainer.steps
-                trimmer.trim()  # the evaluation's batches and the serialised weights and optimizer state
+            work = bool(pending) or self._has_traces() or (trainer.ready() and not self.stop_event.is_set()) \
+                or ((due or force) and trainer.steps > last_pub_step)
+            if work:
+                # Everything below is CPU work: ingesting traces (prompt recompute, soft targets), the optimizer
+                # step, evaluation and publishing. It runs only on cores the engine lent (CpuLease), and all of
+                # it counts towards the duty cycle.
+                with self.lease.borrow(self._engine_idle, stop=self.stop_event):
+                    t0 = time.perf_counter()
+                    pending += self._receive(block=False, limit=INGEST_PER_ROUND - len(pending))
+                    for data in pending:
+                        trainer.add(TraceChunk.from_bytes(data))
+                    received += len(pending)
+                    pending = []
+                    if trainer.ready() and not self.stop_event.is_set():
+                        stats = trainer.step()
+                        trimmer.maybe_trim()
+                    now = time.monotonic()
+                    due = (trainer.steps - last_pub_step >= cfg.publish_every_steps
+                           or (now - last_pub_t >= cfg.publish_every_seconds and trainer.steps > last_pub_step))
+                    if (due or force) and trainer.steps > last_pub_step:
+                        parent = self._publish(trainer, parent)
+                        last_pub_t, last_pub_step = time.monotonic(), trainer.steps
+                        trimmer.trim()  # the evaluation's batches and the serialised weights and optimizer state
+                    dt = time.perf_counter() - t0
+                compute += dt
             if now - last_status >= 1.0:
                 last_status = now
                 self._emit({"type": "status", "step": trainer.steps, "samples": trainer.samples,
@@ -325,16 +335,45 @@ class _TrainerLoop:
         except Exception:
             pass
 
-    def _drain(self, trainer: Trainer, block: bool, limit: int = 64) -> int:
-        n = 0
-        while n < limit:
+    def _publish(self, trainer: Trainer, parent: int) -> int:
+        """Evaluate on the held-out window, publish a version, announce it; returns its number."""
+        from .publish import Manifest, VersionError, next_version, publish_version
+
+        al, roots = trainer.evaluate()
+        for _ in range(5):
+            v = next_version(self.root)
             try:
-                data = self.traces_q.get(timeout=0.2) if (block and n == 0) else self.traces_q.get_nowait()
+                publish_version(self.root, trainer.drafter, Manifest(
+                    version=v, parent=parent, kind="trained", step=trainer.steps, samples=trainer.samples,
+                    heldout_acceptance=al, heldout_positions=roots, loss=trainer.last.get("loss"),
+                    base_model=self.launch.base_model), trainer.opt.state_dict())
+                break
+            except VersionError:
+                continue  # someone else took the number: try the next one
+        self._emit({"type": "published", "version": v, "parent": parent, "step": trainer.steps,
+                    "samples": trainer.samples, "heldout_acceptance": al, "heldout_roots": roots})
+        return v
+
+    def _engine_idle(self) -> bool:
+        """No engine step for a quarter second: nothing to lend (and nothing to disturb)."""
+        return time.time() - self.clock.value > 0.25
+
+    def _has_traces(self) -> bool:
+        try:
+            return not self.traces_q.empty()
+        except (OSError, ValueError):
+            return False
+
+    def _receive(self, block: bool, limit: int) -> list[bytes]:
+        """Up to ``limit`` serialised trace chunks from the queue (waiting up to 0.2 s for the first when
+        ``block``); turning them into samples is CPU work, done inside a lease."""
+        out: list[bytes] = []
+        while len(out) < limit:
+            try:
+                out.append(self.traces_q.get(timeout=0.2) if (block and not out) else self.traces_q.get_nowait())
             except (queue.Empty, OSError, EOFError):
                 break
-            trainer.add(TraceChunk.from_bytes(data))
-            n += 1
-        return n
+        return out
 
     def _control(self) -> list[dict]:
         out = []
@@ -360,9 +399,11 @@ class TrainerProcess:
         from .channel import EngineClock
 
         self.clock = EngineClock(self.ctx)
+        self.lease = CpuLease(self.ctx)
         self.process = self.ctx.Process(
             target=trainer_main, name="onspec-trainer", daemon=True,
-            args=(launch, self.traces_q, self.events_q, self.control_q, self.clock.value, self.stop_event))
+            args=(launch, self.traces_q, self.events_q, self.control_q, self.clock.value, self.stop_event,
+                  self.lease))
 
     def start(self) -> None:
         self.process.start()
