@@ -21,7 +21,7 @@ Scenarios
 Targets (from the issue): never below 1.0x off; >= 1.3x within the first 100 requests; by the end learned
 or hybrid >= 1.2x suffix-only and >= 1.7x off; learning costs <= 10% throughput.
 
-Writes bench/results/online.json and bench/results/online.png (and online-shift.png).
+Writes bench/results/online.json and bench/results/online.png (and online-shift.png, online-cost.png).
 
     python bench/online.py --quick               # a few minutes: small prompt counts, short answers
     python bench/online.py                       # the full run (long: ~1-2 h on a shared 2-core CPU)
@@ -397,13 +397,36 @@ def print_table(rep: dict) -> None:
                   f"{(f or 0):>14.2f}{(last or 0):>13.2f}  {[v for _, _, v in d['versions']]}")
 
 
-def plot(rep: dict, shift: dict | None, path: Path) -> None:
+def plot_cost(cost: dict, path: Path) -> None:
+    """Serving throughput per repeat, trainer running against frozen, with the medians."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for k, kind in enumerate(("frozen", "trainer")):
+        vals = cost["tok_per_s"][kind]
+        xs = [i + 0.38 * k for i in range(len(vals))]
+        ax.bar(xs, vals, width=0.38, label=f"{kind} (median {statistics.median(vals):.1f})")
+    ax.set_xticks([i + 0.19 for i in range(len(cost["tok_per_s"]["frozen"]))],
+                  [f"repeat {i + 1}" for i in range(len(cost["tok_per_s"]["frozen"]))])
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"cost of learning at concurrency {cost['concurrency']}: {100 * (cost['cost'] or 0):.1f}%")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(rep: dict, shift: dict | None, cost: dict | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if cost:
+        plot_cost(cost, path.with_name(path.stem + "-cost.png"))
     tags = list(rep)
+    if not tags:
+        return
     fig, axes = plt.subplots(len(tags) * 2, 2, figsize=(13, 4.2 * 2 * len(tags)), squeeze=False)
     for ti, tag in enumerate(tags):
         for name, d in rep[tag].items():
@@ -515,7 +538,7 @@ def main() -> int:
             "max_tokens": args.max_tokens, "concurrency": args.concurrency, "quick": q,
             "seconds": round(time.perf_counter() - t_all, 1), "torch": torch.__version__}
     out.write_text(json.dumps({"meta": meta, "scenarios": rep, "shift": shift, "cost": cost}, indent=1))
-    plot(rep, shift, out.with_suffix(".png"))
+    plot(rep, shift, cost, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')} ({meta['seconds']:.0f} s)")
     return 0
 
