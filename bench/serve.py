@@ -159,7 +159,9 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "onspec.cli", "serve", "--model", args.model, "--port", str(self.port),
-               "--speculation", mode, "--max-concurrency", "32", "--max-queue", "1024", "--train", args.train,
+               "--speculation", mode, "--max-concurrency", "32", "--max-queue", "1024",
+               # learning needs speculation on: the "off" baseline serves without a trainer
+               "--train", args.train if mode != "off" else "off",
                "--log-level", "warning", "--threads", str(args.threads), "--max-model-len", "1024"]
         self.log = open(Path(tempfile.gettempdir()) / f"onspec-bench-serve-{mode}.log", "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
