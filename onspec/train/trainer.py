@@ -260,6 +260,11 @@ class _TrainerLoop:
         received = 0
         compute = 0.0
         pending: list[bytes] = []   # trace chunks received, not yet turned into samples
+
+        def publish_due(now: float) -> bool:
+            return (trainer.steps - last_pub_step >= cfg.publish_every_steps
+                    or (now - last_pub_t >= cfg.publish_every_seconds and trainer.steps > last_pub_step))
+
         while not self.stop_event.is_set():
             if not pending and not trainer.ready():
                 pending += self._receive(block=True, limit=1)  # wait for data outside any CPU lease
@@ -286,13 +291,11 @@ class _TrainerLoop:
             stats: dict = {}
             dt = 0.0
             now = time.monotonic()
-            due = (trainer.steps - last_pub_step >= cfg.publish_every_steps
-                   or (now - last_pub_t >= cfg.publish_every_seconds and trainer.steps > last_pub_step))
             work = bool(pending) or self._has_traces() or (trainer.ready() and not self.stop_event.is_set()) \
-                or ((due or force) and trainer.steps > last_pub_step)
+                or ((force or publish_due(now)) and trainer.steps > last_pub_step)
             if work:
                 # Everything below is CPU work: ingesting traces (prompt recompute, soft targets), the optimizer
-                # step, evaluation and publishing. It runs only on cores the engine lent (CpuLease), and all of
+                # step, evaluation and publishing. It runs only on cores the engine lent (ThreadLender), and all of
                 # it counts towards the duty cycle.
                 with self.lease.borrow(self._engine_idle, stop=self.stop_event):
                     t0 = time.perf_counter()
@@ -305,9 +308,7 @@ class _TrainerLoop:
                         stats = trainer.step()
                         trimmer.maybe_trim()
                     now = time.monotonic()
-                    due = (trainer.steps - last_pub_step >= cfg.publish_every_steps
-                           or (now - last_pub_t >= cfg.publish_every_seconds and trainer.steps > last_pub_step))
-                    if (due or force) and trainer.steps > last_pub_step:
+                    if (force or publish_due(now)) and trainer.steps > last_pub_step:
                         parent = self._publish(trainer, parent)
                         last_pub_t, last_pub_step = time.monotonic(), trainer.steps
                         trimmer.trim()  # the evaluation's batches and the serialised weights and optimizer state
