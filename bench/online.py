@@ -402,12 +402,12 @@ def plot_cost(cost: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    repeats = range(len(cost["tok_per_s"]["frozen"]))
     for k, kind in enumerate(("frozen", "trainer")):
         vals = cost["tok_per_s"][kind]
-        xs = [i + 0.38 * k for i in range(len(vals))]
-        ax.bar(xs, vals, width=0.38, label=f"{kind} (median {statistics.median(vals):.1f})")
-    ax.set_xticks([i + 0.19 for i in range(len(cost["tok_per_s"]["frozen"]))],
-                  [f"repeat {i + 1}" for i in range(len(cost["tok_per_s"]["frozen"]))])
+        ax.bar([i + 0.38 * k for i in repeats], vals, width=0.38,
+               label=f"{kind} (median {statistics.median(vals):.1f})")
+    ax.set_xticks([i + 0.19 for i in repeats], [f"repeat {i + 1}" for i in repeats])
     ax.set_ylabel("tokens / s")
     ax.set_title(f"cost of learning at concurrency {cost['concurrency']}: {100 * (cost['cost'] or 0):.1f}%")
     ax.legend(fontsize=8, loc="lower right")

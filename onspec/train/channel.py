@@ -26,6 +26,10 @@ import torch
 
 from .traces import TraceChunk
 
+# Seconds without an engine step after which a borrower stops waiting for a grant: the engine is not
+# stepping (idle or stopped), so there is nothing to lend and nothing to disturb.
+NOT_STEPPING_AFTER = 0.25
+
 
 class TraceSender:
     """The recorder's sink: bounded drop-oldest deque + a daemon thread feeding ``out_queue``."""
@@ -150,6 +154,13 @@ class ThreadLender:
         self.leases.append(lease)
         return lease
 
+    def remove(self, lease: CpuLease) -> None:
+        """Forget a borrower that is gone (a dead trainer process); threads it held come back now."""
+        if lease in self.leases:
+            lease.want.value = 0
+            self.between_steps()
+            self.leases.remove(lease)
+
     def between_steps(self) -> None:
         """Engine thread, between two steps: lend, grant, take back. Cheap enough for every step."""
         wanted = [lease.want.value for lease in self.leases]
@@ -166,10 +177,9 @@ class ThreadLender:
             self._full = 0
 
     def release(self) -> None:
-        """Take lent threads back now (the borrowers are gone, or learning stops)."""
-        for lease in self.leases:
-            lease.want.value = 0
-        self.between_steps()
+        """Take lent threads back now (learning stops)."""
+        for lease in list(self.leases):
+            self.remove(lease)
 
     @property
     def lent(self) -> bool:

@@ -230,10 +230,8 @@ class OnlineLearning:
 
     def _fall_back_to_suffix(self) -> None:
         """Serve on with suffix drafting only (the trainer is gone; nothing would improve the drafter)."""
-        if self.trainer is not None and self.trainer.lease in self.lender.leases:
-            self.trainer.lease.want.value = 0    # a dead borrower: threads it had borrowed come back
-            self.lender.leases.remove(self.trainer.lease)
-            self.lender.between_steps()
+        if self.trainer is not None:
+            self.lender.remove(self.trainer.lease)  # threads the dead process had borrowed come back
         for name in ("learned", "hybrid"):
             self.spec.proposers.pop(name, None)
         self.engine.runner.aux_layers = ()
@@ -284,7 +282,9 @@ class OnlineLearning:
                     self.manager.retry_waiting()
 
     def _engine_idle(self) -> bool:
-        return time.monotonic() - self._last_step_t > 0.25
+        from .channel import NOT_STEPPING_AFTER
+
+        return time.monotonic() - self._last_step_t > NOT_STEPPING_AFTER
 
     # ---- the handle ----------------------------------------------------------------------------------
     def status(self) -> dict:

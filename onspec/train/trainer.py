@@ -36,7 +36,7 @@ from ..server.memory import MemoryTrimmer
 from .objective import (Sample, SoftTargets, collate, make_optimizer, objective, simulated_acceptance,
                         trainable_parameters)
 from .recompute import PromptHidden
-from .channel import CpuLease
+from .channel import NOT_STEPPING_AFTER, CpuLease, EngineClock
 from .traces import TraceBuffer, TraceChunk
 
 
@@ -283,7 +283,7 @@ class _TrainerLoop:
                     self.stop_event.set()
             if self.stop_event.is_set() and not force:
                 break
-            busy = time.time() - self.clock.value < cfg.idle_after
+            busy = EngineClock.busy(self.clock, cfg.idle_after)
             want = cfg.trainer_threads if busy else (cfg.idle_threads or os.cpu_count() or 1)
             if want != threads:
                 threads = want
@@ -356,8 +356,7 @@ class _TrainerLoop:
         return v
 
     def _engine_idle(self) -> bool:
-        """No engine step for a quarter second: nothing to lend (and nothing to disturb)."""
-        return time.time() - self.clock.value > 0.25
+        return not EngineClock.busy(self.clock, NOT_STEPPING_AFTER)
 
     def _has_traces(self) -> bool:
         try:
@@ -397,8 +396,6 @@ class TrainerProcess:
         self.events_q = self.ctx.Queue()
         self.control_q = self.ctx.Queue()
         self.stop_event = self.ctx.Event()
-        from .channel import EngineClock
-
         self.clock = EngineClock(self.ctx)
         self.lease = CpuLease(self.ctx)
         self.process = self.ctx.Process(
