@@ -24,7 +24,7 @@ def tiny(tiny_model_dirs) -> LoadedModel:
 
 def warm_plain(u: MeasuredUtility, batch: int, n: int = 4, rate: float = 100.0) -> None:
     for _ in range(n):
-        u.plain_probe(batch)
+        u.step_arms(batch, {})
         u.observe(batch, batch, batch / rate, None, {})
 
 
@@ -34,7 +34,7 @@ def drive(u: MeasuredUtility, batch: int, steps: int, plain_rate: float, drafted
     ``drafted_rate``, a plain one ``batch`` tokens at ``plain_rate``. Returns the allow() decisions."""
     decisions = []
     for _ in range(steps):
-        ok = not u.plain_probe(batch) and u.allow(batch, name)
+        ok = name in (u.step_arms(batch, {name: False}) or set())
         decisions.append(ok)
         tokens = 2 * batch if ok else batch
         u.observe(batch, tokens, tokens / (drafted_rate if ok else plain_rate), name if ok else None,
@@ -91,8 +91,9 @@ def test_a_strategy_asked_in_vain_is_switched_off_but_not_the_one_that_drafts() 
     u = MeasuredUtility(min_steps=4, probe_every=1000)
     warm_plain(u, 2)
     for _ in range(40):
-        assert not u.plain_probe(2)
-        asked = {n: 0.0 for n in ("suffix", "learned") if u.allow(2, n)}
+        allowed = u.step_arms(2, {"suffix": False, "learned": False})
+        assert allowed is not None
+        asked = {n: 0.0 for n in ("suffix", "learned") if n in allowed}
         if "learned" in asked:
             asked["learned"] = 0.02
         # suffix drafts: 3 tokens committed in 0.02 s of verification (plain: 2 in 0.02 s)
@@ -111,7 +112,7 @@ def test_a_drafter_that_seldom_matches_but_pays_when_it_does_stays_on() -> None:
     warm_plain(u, 1)
     for _ in range(20):
         for kind in ["none"] * 9 + ["rejected", "hit"]:
-            assert not u.plain_probe(1) and u.allow(1, "suffix")
+            assert u.step_arms(1, {"suffix": False}) == {"suffix"}
             if kind == "none":
                 u.observe(1, 1, 0.0102, None, {"suffix": 0.0002})
             else:
@@ -134,9 +135,69 @@ def test_a_new_drafter_is_judged_afresh() -> None:
     u = MeasuredUtility(min_steps=2, min_plain=2, trial_steps=2, probe_every=1000)
     warm_plain(u, 8, n=2)
     drive(u, 8, 4, plain_rate=100.0, drafted_rate=50.0, name="learned")
-    assert not u.allow(8, "learned")
+    assert "learned" not in u.step_arms(8, {"learned": False})
     u.forget("learned")
-    assert u.allow(8, "learned")
+    assert "learned" in u.step_arms(8, {"learned": False})
+
+
+def drive_tiers(u: MeasuredUtility, batch: int, steps: int, plain_rate: float, cheap_rate: float,
+                model_rate: float) -> list[set[str] | None]:
+    """A suffix arm (cheap) and a learned arm (expensive): a step that asks the learned arm commits at
+    ``model_rate`` whatever else was asked, a suffix-only step at ``cheap_rate``, a plain probe at
+    ``plain_rate``. Returns what each step was allowed."""
+    seen = []
+    for _ in range(steps):
+        allowed = u.step_arms(batch, {"suffix": False, "learned": True})
+        seen.append(allowed)
+        if allowed is None or not allowed:
+            u.observe(batch, batch, batch / plain_rate, None, {})
+        elif "learned" in allowed:
+            tokens = 3 * batch
+            u.observe(batch, tokens, tokens / model_rate, "learned", {"suffix": 1e-4, "learned": 0.002})
+        else:
+            tokens = 2 * batch
+            u.observe(batch, tokens, tokens / cheap_rate, "suffix", {"suffix": 1e-4})
+    return seen
+
+
+def test_an_expensive_drafter_that_beats_plain_but_not_the_suffix_drafter_is_switched_off() -> None:
+    """Day-1 in session 4: hybrid trees (learned + suffix) beat plain decoding by 10% but the suffix
+    drafter alone by nothing; the controller kept choosing them. Judged against the suffix drafter's own
+    rate (measured in cheap-probe steps) the learned arm is switched off, and the suffix arm is not."""
+    u = MeasuredUtility(probe_every=1000)
+    warm_plain(u, 2)
+    seen = drive_tiers(u, 2, 200, plain_rate=100.0, cheap_rate=130.0, model_rate=110.0)
+    st = u.buckets[2].strategies
+    assert st["learned"].closed and not st["suffix"].closed
+    assert st["suffix"].utility(u.buckets[2].plain.rate) == pytest.approx(1.3, rel=0.02)
+    assert u.summary()[2]["strategies"]["learned"]["utility"] == pytest.approx(110 / 130, rel=0.02)
+    # once off, the learned drafter is asked in trials only: most late steps ask the suffix drafter alone
+    late = seen[-100:]
+    assert sum(1 for a in late if a == {"suffix"}) > 70
+
+
+def test_an_expensive_drafter_that_beats_the_suffix_drafter_stays_on_and_the_suffix_rate_stays_measured() -> None:
+    u = MeasuredUtility(probe_every=1000)
+    warm_plain(u, 2)
+    seen = drive_tiers(u, 2, 200, plain_rate=100.0, cheap_rate=130.0, model_rate=160.0)
+    st = u.buckets[2].strategies
+    assert not st["learned"].closed and not st["suffix"].closed
+    # one step in cheap_probe_every (8) leaves the learned arm out, after the early phase of one in 4
+    late = seen[-160:]
+    assert sum(1 for a in late if a == {"suffix"}) == 160 // u.cheap_probe_every
+    assert sum(1 for a in late if a == {"suffix", "learned"}) == 160 - 160 // u.cheap_probe_every
+    assert st["suffix"].asked.count >= u.min_plain
+
+
+def test_without_a_cheap_record_the_expensive_arm_is_judged_against_plain() -> None:
+    """Where the suffix drafter is switched off (it loses to plain here), the learned arm's baseline is
+    plain decoding, and it stays on at 1.2x of plain."""
+    u = MeasuredUtility(probe_every=1000)
+    warm_plain(u, 4)
+    drive_tiers(u, 4, 200, plain_rate=100.0, cheap_rate=60.0, model_rate=120.0)
+    st = u.buckets[4].strategies
+    assert st["suffix"].closed and not st["learned"].closed
+    assert u.cheap_rate(u.buckets[4]) == pytest.approx(100.0, rel=0.02)
 
 
 class SlowDrafter(StubProposer):
@@ -168,3 +229,29 @@ def test_engine_stops_asking_a_drafter_that_measurably_loses(tiny) -> None:
     assert spec.utility.buckets[1].strategies["learned"].closed
     assert drafter.calls < 120                              # most of the 240 steps never asked it
     assert spec.skipped["learned"] > 120
+
+
+class SlowHybrid(SlowDrafter):
+    """A hybrid stand-in: pays a drafter forward (wants the target's aux states) and is judged in the
+    learned drafter's arm."""
+
+    name, arm, wants_aux = "hybrid", "learned", True
+
+
+def test_engine_judges_learned_and_hybrid_as_one_expensive_arm(tiny) -> None:
+    eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32",
+                              spec=SpecConfig(profile_at_start=False, suffix_min_prob=0.99)), loaded=tiny)
+    learned, hybrid = SlowDrafter(tiny.arch.vocab_size), SlowHybrid(tiny.arch.vocab_size)
+    learned.wants_aux = True
+    spec = attach_speculation(eng, eng.cfg.spec, {"learned": learned, "hybrid": hybrid})
+    spec.controller.cost.cost = lambda tokens, kind="masked": 1e-3
+    spec.controller.worth_drafting = lambda *a, **k: True
+    eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=240, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    records = spec.utility.buckets[1].strategies
+    assert set(records) == {"suffix", "learned"}
+    assert records["learned"].expensive and not records["suffix"].expensive
+    assert records["learned"].closed
+    assert learned.calls < 120 and hybrid.calls < 120
+    assert spec.skipped["hybrid"] > 120

@@ -272,6 +272,12 @@ class Speculation:
             return list(self.proposers)
         return [mode] if mode in self.proposers else []
 
+    def arm(self, name: str) -> str:
+        """The measured-utility record a strategy is judged in: its proposer's ``arm`` (the hybrid strategy
+        shares the learned drafter's forward and so its record), else its name."""
+        proposer = self.proposers.get(name)
+        return getattr(proposer, "arm", name) if proposer is not None else name
+
     # ---- lifecycle -------------------------------------------------------------------------
     def add_request(self, seq) -> None:
         for p in self.proposers.values():
@@ -299,9 +305,16 @@ class Speculation:
         self._pure_decode = step_tokens == len(decode_seqs)
         self._asked = {}
         auto = self.cfg.mode == "auto"
-        if auto and self.utility.plain_probe(len(decode_seqs)):
-            self.skipped["probe"] = self.skipped.get("probe", 0) + 1  # a plain step keeps the baseline measured
-            return {}
+        allowed: set[str] | None = set()
+        if auto:
+            arms: dict[str, bool] = {}
+            for name in names:
+                arm = self.arm(name)
+                arms[arm] = arms.get(arm, False) or self.proposers[name].wants_aux
+            allowed = self.utility.step_arms(len(decode_seqs), arms)
+            if allowed is None:
+                self.skipped["probe"] = self.skipped.get("probe", 0) + 1  # a plain step keeps the baseline measured
+                return {}
         budgets = {s.seq_id: self.cfg.max_draft_tokens for s in decode_seqs}
         candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in decode_seqs}
         for name in names:
@@ -309,11 +322,10 @@ class Speculation:
             if self._versions.setdefault(name, version) != version:  # a new drafter: its old record is moot
                 self._versions[name] = version
                 self.controller.forget(name)
-                self.utility.forget(name)
+                self.utility.forget(self.arm(name))
             cost = self.draft_cost.get(name, 0.0)
             worth = self.controller.worth_drafting(name, len(decode_seqs), step_tokens, cost)
-            if not self.controller.should_try(name, self.steps, worth) or (
-                    auto and not self.utility.allow(len(decode_seqs), name)):
+            if not self.controller.should_try(name, self.steps, worth) or (auto and self.arm(name) not in allowed):
                 self.skipped[name] = self.skipped.get(name, 0) + 1
                 continue
             t0 = time.perf_counter()
@@ -345,8 +357,11 @@ class Speculation:
             for _, tree, *_ in verdicts:
                 if tree.num_draft:
                     nodes[tree.source] = nodes.get(tree.source, 0) + tree.num_draft
-            chosen = max(nodes, key=nodes.get) if nodes else None
-            self.utility.observe(batch_rows, committed, seconds, chosen, self._asked)
+            chosen = self.arm(max(nodes, key=nodes.get)) if nodes else None
+            asked: dict[str, float] = {}
+            for name, dt in self._asked.items():
+                asked[self.arm(name)] = asked.get(self.arm(name), 0.0) + dt
+            self.utility.observe(batch_rows, committed, seconds, chosen, asked)
         self._pure_decode, self._asked = False, {}
         for p in self.proposers.values():
             p.observe(verdicts)

@@ -438,6 +438,7 @@ class HybridProposer:
     ``Speculation`` themselves and observe everything directly."""
 
     name = "hybrid"
+    arm = "learned"  # judged with the learned strategy: both pay the same drafter forward (spec/utility.py)
     wants_aux = True
 
     def __init__(self, learned: EagleProposer, suffix=None) -> None:

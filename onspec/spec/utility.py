@@ -19,6 +19,23 @@ decisions), so a strategy that starts paying (a better drafter, more repetitive 
 on. While drafting runs in a bucket, one step in ``probe_every`` (one in ``probe_early`` until
 ``min_plain`` plain steps were seen) is run without drafts so the baseline stays measured; that costs at
 most 1/``probe_every`` of the gain.
+
+Strategies are judged as *arms*, in two tiers. A cheap arm (the model-free suffix drafter: a fraction of
+a millisecond per step) is judged against plain decoding as above. An expensive arm runs a drafter model:
+the learned and hybrid strategies share one drafter forward per step and so one arm (``arm`` on the
+proposer). For it the question is not "does it beat plain decoding?" but "does it beat what the cheap
+arms do without it?". A hybrid tree is a superset of the suffix tree, so when both are asked the
+controller picks the hybrid one, and a drafter that adds nothing to the suffix tree still wins every
+request while its forward slows every step: judged against plain it looked fine (1.05x) while the suffix
+drafter alone ran 1.11x (bench/online.py day-1, session 4). So:
+
+* a step in which an expensive arm was asked is that arm's, whole (its rate is the rate of the policy
+  "ask it": the drafter forward, the suffix proposals a hybrid tree needs, and whatever was chosen);
+* a cheap arm is credited only in steps where no expensive arm was asked, so its record is what it does
+  alone, not a share of a step another arm's trees carried;
+* an expensive arm's baseline is the best of the plain rate and the open cheap arms' rates;
+* while an expensive arm drafts, one step in ``cheap_probe_every`` (``cheap_probe_early`` until the cheap
+  arms have ``min_plain`` steps) leaves it out so the cheap arms' rate stays measured.
 """
 
 from __future__ import annotations
@@ -54,24 +71,29 @@ class RateEMA:
 
 @dataclass
 class StrategyRecord:
-    """One strategy's measured utility in one batch bucket, and whether it is switched off there.
+    """One arm's measured utility in one batch bucket, and whether it is switched off there.
 
-    ``asked`` sums (exponentially weighted) the tokens and seconds of the steps the strategy was asked in,
-    as they would have gone without the other strategies' proposals (see ``MeasuredUtility.observe``);
-    its rate over the plain rate is the utility: below 1 asking the strategy costs more than it returns.
-    Sums, not an average of per-step ratios: most steps where a suffix drafter finds no match cost it a
-    fraction of a millisecond and return nothing (a ratio of 0.99 each), and an average of those with the
-    few steps that commit 8 tokens would switch off a drafter that doubles the rate."""
+    ``asked`` sums (exponentially weighted) the tokens and seconds of the steps credited to the arm (see
+    ``MeasuredUtility.observe``); its rate over the baseline rate is the utility: below 1 asking the arm
+    costs more than it returns. Sums, not an average of per-step ratios: most steps where a suffix drafter
+    finds no match cost it a fraction of a millisecond and return nothing (a ratio of 0.99 each), and an
+    average of those with the few steps that commit 8 tokens would switch off a drafter that doubles the
+    rate."""
 
     asked: RateEMA = field(default_factory=lambda: RateEMA(decay=0.97))
+    expensive: bool = False  # runs a drafter model (judged against the cheap arms, see the module docstring)
     closed: bool = False
     in_trial: bool = False   # switched off, but drafting again (``asked`` restarts) to see whether it pays now
-    pause: int = 0           # the strategy's decisions in this bucket denied before the next trial
+    pause: int = 0           # the arm's decisions in this bucket denied before the next trial
     reopen_at: int = 0       # the decision count at which the next trial starts
     decisions: int = 0
 
-    def utility(self, plain_rate: float) -> float:
-        return self.asked.rate / plain_rate if plain_rate > 0 else 1.0
+    def utility(self, base_rate: float) -> float:
+        return self.asked.rate / base_rate if base_rate > 0 else 1.0
+
+    @property
+    def drafting(self) -> bool:
+        return not self.closed or self.in_trial
 
 
 @dataclass
@@ -83,55 +105,70 @@ class BucketRecord:
 
 @dataclass
 class MeasuredUtility:
-    """Per batch-size bucket and strategy: is drafting measurably paying? See the module docstring."""
+    """Per batch-size bucket and arm: is drafting measurably paying? See the module docstring."""
 
-    min_steps: int = 32        # steps a strategy was asked in before it can be switched off (wins are
+    min_steps: int = 32        # steps an arm was credited before it can be switched off (wins are
                                # sparse: a suffix drafter may commit 8 tokens in one step of ten) ...
     min_plain: int = 4         # ... and plain steps before a drafting step can be judged
     margin: float = 0.03       # off when the measured utility is below 1 - margin
     clear_loss: float = 0.8    # ... or, after only clear_steps steps, below this: a drafter costing half a
     clear_steps: int = 8       # forward per proposal need not be watched for 32 steps (after every swap)
-    trial_steps: int = 16      # steps a switched-off strategy's trial is judged on
+    trial_steps: int = 16      # steps a switched-off arm's trial is judged on
     pause_min: int = 16
     pause_max: int = 512
     probe_every: int = 32      # a bucket where drafting runs runs one plain step in this many to keep the
     probe_early: int = 4       # baseline fresh, or one in this many while it has fewer than min_plain
+    cheap_probe_every: int = 8  # while an expensive arm drafts, one step in this many asks only the cheap
+    cheap_probe_early: int = 4  # arms (one in this many until they have min_plain steps)
     buckets: dict[int, BucketRecord] = field(default_factory=dict)
 
     def record(self, batch: int) -> BucketRecord:
         return self.buckets.setdefault(pow2_bucket(batch), BucketRecord())
 
-    def plain_probe(self, batch: int) -> bool:
-        """Should this step run without drafts to measure the baseline? Called once per decoding step."""
+    def step_arms(self, batch: int, arms: dict[str, bool]) -> set[str] | None:
+        """Which of ``arms`` (name -> expensive) may draft in this decoding step; None: run it plain, to
+        measure the baseline. Called once per decoding step."""
         rec = self.record(batch)
         rec.steps += 1
-        if not any(not s.closed or s.in_trial for s in rec.strategies.values()):
-            return False  # nothing drafts here (yet, or any more): plain steps happen by themselves
-        every = self.probe_every if rec.plain.count >= self.min_plain else self.probe_early
-        return rec.steps % every == 0
+        records = {}
+        for name, expensive in arms.items():
+            st = records[name] = rec.strategies.setdefault(name, StrategyRecord())
+            st.expensive = expensive
+        if any(st.drafting for st in records.values()):
+            every = self.probe_every if rec.plain.count >= self.min_plain else self.probe_early
+            if rec.steps % every == 0:
+                return None
+        allowed = {name for name, st in records.items() if self._allow(st)}
+        cheap = [name for name in allowed if not records[name].expensive]
+        if cheap and len(cheap) < len(allowed):
+            seen = min(records[name].asked.count for name in cheap)
+            every = self.cheap_probe_every if seen >= self.min_plain else self.cheap_probe_early
+            if (rec.steps + 1) % every == 0:  # offset by one: never the same step as a plain probe
+                return set(cheap)
+        return allowed
 
-    def allow(self, batch: int, strategy: str) -> bool:
-        """May ``strategy`` draft in this step? Called once per step and strategy, before it is asked."""
-        st = self.record(batch).strategies.setdefault(strategy, StrategyRecord())
+    @staticmethod
+    def _allow(st: StrategyRecord) -> bool:
         st.decisions += 1
         if st.closed and not st.in_trial and st.decisions >= st.reopen_at:
             st.in_trial = True
             st.asked = RateEMA(st.asked.decay)  # the trial is judged on its own steps
-        return not st.closed or st.in_trial
+        return st.drafting
 
     def observe(self, batch: int, committed: int, seconds: float, chosen: str | None,
                 asked: dict[str, float]) -> None:
         """A pure decoding step finished: ``committed`` tokens over ``batch`` rows in ``seconds``;
-        ``asked`` maps each strategy asked for drafts to the seconds its proposal took, ``chosen`` is the
-        strategy whose trees carried most of the step's draft nodes (None: no drafts).
+        ``asked`` maps each arm asked for drafts to the seconds its proposals took, ``chosen`` is the arm
+        whose trees carried most of the step's draft nodes (None: no drafts).
 
-        Counterfactuals, per strategy (its tokens and seconds): the chosen one gets the step with the other
-        proposals' time taken out; one asked whose drafts were not used gets what a plain step would have
-        done plus its proposal time: ``batch`` tokens in ``batch / plain rate + its seconds``."""
+        A step with an expensive arm asked is credited, whole, to that arm. Otherwise, per cheap arm (its
+        tokens and seconds): the chosen one gets the step with the other proposals' time taken out; one
+        asked whose drafts were not used gets what a plain step would have done plus its proposal time:
+        ``batch`` tokens in ``batch / plain rate + its seconds``."""
         if seconds <= 0:
             return
         if chosen is not None and chosen not in asked:
-            return  # drafts credited to a name that was not asked (a composite drafter): nothing to judge
+            return  # drafts credited to a name that was not asked: nothing to judge
         rec = self.record(batch)
         total = sum(asked.values())
         if chosen is None:
@@ -139,16 +176,33 @@ class MeasuredUtility:
         if rec.plain.count < self.min_plain:
             return
         plain_rate = rec.plain.rate
+        records = {name: rec.strategies.setdefault(name, StrategyRecord()) for name in asked}
+        expensive = [name for name, st in records.items() if st.expensive]
+        if expensive:
+            base = self.cheap_rate(rec)
+            for name in expensive:
+                records[name].asked.add(committed, seconds)
+                self._judge(records[name], base)
+            return
         for name, t in asked.items():
-            st = rec.strategies.setdefault(name, StrategyRecord())
+            st = records[name]
             if name == chosen:
                 st.asked.add(committed, max(1e-9, seconds - (total - t)))
             else:
                 st.asked.add(batch, batch / plain_rate + t)
             self._judge(st, plain_rate)
 
-    def _judge(self, st: StrategyRecord, plain_rate: float) -> None:
-        losing = st.utility(plain_rate) < 1 - self.margin
+    def cheap_rate(self, rec: BucketRecord) -> float:
+        """What the bucket does without its expensive arms: the best of plain decoding and the open cheap
+        arms with a record."""
+        rate = rec.plain.rate
+        for st in rec.strategies.values():
+            if not st.expensive and not st.closed and st.asked.count >= self.min_plain:
+                rate = max(rate, st.asked.rate)
+        return rate
+
+    def _judge(self, st: StrategyRecord, base_rate: float) -> None:
+        losing = st.utility(base_rate) < 1 - self.margin
         if st.closed:
             if st.in_trial:
                 if st.asked.count >= self.trial_steps:  # the trial is over: reopen, or pause twice as long
@@ -159,18 +213,22 @@ class MeasuredUtility:
                     else:
                         st.closed, st.pause = False, 0
         elif losing and (st.asked.count >= self.min_steps or (
-                st.asked.count >= self.clear_steps and st.utility(plain_rate) < self.clear_loss)):
+                st.asked.count >= self.clear_steps and st.utility(base_rate) < self.clear_loss)):
             st.closed, st.pause = True, self.pause_min
             st.reopen_at = st.decisions + st.pause + 1
 
-    def forget(self, strategy: str) -> None:
-        """A strategy's drafter changed (a new learned version): it is judged afresh in every bucket."""
+    def forget(self, arm: str) -> None:
+        """An arm's drafter changed (a new learned version): it is judged afresh in every bucket."""
         for rec in self.buckets.values():
-            rec.strategies.pop(strategy, None)
+            rec.strategies.pop(arm, None)
 
     def summary(self) -> dict[int, dict]:
-        return {b: {"plain_rate": round(r.plain.rate, 2), "plain_steps": r.plain.count,
-                    "strategies": {n: {"off": s.closed and not s.in_trial,
-                                       "utility": round(s.utility(r.plain.rate), 3), "samples": s.asked.count}
-                                   for n, s in r.strategies.items()}}
-                for b, r in sorted(self.buckets.items())}
+        out = {}
+        for b, r in sorted(self.buckets.items()):
+            cheap = self.cheap_rate(r)
+            out[b] = {"plain_rate": round(r.plain.rate, 2), "plain_steps": r.plain.count,
+                      "strategies": {n: {"off": s.closed and not s.in_trial, "expensive": s.expensive,
+                                         "utility": round(s.utility(cheap if s.expensive else r.plain.rate), 3),
+                                         "samples": s.asked.count}
+                                     for n, s in r.strategies.items()}}
+        return out
