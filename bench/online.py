@@ -138,12 +138,17 @@ def drive(engine, texts: list[str], phases: list[str], concurrency: int, max_tok
     run.wall = time.perf_counter() - t0
 
 
-def start_learner(engine, root: Path, quick: bool, **overrides):
+def share_override(args) -> dict:
+    """``--busy-share`` as a TrainerConfig override (none: the config's default)."""
+    return {} if args.busy_share is None else {"busy_share": args.busy_share}
+
+
+def start_learner(engine, root: Path, args, **overrides):
     from onspec.train.online import OnlineLearning
 
-    cfg = dict(versions_dir=str(root), publish_every_steps=20 if quick else 40,
-               publish_every_seconds=20.0 if quick else 45.0, poll_seconds=0.5, heldout_every=6,
-               gate_min_positions=32, batch_positions=512, live_window_steps=300)
+    cfg = dict(versions_dir=str(root), publish_every_steps=20 if args.quick else 40,
+               publish_every_seconds=20.0 if args.quick else 45.0, poll_seconds=0.5, heldout_every=6,
+               gate_min_positions=32, batch_positions=512, live_window_steps=300, **share_override(args))
     cfg.update(overrides)
     return OnlineLearning(engine, TrainerConfig(**cfg))
 
@@ -187,7 +192,7 @@ def scenario_strategies(loaded, texts, args, tag: str, start_dir: Path | None) -
                 if learning:
                     if start_dir is not None:
                         shutil.copytree(start_dir, tmp / "v")
-                    learner = start_learner(engine, tmp / "v", args.quick)
+                    learner = start_learner(engine, tmp / "v", args)
                     wait_trainer(learner)
                 run = Run(name, strategy, c)
                 drive(engine, texts, ["chat"] * len(texts), c, args.max_tokens, run, learner)
@@ -257,7 +262,7 @@ def scenario_shift(loaded, args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="onspec-bench-shift-"))
     online = Run("shift-online", args.shift_strategy, c)
     engine = make_engine(loaded, args.shift_strategy, args.threads, c, attach=False)
-    learner = start_learner(engine, tmp / "v", args.quick)
+    learner = start_learner(engine, tmp / "v", args)
     wait_trainer(learner)
     t0 = time.perf_counter()
     frozen_version = None
@@ -293,6 +298,13 @@ def scenario_shift(loaded, args) -> dict:
                                  "acceptance": round(_phase_acc(run, name), 3)}
         row["shift-off"] = {"tok_per_s": round(base, 2)}
         table[name] = row
+    # Recovery after each shift: requests (in completion order) until a window of ``width`` requests of the
+    # new phase is back within 10% of the online run's chat-phase acceptance length.
+    width = max(2, min(args.window, n // 4))
+    target = 0.9 * _phase_acc(online, "chat")
+    out["recovery"] = {"window": width, "target_acceptance": round(target, 3),
+                       "requests": {run.name: {name: recover_requests(run, name, target, width)
+                                               for name, _ in phases[1:]} for run in (online, frozen)}}
     out.update({"table": table, "frozen_version": frozen_version,
                 "runs": {r.name: _run_json(r) for r in (off, online, frozen)}})
     return out
@@ -306,6 +318,18 @@ def _phase_tps(run: Run, phase: str) -> float:
     prev = [r for r in run.reqs if r.t_done < rs[0].t_done]
     start = max((r.t_done for r in prev), default=0.0)
     return sum(r.tokens for r in rs) / max(1e-9, rs[-1].t_done - start)
+
+
+def recover_requests(run: Run, phase: str, target: float, width: int) -> int | None:
+    """Requests of ``phase`` served (in completion order) when a window of the last ``width`` of them first
+    reaches ``target`` acceptance length; None if it never does within the phase."""
+    rs = sorted((r for r in run.reqs if r.phase == phase), key=lambda r: r.t_done)
+    for k in range(width, len(rs) + 1):
+        w = rs[k - width:k]
+        steps = sum(r.steps for r in w)
+        if steps and (sum(r.accepted for r in w) + steps) / steps >= target:
+            return k
+    return None
 
 
 def _phase_acc(run: Run, phase: str) -> float:
@@ -325,7 +349,7 @@ def scenario_cost(loaded, texts, args) -> dict:
             tmp = Path(tempfile.mkdtemp(prefix="onspec-bench-cost-"))
             engine = make_engine(loaded, "auto", args.threads, c, attach=False)
             cfg = TrainerConfig(versions_dir=str(tmp / "v"), gate_margin=1e9, live_window_steps=10**9,
-                                publish_every_steps=10**6, publish_every_seconds=1e9)
+                                publish_every_steps=10**6, publish_every_seconds=1e9, **share_override(args))
             learner = OnlineLearning(engine, cfg, start_trainer=kind == "trainer")
             if kind == "trainer":
                 wait_trainer(learner)
@@ -467,7 +491,7 @@ def plot(rep: dict, shift: dict | None, cost: dict | None, path: Path) -> None:
             a.legend(fontsize=8)
         ax[1].axhline(1.0, color="black", lw=0.8)
         fig.tight_layout()
-        fig.savefig(path.with_name("online-shift.png"), dpi=110)
+        fig.savefig(path.with_name(path.stem + "-shift.png"), dpi=110)
         plt.close(fig)
 
 
@@ -485,6 +509,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="repeats of the cost scenario (median reported)")
     ap.add_argument("--window", type=int, default=None, help="requests per plotted window (default 10, quick 4)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--busy-share", type=float, default=None,
+                    help="the trainer's share of wall time while the engine is busy (default: TrainerConfig's)")
     ap.add_argument("--out", default=str(RESULTS / "online.json"))
     args = ap.parse_args()
     q = args.quick
@@ -529,6 +555,9 @@ def main() -> int:
         for phase, row in shift["table"].items():
             print(f"  {phase:<6}" + "".join(f"  {k}: {v.get('speedup')}x / {v.get('acceptance')}"
                                             for k, v in row.items() if k != "shift-off"))
+        rec = shift["recovery"]
+        print(f"  requests to recover to {rec['target_acceptance']} (90% of chat acceptance, windows of "
+              f"{rec['window']}): {rec['requests']}")
     if cost:
         print(f"\ncost of learning: {cost['median_trainer']:.1f} tok/s with the trainer vs "
               f"{cost['median_frozen']:.1f} frozen: {100 * (cost['cost'] or 0):.1f}% slower")

@@ -122,6 +122,49 @@ def test_a_drafter_that_seldom_matches_but_pays_when_it_does_stays_on() -> None:
     assert st.utility(u.buckets[1].plain.rate) == pytest.approx(1.5, rel=0.1)
 
 
+def bursty_chat(u: MeasuredUtility, steps: int, seed: int = 0) -> int:
+    """Batch 2, a suffix drafter on chat: half the steps find no match, the others draft and are either
+    rejected (the step costs 25% more) or copy a run (3.5x the tokens in 1.2x the time). Hits come in
+    stretches: 60 steps where a quarter of the drafting steps hit (answers that quote the prompt) alternate
+    with 60 where almost none do (free text). About 1.2x of plain overall. Returns the steps the drafter
+    was switched off in."""
+    import random
+
+    rng = random.Random(seed)
+    warm_plain(u, 2)
+    off = step = 0
+    for _ in range(steps):
+        allowed = u.step_arms(2, {"suffix": False})
+        if allowed is None:
+            u.observe(2, 2, 0.02, None, {})
+            continue
+        if "suffix" not in allowed:
+            off += 1
+            u.observe(2, 2, 0.02, None, {})
+            continue
+        step += 1
+        hit = 0.25 if (step // 60) % 2 == 0 else 0.02
+        x = rng.random()
+        if x < 0.5:
+            u.observe(2, 2, 0.0201, None, {"suffix": 1e-4})
+        elif x < 1 - hit / 2:
+            u.observe(2, 2, 0.025, "suffix", {"suffix": 1e-4})
+        else:
+            u.observe(2, 7, 0.024, "suffix", {"suffix": 1e-4})
+    return off
+
+
+def test_a_paying_drafter_is_not_switched_off_by_an_unlucky_stretch() -> None:
+    """Judged on an upper confidence bound, a drafter whose steps swing between 0.8x and 3.5x stays on
+    through most stretches that match badly; judged on the estimate alone (confidence 0) it is switched
+    off in about a third of the run, and every failed trial doubles its pause."""
+    steps = 2000
+    bounded = bursty_chat(MeasuredUtility(probe_every=1000), steps)
+    estimate = bursty_chat(MeasuredUtility(probe_every=1000, confidence=0.0), steps)
+    assert estimate > 0.25 * steps
+    assert bounded < 0.05 * steps and bounded < estimate / 4
+
+
 def test_a_clear_loss_is_switched_off_sooner() -> None:
     """Half the plain rate is evidence enough after clear_steps; a 10% loss needs min_steps."""
     for drafted_rate, off_after in ((50.0, 8), (90.0, 32)):
