@@ -64,6 +64,12 @@ class Req:
     by_strategy: dict
 
 
+def acceptance_length(reqs) -> float:
+    """Tokens committed per target forward over ``reqs``: accepted drafts plus one per step."""
+    steps = sum(r.steps for r in reqs)
+    return (sum(r.accepted for r in reqs) + steps) / steps if steps else 0.0
+
+
 @dataclass
 class Run:
     name: str
@@ -85,8 +91,7 @@ class Run:
 
     @property
     def acceptance(self) -> float:
-        steps = sum(r.steps for r in self.reqs)
-        return (sum(r.accepted for r in self.reqs) + steps) / steps if steps else 0.0
+        return acceptance_length(self.reqs)
 
 
 # ---- driving an engine --------------------------------------------------------------------------------
@@ -325,17 +330,13 @@ def recover_requests(run: Run, phase: str, target: float, width: int) -> int | N
     reaches ``target`` acceptance length; None if it never does within the phase."""
     rs = sorted((r for r in run.reqs if r.phase == phase), key=lambda r: r.t_done)
     for k in range(width, len(rs) + 1):
-        w = rs[k - width:k]
-        steps = sum(r.steps for r in w)
-        if steps and (sum(r.accepted for r in w) + steps) / steps >= target:
+        if acceptance_length(rs[k - width:k]) >= target:
             return k
     return None
 
 
 def _phase_acc(run: Run, phase: str) -> float:
-    rs = [r for r in run.reqs if r.phase == phase]
-    steps = sum(r.steps for r in rs)
-    return (sum(r.accepted for r in rs) + steps) / steps if steps else 0.0
+    return acceptance_length([r for r in run.reqs if r.phase == phase])
 
 
 def scenario_cost(loaded, texts, args) -> dict:
@@ -375,8 +376,7 @@ def windows(run: Run, base: Run | None, width: int) -> list[dict]:
         w = rs[k:k + width]
         t_start = rs[k - 1].t_done if k else 0.0
         tps = sum(r.tokens for r in w) / max(1e-9, w[-1].t_done - t_start)
-        steps = sum(r.steps for r in w)
-        acc = (sum(r.accepted for r in w) + steps) / steps if steps else 0.0
+        acc = acceptance_length(w)
         row = {"requests": k + len(w), "t": round(w[-1].t_done, 2), "tok_per_s": round(tps, 2),
                "acceptance": round(acc, 3), "version": w[-1].version}
         if bs is not None and len(bs) >= k + len(w):

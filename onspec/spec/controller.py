@@ -275,8 +275,7 @@ class Speculation:
     def arm(self, name: str) -> str:
         """The measured-utility record a strategy is judged in: its proposer's ``arm`` (the hybrid strategy
         shares the learned drafter's forward and so its record), else its name."""
-        proposer = self.proposers.get(name)
-        return getattr(proposer, "arm", name) if proposer is not None else name
+        return getattr(self.proposers.get(name), "arm", name)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def add_request(self, seq) -> None:
@@ -360,7 +359,8 @@ class Speculation:
             chosen = self.arm(max(nodes, key=nodes.get)) if nodes else None
             asked: dict[str, float] = {}
             for name, dt in self._asked.items():
-                asked[self.arm(name)] = asked.get(self.arm(name), 0.0) + dt
+                arm = self.arm(name)
+                asked[arm] = asked.get(arm, 0.0) + dt
             self.utility.observe(batch_rows, committed, seconds, chosen, asked)
         self._pure_decode, self._asked = False, {}
         for p in self.proposers.values():
