@@ -8,7 +8,8 @@ suppressed so every peer produces exactly that many), ``--threads`` torch/llama.
 * transformers ``generate`` on the same weights, plain and with prompt-lookup decoding
   (``prompt_lookup_num_tokens``), float32 and bfloat16;
 * llama.cpp (llama-cpp-python) on the GGUF file the default model comes from, when installed;
-* onspec bfloat16 throughput with 1, 8 and 32 prompts submitted at once.
+* onspec bfloat16 throughput with 1, 8, 32 and 64 prompts submitted at once, with attention grouped by row
+  width (the default) and in one padded grid per step.
 
 Figures are medians over ``--repeats``; ratios are against transformers plain (float32) measured in the
 same run. Targets (issue 2): single-stream onspec >= 1.3x transformers plain; batch-32 throughput
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--chat", type=int, default=3, help="AlpacaEval prompts")
     p.add_argument("--code", type=int, default=3, help="HumanEval prompts")
-    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--skip", default="", help="comma-separated peers to skip: hf, llamacpp, fp32, pld")
     p.add_argument("--name", default="decode", help="results file stem under bench/results/")
     args = p.parse_args(argv)
@@ -183,14 +184,23 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"Single stream: {len(prompts)} prompts x {N} tokens, greedy, {args.threads} threads, "
                 f"median of {R}", ["peer", "tok/s", "spread", "tokens/run", f"x {base_name}"], rows)
 
-    # Throughput: the same prompts cycled to fill batches of 1, 8, 32.
+    # Throughput: the same prompts cycled to fill batches of 1, 8, 32, 64, all submitted at once (so their
+    # prefill chunks share steps with decoding rows). "one grid" is the same engine with attention run in a
+    # single padded grid per step (runner.group_attention = False), the engine before grouped attention.
     batches = [int(b) for b in args.batches.split(",")]
-    thr_named = measure_interleaved({f"batch {b}": (onspec_batch(bf16, prompts, b, N), None) for b in batches}, R)
+    one_grid = onspec_llm("bfloat16", args.threads)
+    one_grid.engine.runner.group_attention = False
+    thr_configs = {}
+    for b in batches:
+        thr_configs[f"batch {b}"] = (onspec_batch(bf16, prompts, b, N), None)
+        thr_configs[f"batch {b} one grid"] = (onspec_batch(one_grid, prompts, b, N), None)
+    thr_named = measure_interleaved(thr_configs, R)
     thr = {b: thr_named[f"batch {b}"] for b in batches}
     single = thr[batches[0]].tps if batches and batches[0] == 1 else results["onspec bf16"].tps
-    rows2 = [[b, m.tps, f"{m.spread * 100:.0f}%", ratio(m.tps, single)] for b, m in thr.items()]
+    rows2 = [[b, m.tps, f"{m.spread * 100:.0f}%", ratio(m.tps, single), thr_named[f"batch {b} one grid"].tps,
+              ratio(m.tps, thr_named[f"batch {b} one grid"].tps)] for b, m in thr.items()]
     print_table(f"onspec bf16 throughput (speculation off), {N} tokens per request",
-                ["batch", "tok/s", "spread", "x batch 1"], rows2)
+                ["batch", "tok/s", "spread", "x batch 1", "one grid tok/s", "x one grid"], rows2)
 
     def best(*names: str) -> float:
         vals = [results[n].tps for n in names if n in results]
@@ -209,9 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         print(n)
     payload = {"bench": "decode", "args": vars(args), "machine": machine_info(args.threads),
                "prompts": messages, "single_stream": results, "throughput": {str(b): m for b, m in thr.items()},
+               "throughput_one_grid": {str(b): thr_named[f"batch {b} one grid"] for b in batches},
                "targets": targets, "notes": notes}
     bars = {"single stream tok/s": {k: v.tps for k, v in results.items()},
-            "onspec bf16 throughput tok/s": {f"batch {b}": m.tps for b, m in thr.items()}}
+            "onspec bf16 throughput tok/s": {f"batch {b}": m.tps for b, m in thr.items()},
+            "one attention grid per step tok/s": {f"batch {b}": thr_named[f"batch {b} one grid"].tps for b in batches}}
     jpath, ppath = write_results(args.name, payload, bars)
     print(f"wrote {jpath} and {ppath}")
     return 0

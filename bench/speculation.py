@@ -45,7 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request, workloads (a)-(d)")
-    p.add_argument("--prompts", type=int, default=3, help="prompts per workload (a)-(c)")
+    p.add_argument("--prompts", type=int, default=3, help="prompts per workload (a) and (b)")
+    # The edits cycle through four kinds (data.code_edit_prompts), so 8 prompts hold each kind twice. With
+    # 3, one kind was missing and a single prompt on which the bf16 model stops copying decided the figure.
+    p.add_argument("--edit-prompts", type=int, default=8, help="prompts for the code-editing workload (c)")
     p.add_argument("--group-prompts", type=int, default=2, help="prompts for the group workload (d)")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--batch-tokens", type=int, default=64, help="new tokens per request in (e)")
@@ -53,10 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="speculation", help="results file stem under bench/results/")
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.max_tokens, args.prompts, args.group_prompts = 1, 64, 1, 1
+        args.repeats, args.max_tokens, args.prompts, args.group_prompts, args.edit_prompts = 1, 64, 1, 1, 1
         args.batches, args.batch_tokens = "1,8,32", 32
-    if min(args.repeats, args.max_tokens, args.prompts, args.threads, args.batch_tokens) < 1:
-        p.error("--repeats, --max-tokens, --prompts, --threads and --batch-tokens must be >= 1")
+    if min(args.repeats, args.max_tokens, args.prompts, args.edit_prompts, args.threads, args.batch_tokens) < 1:
+        p.error("--repeats, --max-tokens, --prompts, --edit-prompts, --threads and --batch-tokens must be >= 1")
     return args
 
 
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     make_llm(loaded, "off", args.threads).generate(chat_texts(tok, ["Hello"]), greedy)  # warm-up
 
     workloads = {"a": ("(a) chat", chat_prompts(k)), "b": ("(b) HumanEval", humaneval_prompts(k)),
-                 "c": ("(c) code edit", code_edit_prompts(k))}
+                 "c": ("(c) code edit", code_edit_prompts(args.edit_prompts))}
     if "hf" not in skip:
         from onspec.models.loader import resolve_model_dir
         hf_make = hf_generate(resolve_model_dir("default"), "bfloat16", tok, N)

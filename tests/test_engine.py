@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from onspec import LLM, SamplingParams
-from onspec.config import ConfigError, EngineConfig
+from onspec.config import ConfigError, EngineConfig, SpecConfig
 from onspec.engine.engine import Engine, PromptTooLongError
 from onspec.engine.kv_cache import KVCache
 from onspec.models.loader import DTYPES, ModelLoadError, load_model
@@ -113,7 +113,7 @@ def test_priorities_do_not_change_greedy_outputs(tiny) -> None:
 
 def test_preemption_keeps_outputs(tiny) -> None:
     max_len = 64
-    reserve = 17  # SpecConfig().max_draft_tokens + 1: the engine adds it to every slot
+    reserve = SpecConfig().max_draft_tokens + 1  # the engine adds it to every slot
     per_token = KVCache.bytes_per_token(tiny.arch, DTYPES["float32"])
     # Room for about 2.5 sequences of the full context, while 8 requests want 8 x 60 tokens.
     llm = make_llm(tiny, max_model_len=max_len, max_num_seqs=8,

@@ -21,7 +21,7 @@ import torch
 from onspec.config import EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
 from onspec.engine.kv_cache import KVCache
-from onspec.engine.runner import ModelRunner, RowSpec, bucket_tokens
+from onspec.engine.runner import ModelRunner, RowSpec, attention_groups, bucket_tokens
 from onspec.engine.sampler import SamplingParams
 from onspec.models.loader import load_model
 from onspec.server import memory as server_memory
@@ -117,7 +117,7 @@ def _tree_row(slot: int, cache_len: int, tokens: list[int]) -> RowSpec:
 def test_padding_changes_no_result_and_no_live_cache_row(tiny, case: str) -> None:
     """Padded and exact forwards give the same logits, hidden and aux states and the same live cache rows;
     a slot outside the step is untouched, and padding K/V only lands past a row's live positions."""
-    if case == "free-cells":  # 7 + 5 + 1 = 13 tokens -> 16: the grid (T = 7) has room for the padding
+    if case == "free-cells":  # 7 + 5 + 1 = 13 tokens -> 16: the 7-token row takes the 3 padding tokens
         rows = [RowSpec(0, 5, [11, 12, 13, 14, 15, 16, 17], logits_from=6), _tree_row(2, 10, [21, 22, 23, 24, 25]),
                 RowSpec(3, 3, [31], logits_from=0)]
     elif case == "widen":  # two full rows of 9 -> 24: no empty cell, the grid widens to 12
@@ -153,6 +153,44 @@ def test_padding_changes_no_result_and_no_live_cache_row(tiny, case: str) -> Non
                 assert torch.equal(cache0[slot, :, :r.cache_len], cache1[slot, :, :r.cache_len])
                 live = slice(r.cache_len, r.cache_len + len(r.tokens))
                 torch.testing.assert_close(cache0[slot, :, live], cache1[slot, :, live], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_groups_split_rows_of_very_different_widths() -> None:
+    # 61 decoding rows and one 178-token prefill chunk: two grids, not 62 rows padded to 178 queries
+    groups = attention_groups([1] * 30 + [178] + [1] * 31, [300] * 30 + [178] + [300] * 31)
+    assert groups == [list(range(30)) + list(range(31, 62)), [30]]
+    # widths in one power-of-two class share a grid; so do small neighbours whose merge costs little
+    assert attention_groups([3, 4, 4], [50, 60, 70]) == [[0, 1, 2]]
+    assert attention_groups([1, 2], [20, 20]) == [[0, 1]]
+    # a tree row among many decoding rows gets its own grid once the padding it would cost is large
+    assert attention_groups([1] * 16 + [17], [600] * 17) == [list(range(16)), [16]]
+
+
+def test_grouped_attention_gives_the_single_grid_results(tiny) -> None:
+    """A step mixing decoding rows (different cache lengths), a prefill chunk and a draft tree runs its
+    attention in several grids, with the same logits, hidden and aux states and cache rows as one grid."""
+    rows = [RowSpec(0, 400, [11], logits_from=0), RowSpec(1, 420, [12], logits_from=0),
+            RowSpec(2, 0, list(range(40, 60)), logits_from=19), _tree_row(3, 410, [21, 22, 23, 24, 25]),
+            RowSpec(4, 380, [13], logits_from=0)]
+    results = {}
+    for grouped in (True, False):
+        kv = _filled_cache(tiny, slots=5, max_len=512)
+        runner = ModelRunner(tiny.model, kv)
+        runner.group_attention = grouped
+        runner.aux_layers = (1,)
+        batch = runner.build(rows)[2]
+        assert (batch.groups is not None) == grouped
+        if grouped:
+            assert sorted(len(sub.slots) for _, sub in batch.groups) == [1, 1, 3]
+        results[grouped] = (runner.run(rows, want_aux=True), kv)
+    (split, kv0), (single, kv1) = results[True], results[False]
+    for name in ("logits", "hidden", "aux"):
+        for a, b in zip(getattr(split, name), getattr(single, name)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for c0, c1 in zip(kv0.k + kv0.v, kv1.k + kv1.v):
+        torch.testing.assert_close(c0, c1, rtol=1e-5, atol=1e-5)
 
 
 # ---- the engine ---------------------------------------------------------------------------------------

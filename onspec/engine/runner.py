@@ -59,6 +59,40 @@ def bucket_tokens(n: int) -> int:
     return -(-n // step) * step
 
 
+# Attention cost of a grid, in query-key cells (rows x grid width x keys read): SDPA on a CPU runs close to
+# proportional to it (bf16, 2 threads, default model's 3 K/V heads: 0.04 ms for 1 row x 400 keys, 0.15 ms for
+# 8 x 300, 2.2 ms for 64 x 300: about 30 ns a cell). A separate grid also costs a fixed amount per layer
+# (gathering its queries, one more SDPA call, scattering the output back): 8 decoding rows at 300 keys took
+# 27.4 ms a step in one grid and 29.3 ms in two, about 60 us a layer or 2000 cells. Twice that leans towards
+# fewer grids.
+GROUP_OVERHEAD_CELLS = 4096
+
+
+def attention_groups(width: list[int], key_len: list[int]) -> list[list[int]]:
+    """Rows split into attention grids of similar length.
+
+    One padded grid makes every row as long as the longest one: a step with 61 decoding rows and one 178-token
+    prefill chunk ran 62 x 178 query rows against the cache (49 ms per layer, bench/speculation.py batch 64),
+    and one 16-node draft tree made every row of a batch pay for 17. So rows are classed by the power of two
+    that bounds their width (1, 2, 3-4, 5-8, ...), which wastes less than half of any grid, and neighbouring
+    classes are merged back while the merged grid costs less than running them apart."""
+    classes: dict[int, list[int]] = {}
+    for b, n in enumerate(width):
+        classes.setdefault((n - 1).bit_length(), []).append(b)
+
+    def cells(rows: list[int]) -> int:
+        return len(rows) * max(width[b] for b in rows) * max(key_len[b] for b in rows)
+
+    groups: list[list[int]] = []
+    for c in sorted(classes):
+        rows = classes[c]
+        if groups and cells(groups[-1] + rows) <= cells(groups[-1]) + cells(rows) + GROUP_OVERHEAD_CELLS:
+            groups[-1] = groups[-1] + rows
+        else:
+            groups.append(rows)
+    return [sorted(g) for g in groups]  # in slot order where possible: contiguous slots read as a view
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, kv: KVCache, device: str = "cpu") -> None:
         self.model = model
@@ -68,10 +102,13 @@ class ModelRunner:
         # Pad multi-token forwards to ``bucket_tokens`` sizes (see the module docstring). Only on a CPU, where
         # oneDNN caches a compiled primitive per shape; False runs every forward at its exact size.
         self.bucket_shapes = str(device).startswith("cpu")
+        # Attend rows of very different widths in separate grids (``attention_groups``); False runs every
+        # step in one padded grid (for benchmarks: bench/decode.py measures the difference).
+        self.group_attention = True
 
-    def _padding(self, rows: list[RowSpec], lens: list[int], T: int) -> list[int] | None:
+    def _padding(self, rows: list[RowSpec], lens: list[int]) -> list[int] | None:
         """Padding tokens per row that bring the step to its bucket size; None when it needs none."""
-        if not self.bucket_shapes or T == 1:
+        if not self.bucket_shapes or max(lens) == 1:
             return None
         n = sum(lens)
         extra = bucket_tokens(n) - n
@@ -81,75 +118,97 @@ class ModelRunner:
         room = [max(0, self.kv.max_len - r.cache_len - k) for r, k in zip(rows, lens)]
         if sum(room) < extra:
             return None  # sequences at the very end of their slots: run this step at its exact size
+        # The longest rows take the padding: attention groups rows by length (``attention_groups``), so a
+        # few more tokens on the longest row widen only its own grid, while padding on a decoding row would
+        # move it out of the single-token grid.
         pads = [0] * len(rows)
-        for b, k in enumerate(lens):  # the grid's empty cells first: they cost attention nothing extra
-            take = min(extra, T - k, room[b])
-            pads[b] += take
-            extra -= take
-        width = T
-        while extra:  # then widen the grid evenly
-            width += 1
-            for b, k in enumerate(lens):
-                if extra and k + pads[b] < width and pads[b] < room[b]:
-                    pads[b] += 1
-                    extra -= 1
+        for b in sorted(range(len(rows)), key=lambda b: -lens[b]):
+            pads[b] = min(extra, room[b])
+            extra -= pads[b]
+            if not extra:
+                break
         return pads
 
     def build(self, rows: list[RowSpec]) -> tuple[torch.Tensor, torch.Tensor, AttnBatch]:
-        B = len(rows)
         lens = [len(r.tokens) for r in rows]
-        T = max(lens)
-        P = max(r.cache_len for r in rows)
-        pads = self._padding(rows, lens, T)
-        if pads is not None:
-            T = max(k + p for k, p in zip(lens, pads))
+        pads = self._padding(rows, lens) or [0] * len(rows)
         ids: list[int] = []
         pos: list[int] = []
-        index: list[int] = []
         wslot: list[int] = []
         wpos: list[int] = []
+        where: list[tuple[int, int]] = []  # (row, index within the row) of every packed token
         for b, r in enumerate(rows):
             n = len(r.tokens)
             ids.extend(r.tokens)
             offs = r.depths if r.depths is not None else range(n)
             pos.extend(r.cache_len + d for d in offs)
-            index.extend(b * T + t for t in range(n))
+            where.extend((b, t) for t in range(n))
             wslot.extend([r.slot] * n)
             wpos.extend(range(r.cache_len, r.cache_len + n))
-        if pads is not None:  # padding tokens go after all real ones, so real tokens keep their packed order
-            for b, (r, n, p) in enumerate(zip(rows, lens, pads)):
-                ids.extend([0] * p)
-                pos.extend(range(r.cache_len + n, r.cache_len + n + p))
-                index.extend(b * T + t for t in range(n, n + p))
-                wslot.extend([r.slot] * p)
-                wpos.extend(range(r.cache_len + n, r.cache_len + n + p))
-        dense = pads is None and all(n == T for n in lens)
-        L = max(r.cache_len + n for r, n in zip(rows, lens))
-        uniform = dense and T == 1 and all(r.cache_len == P for r in rows)
+        for b, (r, n, p) in enumerate(zip(rows, lens, pads)):  # padding after all real tokens, so real
+            ids.extend([0] * p)                                 # tokens keep their packed order
+            pos.extend(range(r.cache_len + n, r.cache_len + n + p))
+            where.extend((b, t) for t in range(n, n + p))
+            wslot.extend([r.slot] * p)
+            wpos.extend(range(r.cache_len + n, r.cache_len + n + p))
+        width = [n + p for n, p in zip(lens, pads)]
+        groups = (attention_groups(width, [r.cache_len + n for r, n in zip(rows, lens)]) if self.group_attention
+                  else [list(range(len(rows)))])
+        dev = self.device
+        if len(groups) == 1:
+            batch = self._grid(rows, lens, width, groups[0], where)
+        else:
+            member = [0] * len(rows)
+            for g, rows_g in enumerate(groups):
+                for b in rows_g:
+                    member[b] = g
+            sels: list[list[int]] = [[] for _ in groups]
+            for i, (b, _) in enumerate(where):
+                sels[member[b]].append(i)
+            parts = [(torch.tensor(sel, device=dev), self._grid(rows, lens, width, rows_g, [where[i] for i in sel]))
+                     for sel, rows_g in zip(sels, groups)]
+            batch = AttnBatch(B=len(rows), T=max(width), token_index=None,
+                              slots=torch.tensor([r.slot for r in rows], device=dev), slot_range=None,
+                              key_len=max(p.key_len for _, p in parts), mask=None,
+                              write_slot=torch.empty(0), write_pos=torch.empty(0), groups=parts)
+        batch.write_slot = torch.tensor(wslot, device=dev)
+        batch.write_pos = torch.tensor(wpos, device=dev)
+        return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), batch
+
+    def _grid(self, rows: list[RowSpec], lens: list[int], width: list[int], members: list[int],
+              where: list[tuple[int, int]]) -> AttnBatch:
+        """The padded [B, T] attention grid of rows ``members``, whose packed tokens are ``where`` (row,
+        index within the row), in packed order. write_slot/write_pos are left for ``build`` to fill."""
+        local = {b: i for i, b in enumerate(members)}
+        B, T = len(members), max(width[b] for b in members)
+        cells = [local[b] * T + t for b, t in where]
+        dense = cells == list(range(B * T))
+        L = max(rows[b].cache_len + lens[b] for b in members)
+        uniform = dense and T == 1 and len({rows[b].cache_len for b in members}) == 1
         mask = None
         if not uniform:
             mask = torch.zeros(B, 1, T, L, dtype=torch.bool)
             causal = torch.ones(T, T, dtype=torch.bool).tril()
-            for b, r in enumerate(rows):
-                n, c = len(r.tokens), r.cache_len
-                mask[b, 0, :, :c] = True
-                mask[b, 0, :n, c:c + n] = r.tree_mask if r.tree_mask is not None else causal[:n, :n]
+            for i, b in enumerate(members):
+                r, n = rows[b], lens[b]
+                c = r.cache_len
+                mask[i, 0, :, :c] = True
+                mask[i, 0, :n, c:c + n] = r.tree_mask if r.tree_mask is not None else causal[:n, :n]
                 if n < T:  # grid padding (and padding tokens) attend to key 0 only: softmax never sees an empty row
-                    mask[b, 0, n:, 0] = True
-        slots = [r.slot for r in rows]
+                    mask[i, 0, n:, 0] = True
+        slots = [rows[b].slot for b in members]
         contiguous = slots == list(range(slots[0], slots[0] + B))
         dev = self.device
-        batch = AttnBatch(
+        empty = torch.empty(0, dtype=torch.long, device=dev)
+        return AttnBatch(
             B=B, T=T,
-            token_index=None if dense else torch.tensor(index, device=dev),
+            token_index=None if dense else torch.tensor(cells, device=dev),
             slots=torch.tensor(slots, device=dev),
             slot_range=(slots[0], slots[0] + B) if contiguous else None,
             key_len=L,
             mask=mask.to(dev) if mask is not None else None,
-            write_slot=torch.tensor(wslot, device=dev),
-            write_pos=torch.tensor(wpos, device=dev),
+            write_slot=empty, write_pos=empty,
         )
-        return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), batch
 
     @torch.inference_mode()
     def run(self, rows: list[RowSpec], want_aux: bool = False) -> StepOutput:

@@ -134,6 +134,11 @@ class AttnBatch:
     mask: torch.Tensor | None           # None: attend to everything (one token per row, equal prefixes)
     write_slot: torch.Tensor            # [N] long
     write_pos: torch.Tensor             # [N] long
+    # Rows attended in separate grids: (packed positions of a group's tokens [N_g] long, the group's own
+    # AttnBatch over those tokens). When set, the fields above other than write_slot/write_pos are unused.
+    # Why: one padded [B, T] grid makes every row as long as the longest, so a prefill chunk of 178 tokens
+    # in a step with 61 decoding rows padded those rows to 178 queries each (see engine/runner.py).
+    groups: list[tuple[torch.Tensor, AttnBatch]] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -193,6 +198,11 @@ class DecoderLayer(nn.Module):
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 batch: AttnBatch) -> torch.Tensor:
         """Packed queries [N, h, D] against the cache -> packed attention output [N, heads * D]."""
+        if batch.groups is not None:
+            out = q.new_empty(q.shape[0], self.a.num_heads * self.a.head_dim)
+            for sel, sub in batch.groups:
+                out[sel] = self._attend(q[sel], k_cache, v_cache, sub)
+            return out
         a, B, T = self.a, batch.B, batch.T
         if batch.token_index is not None:  # unpack into the padded [B, T] grid
             full = q.new_zeros(B * T, *q.shape[1:])
