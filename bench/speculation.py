@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-prompts", type=int, default=2, help="prompts for the group workload (d)")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--batch-tokens", type=int, default=64, help="new tokens per request in (e)")
+    p.add_argument("--budgets", default="",
+                   help="comma-separated max_draft_tokens to run beside the default in (a)-(c), e.g. 16")
     p.add_argument("--skip", default="", help="comma-separated: hf, group, batches, a, b, c")
     p.add_argument("--name", default="speculation", help="results file stem under bench/results/")
     args = p.parse_args(argv)
@@ -78,14 +80,15 @@ def sources_adapter(spec, sources: tuple[str, ...]):
     return SourcesSuffixAdapter(spec)
 
 
-def make_llm(loaded, mode: str, threads: int, sources: tuple[str, ...] | None = None, max_num_seqs: int = 64):
+def make_llm(loaded, mode: str, threads: int, sources: tuple[str, ...] | None = None, max_num_seqs: int = 64,
+             max_draft_tokens: int | None = None):
     """A fresh engine over the shared loaded weights (cheap), with speculation ``mode``."""
     from onspec import LLM
     from onspec.config import EngineConfig, SpecConfig
     from onspec.engine.engine import Engine
     from onspec.spec.controller import attach_speculation
 
-    spec = SpecConfig(mode=mode)
+    spec = SpecConfig(mode=mode) if max_draft_tokens is None else SpecConfig(mode=mode, max_draft_tokens=max_draft_tokens)
     cfg = EngineConfig(model="default", dtype="bfloat16", num_threads=threads, max_num_seqs=max_num_seqs,
                        max_model_len=2048, spec=spec)
     eng = Engine(cfg, loaded=loaded)
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     from onspec import SamplingParams
+    from onspec.config import SpecConfig
     from onspec.data import chat_prompts, code_edit_prompts, humaneval_prompts, math_prompts
     from onspec.models.loader import load_model
 
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workloads = {"a": ("(a) chat", chat_prompts(k)), "b": ("(b) HumanEval", humaneval_prompts(k)),
                  "c": ("(c) code edit", code_edit_prompts(args.edit_prompts))}
+    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     if "hf" not in skip:
         from onspec.models.loader import resolve_model_dir
         hf_make = hf_generate(resolve_model_dir("default"), "bfloat16", tok, N)
@@ -158,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = chat_texts(tok, msgs)
         configs = {mode: (one_at_a_time(prompts, greedy), lambda mode=mode: make_llm(loaded, mode, args.threads))
                    for mode in ("off", "auto")}
+        for b in budgets:
+            configs[f"auto, {b} nodes"] = (one_at_a_time(prompts, greedy),
+                                           lambda b=b: make_llm(loaded, "auto", args.threads, max_draft_tokens=b))
         if "hf" not in skip:
             configs["hf plain"] = (hf_make(prompts, 0), None)
             configs["hf prompt-lookup"] = (hf_make(prompts, 10), None)
@@ -175,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"median of {R}",
                     ["workload", "off tok/s", "spec tok/s", "speedup", "accept len", "drafted/step",
                      "HF plain", "HF PLD", "HF PLD speedup", "spec / HF PLD"], rows)
+    budget_rows = [[label, name, m.tps, ratio(m.tps, results[label]["off"].tps),
+                    m.extra.get("acceptance_length", float("nan")), m.extra.get("drafted_per_seq_step", float("nan"))]
+                   for label in results for name, m in results[label].items() if name.startswith("auto")]
+    if budgets and budget_rows:
+        print_table(f"Draft budgets: max_draft_tokens {SpecConfig().max_draft_tokens} (auto) against "
+                    f"{', '.join(map(str, budgets))}, same run",
+                    ["workload", "engine", "tok/s", "speedup", "accept len", "drafted/step"], budget_rows)
 
     # (d) a group of 8 sampled responses: group vs per-request drafting.
     group_rows = []

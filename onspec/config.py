@@ -30,7 +30,7 @@ class SpecConfig:
     """Speculation: which strategy (or ``auto`` for the controller) and the draft budgets."""
 
     mode: str = "auto"
-    max_draft_tokens: int = 32          # tree nodes per request per step (root excluded); see bench/speculation.py (c)
+    max_draft_tokens: int = 16          # tree nodes per request per step (root excluded); see bench/speculation.py --budgets
     max_batch_draft_tokens: int = 128   # nodes per step over the whole batch
     suffix_max_depth: int = 32          # deepest suffix kept in a suffix tree
     suffix_min_prob: float = 0.1        # stop expanding a path below this probability (SuffixDecoding)
