@@ -108,6 +108,16 @@ def _filled_cache(loaded, slots: int = 4, max_len: int = 64) -> KVCache:
     return kv
 
 
+def assert_same_step_outputs(a, b) -> None:
+    """Two ``StepOutput``s of the same rows: the same logits, hidden and aux states, row by row."""
+    for name in ("logits", "hidden", "aux"):
+        for x, y in zip(getattr(a, name), getattr(b, name)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x.shape == y.shape
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
 def _tree_row(slot: int, cache_len: int, tokens: list[int]) -> RowSpec:
     tree = DraftTree(tokens, [-1, 0, 0, 1, 1, 2][:len(tokens)], [1.0] * len(tokens), source="t")
     return RowSpec(slot, cache_len, tokens, depths=tree.depths(), tree_mask=tree.ancestor_mask(), logits_from=0)
@@ -136,12 +146,7 @@ def test_padding_changes_no_result_and_no_live_cache_row(tiny, case: str) -> Non
         assert ids.shape[0] == (bucket_tokens(n_real) if bucket else n_real)
         results[bucket] = (runner.run(rows, want_aux=True), kv)
     (exact, kv0), (padded, kv1) = results[False], results[True]
-    for name in ("logits", "hidden", "aux"):
-        for a, b in zip(getattr(exact, name), getattr(padded, name)):
-            assert (a is None) == (b is None)
-            if a is not None:
-                assert a.shape == b.shape
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_same_step_outputs(exact, padded)
     stepped = {r.slot: r for r in rows}
     for layer in range(len(kv0.k)):
         for cache0, cache1 in ((kv0.k[layer], kv1.k[layer]), (kv0.v[layer], kv1.v[layer])):
@@ -184,11 +189,7 @@ def test_grouped_attention_gives_the_single_grid_results(tiny) -> None:
             assert sorted(len(sub.slots) for _, sub in batch.groups) == [1, 1, 3]
         results[grouped] = (runner.run(rows, want_aux=True), kv)
     (split, kv0), (single, kv1) = results[True], results[False]
-    for name in ("logits", "hidden", "aux"):
-        for a, b in zip(getattr(split, name), getattr(single, name)):
-            assert (a is None) == (b is None)
-            if a is not None:
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_same_step_outputs(split, single)
     for c0, c1 in zip(kv0.k + kv0.v, kv1.k + kv1.v):
         torch.testing.assert_close(c0, c1, rtol=1e-5, atol=1e-5)
 

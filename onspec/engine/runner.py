@@ -77,7 +77,8 @@ def attention_groups(width: list[int], key_len: list[int]) -> list[list[int]]:
     """Rows split into attention grids of similar length.
 
     One padded grid makes every row as long as the longest one: a step with 61 decoding rows and one 178-token
-    prefill chunk ran 62 x 178 query rows against the cache (49 ms per layer, bench/speculation.py batch 64),
+    prefill chunk ran 62 x 178 query rows against the cache (49 ms per layer, timing each attention call on
+    the batch-64 prompts of bench/speculation.py (e)),
     and one 16-node draft tree made every row of a batch pay for 17. So rows are classed by the power of two
     that bounds their width (1, 2, 3-4, 5-8, ...), which wastes less than half of any grid, and neighbouring
     classes are merged back while the merged grid costs less than running them apart."""
