@@ -190,7 +190,8 @@ def scenario_strategies(loaded, texts, args, tag: str, start_dir: Path | None) -
             name = f"{tag}-{strategy}-c{c}"
             print(f"[{name}] {len(texts)} requests, {args.max_tokens} tokens max", flush=True)
             learning = strategy in ("learned", "hybrid", "auto")
-            engine = make_engine(loaded, strategy, args.threads, c, attach=not learning)
+            mode = "auto" if strategy == "auto-suffix" else strategy  # the controller, no learned drafter
+            engine = make_engine(loaded, mode, args.threads, c, attach=not learning)
             learner = None
             tmp = Path(tempfile.mkdtemp(prefix=f"onspec-bench-{name}-"))
             try:
@@ -543,7 +544,7 @@ def main() -> int:
         args.strategies = strategies
         if "day0" in scen:
             for name, run in scen["day0"].items():
-                if run.strategy in ("off", "suffix"):
+                if run.strategy in ("off", "suffix", "auto-suffix"):
                     scen["day1"][name.replace("day0", "day1")] = run
         shutil.rmtree(warm.parent, ignore_errors=True)
     rep = report(scen, args.window)

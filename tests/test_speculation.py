@@ -627,6 +627,56 @@ def test_controller_backs_off_exploring_a_losing_strategy_and_forgets_on_a_new_d
     assert "learned" not in ctl.stats and ctl.should_try("learned", 207, worth=False) is False
 
 
+def test_a_cheap_drafter_is_always_asked_an_expensive_one_by_its_record() -> None:
+    """The same losing record (every node rejected) keeps an expensive drafter out, but not one whose
+    proposals cost next to nothing: plan() then decides per step from that step's trees."""
+    ctl = Controller(SpecConfig())
+    ctl.cost.observe(2, 0.025, "plain")
+    for n in (4, 8, 16, 32):
+        ctl.cost.observe(n, 0.030, "masked")
+    for name in ("suffix", "learned"):
+        for _ in range(ctl.explore_steps):
+            ctl.observe(scored_chain(8, 0.5, name), 0)
+    assert ctl.worth_drafting("suffix", 2, 2, draft_seconds=0.0002)
+    assert not ctl.worth_drafting("learned", 2, 2, draft_seconds=0.020)
+    # A cheap drafter with a record that pays is asked as well; an expensive one that pays despite its cost too.
+    for _ in range(200):
+        ctl.observe(scored_chain(8, 0.9, "learned"), 8)
+    assert ctl.worth_drafting("learned", 2, 2, draft_seconds=0.020)
+
+
+def test_a_drafter_models_time_stays_out_of_the_step_cost_curve(tiny) -> None:
+    """A learned drafter's forward is priced by its own proposal cost; charged to the step as well, it
+    made every masked step look dearer and so priced every strategy's nodes too high."""
+    import time as time_mod
+
+    class SlowLearned(StubProposer):
+        wants_aux = True
+
+        def propose(self, seqs, budgets):
+            time_mod.sleep(0.2)
+            return {s.seq_id: scored_chain(2, 0.9, "learned") for s in seqs}
+
+    eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32", spec=SpecConfig(profile_at_start=False)),
+                 loaded=tiny)
+    spec = attach_speculation(eng, eng.cfg.spec, {"learned": SlowLearned()})
+    class Recorded(StepCostModel):  # records what it observes, prices every step the same (draft everything)
+        def cost(self, tokens: int, kind: str = "masked") -> float:
+            return 1.0
+
+    spec.controller.worth_drafting = lambda *args, **kwargs: True
+    spec.controller.cost = cost = Recorded()
+    eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=6))
+    t0 = time_mod.perf_counter()
+    while eng.has_unfinished():
+        eng.step()
+    wall = time_mod.perf_counter() - t0
+    assert spec._asked == {} and spec.draft_cost["learned"] >= 0.2   # the drafter was asked and timed
+    assert wall > 0.4
+    # Every observed step cost is the forward alone: far below the 0.2 s each proposal slept.
+    assert cost.tables["masked"] and max(cost.tables["masked"].values()) < 0.1
+
+
 def test_speculation_forgets_a_strategys_record_when_its_drafter_is_swapped(tiny) -> None:
     """A new drafter version must be judged afresh, not by the record of the one it replaced."""
     class Learned(StubProposer):
