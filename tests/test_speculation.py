@@ -677,6 +677,40 @@ def test_a_drafter_models_time_stays_out_of_the_step_cost_curve(tiny) -> None:
     assert cost.tables["masked"] and max(cost.tables["masked"].values()) < 0.1
 
 
+@pytest.mark.parametrize("expected, held_back", [(1.0, True), (5.0, False), (None, False)])
+def test_auto_holds_back_a_drafter_whose_heldout_estimate_cannot_pay(tiny, expected, held_back: bool) -> None:
+    """A drafter model whose held-out acceptance length (1.0: a random day-0 head) cannot cover its own
+    proposal time (10 ms against a 50 ms step: it needs more than 1.2) is asked once, to time it, and then
+    not again; one with a paying estimate, or none, keeps being asked."""
+    import time as time_mod
+
+    class Learned(StubProposer):
+        wants_aux = True
+
+        def __init__(self) -> None:
+            self.expected_acceptance = expected
+            self.asked = 0
+
+        def propose(self, seqs, budgets):
+            self.asked += 1
+            time_mod.sleep(0.01)
+            return {s.seq_id: scored_chain(2, 0.9, "learned") for s in seqs}
+
+    learned = Learned()
+    eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32",
+                              spec=SpecConfig(mode="auto", profile_at_start=False)), loaded=tiny)
+    spec = attach_speculation(eng, eng.cfg.spec, {"learned": learned})
+    spec.controller.worth_drafting = lambda *args, **kwargs: True
+    spec.controller.cost = FixedCost(lambda n: 0.05)
+    eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    if held_back:
+        assert learned.asked == 1 and spec.skipped["learned"] >= 5
+    else:
+        assert learned.asked >= 4
+
+
 def test_speculation_forgets_a_strategys_record_when_its_drafter_is_swapped(tiny) -> None:
     """A new drafter version must be judged afresh, not by the record of the one it replaced."""
     class Learned(StubProposer):

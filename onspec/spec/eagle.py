@@ -127,6 +127,10 @@ class EagleProposer:
         self.engine = None
         self.states: dict[int, _SeqState] = {}
         self.stats = ProposerStats()
+        # Tokens per verification the serving drafter is expected to reach, as measured on held-out traces
+        # (its version's gate figure; 1.0 for a random day-0 head); None: unknown. The controller does not
+        # ask a drafter whose estimate cannot pay for its own proposals (Speculation._estimate_allows).
+        self.expected_acceptance: float | None = None
         self._epoch = 0                       # bumped whenever what a proposal depends on changes
         self._cache: tuple[int, dict[int, int], dict[int, DraftTree]] | None = None
 
@@ -151,10 +155,11 @@ class EagleProposer:
         engine.runner.aux_layers = tuple(c.aux_layers)
         self.engine = engine
 
-    def swap(self, drafter: EagleDrafter) -> None:
+    def swap(self, drafter: EagleDrafter, expected_acceptance: float | None = None) -> None:
         """Use ``drafter`` from the next ``propose`` on (call between engine steps). Drafter caches are
         rebuilt lazily from the stored aux rows; if the aux layers change, stored aux rows are useless and
-        sequences already running stop drafting (new ones draft normally)."""
+        sequences already running stop drafting (new ones draft normally). ``expected_acceptance``: its
+        held-out acceptance length, if measured."""
         old = self.drafter.cfg
         new = drafter.cfg
         if new.vocab_size != old.vocab_size or new.target_hidden_size != old.target_hidden_size:
@@ -170,6 +175,7 @@ class EagleProposer:
             st.k = st.v = None      # head counts or dtype may differ
             if layers_changed:
                 st.n_aux = 0
+        self.expected_acceptance = expected_acceptance
         self.stats.swaps += 1
         self._epoch += 1
 

@@ -132,6 +132,8 @@ class OnlineLearning:
             spec.listeners.extend(old.listeners)
         self.spec = spec
         self.proposer = spec.proposers["learned"]
+        if origin == "day-0 random drafter":
+            self.proposer.expected_acceptance = 1.0  # random weights: nothing to expect until a gate measures more
         self.manager = VersionManager(self.root, cfg, loaded, self.proposer, version, drafter, serve_dtype)
 
         # 3. traces -> trainer process

@@ -253,6 +253,9 @@ class VersionManager:
         self.current = current
         self.previous: int | None = None
         self.drafters: dict[int, object] = {current: drafter}     # fp32 copies of current and previous
+        self.expected: dict[int, float] = {}                       # held-out acceptance length by version
+        if getattr(proposer, "expected_acceptance", None) is not None:
+            self.expected[current] = proposer.expected_acceptance
         self.manifests: dict[int, Manifest] = {}
         self.status_of: dict[int, str] = {}                        # candidate | promoted | rejected | invalid | ...
         self.decisions: list[Decision] = []
@@ -330,7 +333,9 @@ class VersionManager:
         version, fp32, serve, kind, figures = pending
         with self._lock:
             previous = self.current
-            self.proposer.swap(serve)
+            if figures.get("candidate_acceptance") is not None:
+                self.expected[version] = figures["candidate_acceptance"]
+            self.proposer.swap(serve, expected_acceptance=self.expected.get(version))
             self.previous, self.current = previous, version
             self.drafters = {v: d for v, d in self.drafters.items() if v == previous}
             self.drafters[version] = fp32
