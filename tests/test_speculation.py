@@ -657,13 +657,13 @@ def test_a_drafter_models_time_stays_out_of_the_step_cost_curve(tiny) -> None:
             time_mod.sleep(0.2)
             return {s.seq_id: scored_chain(2, 0.9, "learned") for s in seqs}
 
-    eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32", spec=SpecConfig(profile_at_start=False)),
-                 loaded=tiny)
-    spec = attach_speculation(eng, eng.cfg.spec, {"learned": SlowLearned()})
     class Recorded(StepCostModel):  # records what it observes, prices every step the same (draft everything)
         def cost(self, tokens: int, kind: str = "masked") -> float:
             return 1.0
 
+    eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32", spec=SpecConfig(profile_at_start=False)),
+                 loaded=tiny)
+    spec = attach_speculation(eng, eng.cfg.spec, {"learned": SlowLearned()})
     spec.controller.worth_drafting = lambda *args, **kwargs: True
     spec.controller.cost = cost = Recorded()
     eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=6))

@@ -173,7 +173,7 @@ class Controller:
             nodes.extend((cal[i], sid, i) for i in range(1, len(tree)))
         nodes.sort(key=lambda x: -x[0])
         nodes = nodes[: self.cfg.max_batch_draft_tokens]
-        best_k, best_rate = 0, num_decode / self.cost.cost(base_tokens, self.base_kind(base_tokens, num_decode))
+        best_k, best_rate = 0, num_decode / self.base_cost(base_tokens, num_decode)
         gain = float(num_decode)
         for k, (p, _, _) in enumerate(nodes, start=1):
             gain += p
@@ -197,6 +197,10 @@ class Controller:
         """The attention path of a step without drafts: masked when prefill chunks ride along."""
         return "plain" if base_tokens <= num_decode else "masked"
 
+    def base_cost(self, base_tokens: int, num_decode: int) -> float:
+        """Seconds of this step without drafts."""
+        return self.cost.cost(base_tokens, self.base_kind(base_tokens, num_decode))
+
     def worth_drafting(self, strategy: str, num_decode: int, base_tokens: int, draft_seconds: float) -> bool:
         """Is asking this strategy for drafts worth its proposal time at this batch?
 
@@ -206,13 +210,14 @@ class Controller:
         its record here, as below, skipped it where plan() would have drafted: the record averages every
         verified node, so it reads as losing whenever cheap padding nodes dilute it, and each skip doubled
         its back-off (``should_try``); in day-0 serving with the learned drafter attached, the suffix drafter
-        was skipped in 771 of 1755 steps of one run and 162 of another (bench/online.py, session 7).
+        was skipped in 771 of 1755 steps of one 40-request run and 162 of another (a one-off profile around
+        bench/online.py's day-0 loop, session 7; 22 without the learned drafter).
 
         An expensive drafter is priced by its record: rate with speculation = B * (1 + accepted per step) /
         (T(base + B * nodes per step) + drafting); rate without = B / T(base). Until it has a record
         (``explore_steps``) it is tried.
         """
-        plain = self.cost.cost(base_tokens, self.base_kind(base_tokens, num_decode))
+        plain = self.base_cost(base_tokens, num_decode)
         if draft_seconds <= self.cheap_share * plain:
             return True
         st = self.stats.get(strategy)
@@ -366,8 +371,7 @@ class Speculation:
         d = self.draft_cost.get(name)
         if expected is None or d is None:
             return True
-        plain = self.controller.cost.cost(step_tokens, self.controller.base_kind(step_tokens, num_decode))
-        return expected > 1.0 + d / plain
+        return expected > 1.0 + d / self.controller.base_cost(step_tokens, num_decode)
 
     def observe_step(self, verdicts: list, batch_rows: int, num_tokens: int, seconds: float) -> None:
         # Charge the whole step, not the forward alone (``seconds``): asking the drafters, verifying every
@@ -378,7 +382,8 @@ class Speculation:
             seconds = max(seconds, time.perf_counter() - started)
         # ... except a drafter model's forward (the learned drafter: ~20 ms a proposal here): it is priced
         # apart (``draft_cost`` in ``worth_drafting``), and charged to the step cost it inflated the masked
-        # curve that every strategy's nodes are priced by (a 4-token step read 43.6 ms against 35.0 ms for 8).
+        # curve that every strategy's nodes are priced by (in a one-off profile of day-0 serving, a 4-token
+        # masked step read 43.6 ms against 35.0 ms for 8).
         model_seconds = sum(dt for name, dt in self._asked.items() if self.proposers[name].wants_aux)
         step_seconds = max(1e-6, seconds - model_seconds)
         if num_tokens > batch_rows:  # a masked step: it ran at its padded size
@@ -406,18 +411,21 @@ class Speculation:
             listener(verdicts)
 
 
+def _learned_part(proposer):
+    """The learned proposer behind ``proposer``: itself, or the learned half of a hybrid one."""
+    return getattr(proposer, "learned", proposer)
+
+
 def _drafter_version(proposer) -> int | None:
     """How many times a learned proposer (or the learned half of a hybrid one) swapped drafters; None for
     model-free proposers."""
-    inner = getattr(proposer, "learned", proposer)
-    return getattr(getattr(inner, "stats", None), "swaps", None)
+    return getattr(getattr(_learned_part(proposer), "stats", None), "swaps", None)
 
 
 def _expected_acceptance(proposer) -> float | None:
     """The held-out acceptance estimate of a learned proposer (or of a hybrid one's learned half); None
     for model-free proposers and drafters not measured yet."""
-    inner = getattr(proposer, "learned", proposer)
-    return getattr(inner, "expected_acceptance", None)
+    return getattr(_learned_part(proposer), "expected_acceptance", None)
 
 
 class SuffixAdapter:
