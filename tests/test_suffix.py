@@ -380,3 +380,42 @@ def test_long_context_steps_are_correct() -> None:
         accepted += n_acc
     assert drafted > 0 and accepted > 100  # repetitive text: drafts pay off
     assert sp.stats()["proposals"] > 0
+
+
+def test_matched_depth_follows_the_continuation() -> None:
+    # root 5 -> {7, 8}, 8 -> 9
+    tree = DraftTree([5, 7, 8, 9], [-1, 0, 0, 2])
+    assert tree.matched_depth([8, 9, 1]) == 2
+    assert tree.matched_depth([7, 9]) == 1
+    assert tree.matched_depth([1, 7]) == 0
+    assert tree.matched_depth([]) == 0
+
+
+def _group_ceiling_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "group_ceiling.py"
+    spec = importlib.util.spec_from_file_location("group_ceiling_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_group_ceiling_replay_credits_sibling_text_only_to_group_drafting() -> None:
+    """bench/group_ceiling.py's replay: four siblings with the same never-repeating output. Alone, nothing
+    drafts (acceptance exactly 1); sequentially, siblings 1-3 copy sibling 0; in lockstep they copy
+    whichever sibling is ahead, so they leapfrog. Every recorded token is replayed exactly once."""
+    bench = _group_ceiling_bench()
+    out = list(range(100, 160))
+    outputs = [list(out) for _ in range(4)]
+    cfg = SpecConfig()
+    figures = {s: bench.replay([1, 2, 3], outputs, s, cfg) for s in bench.SETTINGS}
+    for tokens, steps, _ in figures.values():
+        assert tokens == 4 * len(out)
+    acc = {s: tokens / steps for s, (tokens, steps, _) in figures.items()}
+    assert acc["per-request"] == 1.0
+    assert figures["per-request"][2] == 0
+    assert acc["group, sequential"] > 2.0  # sibling 0 alone at 1.0, the others far above
+    assert acc["group, lockstep"] > 2.0

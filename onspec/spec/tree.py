@@ -16,6 +16,7 @@ its parent was (used by the controller to spend a draft budget where it pays).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,19 @@ class DraftTree:
 
     def children(self, i: int) -> list[int]:
         return [j for j in range(i + 1, len(self.tokens)) if self.parents[j] == i]
+
+    def matched_depth(self, continuation: Sequence[int]) -> int:
+        """Draft tokens a greedy verifier would accept if the target's next tokens are ``continuation``:
+        the depth of the longest root path whose tokens equal its prefix. For point-mass drafts this is
+        also a sample of the lossless sampling verifier's accepted count when ``continuation`` was
+        sampled from the target: both accept child x with probability p(x)."""
+        node = n = 0
+        while n < len(continuation):
+            nxt = next((c for c in self.children(node) if self.tokens[c] == continuation[n]), None)
+            if nxt is None:
+                break
+            node, n = nxt, n + 1
+        return n
 
     def path(self, i: int) -> list[int]:
         """Node indices from the root to ``i`` inclusive."""
