@@ -210,6 +210,40 @@ def test_trainer_death_falls_back_to_suffix_and_restart_resumes(tmp_path, target
         ol2.stop()
 
 
+def test_resumed_version_brings_its_heldout_estimate_and_the_gate_refreshes_it(tmp_path, target) -> None:
+    """A warm start's held-out acceptance (its manifest) is the serving drafter's estimate, which auto mode
+    prices it by (Speculation._estimate_allows); once a gate measures the serving version on live traces,
+    that figure replaces it. A day-0 random drafter starts at 1.0."""
+    from onspec.train.swap import GateResult
+
+    root = tmp_path / "v"
+    publish_version(root, init_drafter(target, seed=9),
+                    Manifest(version=0, parent=None, kind="warmup", heldout_acceptance=1.3))
+    VersionState(current=0, promoted=[0]).save(root)
+    engine = make_engine(target)
+    ol = OnlineLearning(engine, cfg_for(root), start_trainer=False)
+    try:
+        assert ol.manager.current == 0
+        assert ol.proposer.expected_acceptance == 1.3
+
+        class LiveGate:   # what the held-out live window measured: the serving version reaches 1.7
+            def judge(self, candidate, current, chunks):
+                return GateResult(promote=False, candidate=1.1, current=1.7, roots=99, reason="worse")
+
+        ol.manager.gate = LiveGate()
+        publish_version(root, init_drafter(target, seed=10), Manifest(version=1, parent=0, kind="trained"))
+        decision = ol.manager.consider(1)
+        assert decision is not None and decision.kind == "reject"
+        assert ol.proposer.expected_acceptance == 1.7 and ol.manager.expected[0] == 1.7
+    finally:
+        ol.stop()
+    fresh = OnlineLearning(make_engine(target), cfg_for(tmp_path / "day0"), start_trainer=False)
+    try:
+        assert fresh.proposer.expected_acceptance == 1.0
+    finally:
+        fresh.stop()
+
+
 def test_trainer_config_from_server_like_objects(tmp_path) -> None:
     class ServerCfg:
         speculator_dir = str(tmp_path)

@@ -105,20 +105,25 @@ class OnlineLearning:
 
         # 1. the starting drafter
         drafter, version, origin = None, None, ""
+        estimate: float | None = None  # held-out acceptance length the starting drafter is expected to reach
         if cfg.speculator:
             drafter = load_eagle3(cfg.speculator, loaded, dtype=torch.float32)  # DrafterLoadError: a ValueError
             version = self._publish(drafter, "imported", None, note=f"imported from {cfg.speculator}")
             origin = f"imported {cfg.speculator}"
         elif cfg.resume and (v := latest_promoted(self.root)) is not None:
             try:
-                drafter, _ = load_candidate(self.root, v, loaded)
+                drafter, manifest = load_candidate(self.root, v, loaded)
                 version, origin = v, f"resumed version {v}"
+                # Its trainer's (or `onspec warmup`'s) held-out figure: until a gate measures it on this
+                # traffic, it decides whether the drafter can pay for its proposals at all.
+                estimate = manifest.heldout_acceptance
             except CandidateError as exc:
                 self._event("invalid", v, f"cannot resume: {exc}")
         if drafter is None:
             drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch), seed=cfg.seed)
             version = self._publish(drafter, "initial", None, note="day-0 random drafter")
             origin = "day-0 random drafter"
+            estimate = 1.0  # random weights: nothing to expect until a gate measures more
         self._event("start", version, origin)
 
         # 2. speculation with the learned drafter (listeners of an earlier Speculation carry over)
@@ -132,8 +137,7 @@ class OnlineLearning:
             spec.listeners.extend(old.listeners)
         self.spec = spec
         self.proposer = spec.proposers["learned"]
-        if origin == "day-0 random drafter":
-            self.proposer.expected_acceptance = 1.0  # random weights: nothing to expect until a gate measures more
+        self.proposer.expected_acceptance = estimate  # None (imported): unknown, so explored
         self.manager = VersionManager(self.root, cfg, loaded, self.proposer, version, drafter, serve_dtype)
 
         # 3. traces -> trainer process

@@ -292,6 +292,7 @@ class VersionManager:
             return None
         if version in self.waiting:
             self.waiting.remove(version)
+        self._refresh_estimate(current, result.current)
         figures = {"candidate_acceptance": round(result.candidate, 4), "serving_acceptance": round(result.current, 4),
                    "serving_version": current, "roots": result.roots,
                    "manifest_acceptance": manifest.heldout_acceptance, "step": manifest.step,
@@ -302,6 +303,14 @@ class VersionManager:
         self.waiting = [v for v in self.waiting if v > version]
         self._queue_swap(version, drafter, "promote", figures, result.reason)
         return self.decisions[-1]
+
+    def _refresh_estimate(self, version: int, acceptance: float) -> None:
+        """The gate just measured the serving ``version`` on held-out live traces: that figure replaces its
+        estimate (a warm start's came from other traffic; this one is what serving will see)."""
+        with self._lock:
+            self.expected[version] = acceptance
+            if self.current == version:
+                self.proposer.expected_acceptance = acceptance
 
     def has_retry(self) -> bool:
         """A candidate waits for held-out evidence and the window has grown since it was last judged."""
