@@ -367,12 +367,7 @@ def test_long_context_steps_are_correct() -> None:
             path = [d.tokens[j] for j in d.path(i)]
             assert occurs_in(seen, path)
         # greedy acceptance along the tree, then commit those tokens plus one "bonus" token
-        node, n_acc = 0, 0
-        while True:
-            nxt = [c for c in d.children(node) if pos + n_acc < len(text) and d.tokens[c] == text[pos + n_acc]]
-            if not nxt:
-                break
-            node, n_acc = nxt[0], n_acc + 1
+        n_acc = d.matched_depth(text[pos:])
         commit = text[pos:pos + n_acc + 1]
         sp.on_commit(0, commit)
         seen += commit

@@ -363,10 +363,11 @@ class Speculation:
 
         A step of B rows with drafts commits B * L tokens in T + d seconds (L: acceptance length, d: the
         proposal time), against B tokens in T without; even if verifying the nodes were free, drafting pays
-        only when L > 1 + d / T. A drafter whose measured held-out acceptance length (``expected_acceptance``,
-        the gate's figure for its version) fails that is not asked at all: exploring it live costs d every
-        time and cannot win. Day-0 heads on this CPU measure 1.00-1.06 against ~1.8 needed at batch 2
-        (d ~20 ms, T ~25 ms). Unknown estimate or unknown proposal time (never asked): allowed."""
+        only when L > 1 + d / T. A drafter whose measured held-out acceptance length
+        (``expected_acceptance``: the gate's figure for its version, or a resumed version's manifest
+        figure) fails that is not asked at all: exploring it live costs d every time and cannot win.
+        Day-0 heads on this CPU measure 1.00-1.06 against ~1.8 needed at batch 2 (d ~20 ms, T ~25 ms).
+        Unknown estimate or unknown proposal time (never asked): allowed."""
         expected = _expected_acceptance(self.proposers[name])
         d = self.draft_cost.get(name)
         if expected is None or d is None:

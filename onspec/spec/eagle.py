@@ -128,8 +128,9 @@ class EagleProposer:
         self.states: dict[int, _SeqState] = {}
         self.stats = ProposerStats()
         # Tokens per verification the serving drafter is expected to reach, as measured on held-out traces
-        # (its version's gate figure; 1.0 for a random day-0 head); None: unknown. The controller does not
-        # ask a drafter whose estimate cannot pay for its own proposals (Speculation._estimate_allows).
+        # (its version's gate figure, or a resumed version's manifest figure; 1.0 for a random day-0 head);
+        # None: unknown. The controller does not ask a drafter whose estimate cannot pay for its own
+        # proposals (Speculation._estimate_allows).
         self.expected_acceptance: float | None = None
         self._epoch = 0                       # bumped whenever what a proposal depends on changes
         self._cache: tuple[int, dict[int, int], dict[int, DraftTree]] | None = None
