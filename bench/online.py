@@ -50,6 +50,7 @@ from onspec.config import EngineConfig, SpecConfig, TrainerConfig  # noqa: E402
 from onspec.engine.engine import Engine  # noqa: E402
 from onspec.engine.sampler import SamplingParams  # noqa: E402
 from onspec.models.loader import load_model  # noqa: E402
+from onspec.train.warmup import chat_texts  # noqa: E402
 
 
 @dataclass
@@ -95,11 +96,6 @@ class Run:
 
 
 # ---- driving an engine --------------------------------------------------------------------------------
-def chat_texts(tok, prompts: list[str]) -> list[str]:
-    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts]
-
-
 def make_engine(loaded, mode: str, threads: int, concurrency: int, attach: bool = True) -> Engine:
     """An engine over the shared model; ``attach=False`` leaves speculation to the online learner, which
     attaches suffix + learned + hybrid with this ``mode``."""
@@ -212,41 +208,26 @@ def scenario_strategies(loaded, texts, args, tag: str, start_dir: Path | None) -
 
 
 def warm_start_dir(loaded, args) -> Path:
-    """A versions directory holding a warm-started drafter (the ``onspec warmup`` procedure)."""
-    from onspec.train.commands import warmup_prompts
-    from onspec.train.online import default_versions_dir  # noqa: F401  (same layout as serve uses)
+    """A versions directory holding a warm-started drafter (``onspec warmup``'s procedure, ``train/warmup.py``)."""
     from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
     from onspec.train.publish import Manifest, VersionState, publish_version
-    from onspec.train.traces import TraceRecorder, attach_recorder
-    from onspec.train.trainer import Trainer
+    from onspec.train.warmup import WarmupSettings, warm_start
 
     root = Path(tempfile.mkdtemp(prefix="onspec-bench-warm-")) / "v"
-    n = 24 if args.quick else 100
     engine = make_engine(loaded, "suffix", args.threads, 8, attach=False)
     drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch))
     attach_learned(engine, engine.cfg.spec, drafter.to_dtype(torch.bfloat16))
-    cfg = TrainerConfig(versions_dir=str(root))
-    chunks = []
-    rec = TraceRecorder(cfg, chunks.append)
-    attach_recorder(engine, rec)
-    t0 = time.perf_counter()
-    run = Run("warmup", "suffix", 8)
-    drive(engine, chat_texts(loaded.tokenizer, warmup_prompts(n)), ["warm"] * n, 8, args.max_tokens, run)
-    rec.flush_all()
-    trainer = Trainer(drafter, loaded, cfg)
-    for c in chunks:
-        trainer.add(c)
-    before, _ = trainer.evaluate()
-    steps = max(1, int((3 if args.quick else 6) * trainer.buffer.positions / cfg.batch_positions))
-    for _ in range(steps):
-        trainer.step()
-    after, roots = trainer.evaluate()
+    res = warm_start(engine, drafter, TrainerConfig(versions_dir=str(root)), WarmupSettings(
+        prompts=24 if args.quick else 100, samples=args.warmup_samples, max_tokens=args.max_tokens,
+        epochs=3 if args.quick else 6, progress=False))
+    trainer = res.trainer
     publish_version(root, trainer.drafter, Manifest(version=0, parent=None, kind="warmup", step=trainer.steps,
-                                                    samples=trainer.samples, heldout_acceptance=after,
-                                                    heldout_positions=roots), trainer.opt.state_dict())
+                                                    samples=trainer.samples, heldout_acceptance=res.after,
+                                                    heldout_positions=res.heldout_positions), trainer.opt.state_dict())
     VersionState(current=0, promoted=[0]).save(root)
-    print(f"[warmup] {n} prompts, {steps} steps in {time.perf_counter() - t0:.0f} s: held-out acceptance "
-          f"{before:.3f} -> {after:.3f}", flush=True)
+    print(f"[warmup] {res.prompts} prompts, {res.answers} answers ({res.positions} positions) in "
+          f"{res.generate_seconds:.0f} s, {res.steps} steps in {res.train_seconds:.0f} s: held-out acceptance "
+          f"{res.before:.3f} -> {res.after:.3f} over {res.heldout_positions} positions", flush=True)
     return root
 
 
@@ -509,6 +490,8 @@ def main() -> int:
     ap.add_argument("--shift-strategy", default="hybrid")
     ap.add_argument("--repeats", type=int, default=2, help="repeats of the cost scenario (median reported)")
     ap.add_argument("--window", type=int, default=None, help="requests per plotted window (default 10, quick 4)")
+    ap.add_argument("--warmup-samples", type=int, default=1,
+                    help="day1: answers per warm-up prompt (onspec warmup --samples)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--busy-share", type=float, default=None,
                     help="the trainer's share of wall time while the engine is busy (default: TrainerConfig's)")

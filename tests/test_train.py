@@ -37,7 +37,7 @@ from onspec.train.publish import (Manifest, VersionError, VersionState, export_v
 from onspec.train.recompute import PromptHidden
 from onspec.train.swap import CandidateError, Gate, LiveMonitor, load_candidate
 from onspec.train.traces import TraceBuffer, TraceChunk, TraceRecorder, attach_recorder
-from onspec.train.trainer import Trainer
+from onspec.train.trainer import Trainer, offline_config
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +278,35 @@ def test_buffer_holds_its_byte_budget_and_favours_recent_chunks() -> None:
     picks = [int(buf.sample(32, rng)[0].tokens[0]) for _ in range(400)]
     assert sum(p >= 25 for p in picks) > sum(p < 25 for p in picks)   # the newest 5 of 10 dominate
     assert min(picks) >= 20
+
+
+def test_offline_training_keeps_every_recorded_position(target, traffic) -> None:
+    """onspec warmup trains on a fixed recording: with the live byte budget the buffer evicts part of it
+    (the failure this guards against: a third of a real warm-up's positions), with offline_config none."""
+    _, chunks, _ = traffic
+    many = [c for _ in range(12) for c in chunks]          # more than the 1 MiB live budget below
+    train = sum(len(c) for c in many if not c.heldout)
+    held = sum(len(c) for c in many if c.heldout)
+    assert held > 0 and train > 0
+    live = small_cfg(buffer_bytes=2**20)
+
+    def fill(cfg):
+        tr = Trainer(init_drafter(target, seed=0), target, cfg)
+        for c in many:
+            tr.add(c)
+        return tr
+
+    lossy = fill(live)
+    assert lossy.buffer.positions + lossy.heldout.positions < train + held
+    cfg = offline_config(live, many)
+    kept = fill(cfg)
+    assert (kept.buffer.positions, kept.heldout.positions) == (train, held)
+    assert kept.buffer.evicted == kept.heldout.evicted == 0
+    assert sum(len(c) for c in kept.heldout_window()) == held
+    # every chunk weighs its length alone (no recency preference offline)
+    w = kept.buffer.weights()
+    assert w[0] / len(kept.buffer.items[0][1]) == pytest.approx(w[-1] / len(kept.buffer.items[-1][1]))
+    assert offline_config(cfg, chunks[:1]).buffer_bytes == cfg.buffer_bytes   # never below the given budget
 
 
 def test_sender_never_blocks_and_drops_the_oldest() -> None:

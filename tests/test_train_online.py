@@ -256,7 +256,23 @@ def test_trainer_config_from_server_like_objects(tmp_path) -> None:
     assert cfg.speculator == "/x" and cfg.lr == 0.01 and cfg.resume is False
 
 
-def test_warmup_publishes_a_version_serve_resumes(tmp_path) -> None:
+def test_warmup_requests_add_sampled_answers_to_training_prompts_only() -> None:
+    from onspec.train.warmup import is_heldout_prompt, warmup_prompt_index, warmup_requests
+
+    reqs = warmup_requests([f"p{i}" for i in range(16)], samples=3, temperature=0.7, max_tokens=9, heldout_every=8)
+    first = reqs[:16]    # every prompt's greedy answer comes first
+    assert [r[1] for r in first] == [f"p{i}" for i in range(16)]
+    assert all(p.temperature == 0.0 and p.max_tokens == 9 for _, _, p in first)
+    extra = reqs[16:]
+    assert len(extra) == 2 * 14   # prompts 7 and 15 are held out: greedy only
+    assert all(p.temperature == 0.7 for _, _, p in extra)
+    assert not any(is_heldout_prompt(warmup_prompt_index(rid + "/3"), 8) for rid, _, _ in extra)
+    assert [is_heldout_prompt(i, 8) for i in (6, 7, 15)] == [False, True, True]
+    assert len({p.seed for _, _, p in extra}) == len(extra)     # distinct sampled answers
+    assert len({rid for rid, _, _ in reqs}) == len(reqs)
+
+
+def test_warmup_publishes_a_version_serve_resumes(tmp_path, capsys) -> None:
     from conftest import make_tiny_model
     from onspec.cli import main
 
@@ -264,8 +280,10 @@ def test_warmup_publishes_a_version_serve_resumes(tmp_path) -> None:
     model_dir = make_tiny_model(tmp_path / "m", "llama", vocab_size=49152)
     root = tmp_path / "v"
     rc = main(["warmup", "--model", str(model_dir), "--dtype", "float32", "--speculator-dir", str(root),
-               "--prompts", "4", "--max-tokens", "12", "--concurrency", "4", "--epochs", "1", "--threads", "1"])
+               "--prompts", "4", "--max-tokens", "12", "--concurrency", "4", "--epochs", "1", "--threads", "1",
+               "--samples", "2"])
     assert rc == 0
+    assert "answered 4 prompts (8 answers," in capsys.readouterr().out
     v = latest_promoted(root)
     assert v is not None and (version_dir(root, v) / "optimizer.pt").is_file()
     target = load_model(str(model_dir), "float32")

@@ -1,10 +1,9 @@
 """``onspec warmup`` (day-1 warm start) and ``onspec export-speculator`` (a version in the EAGLE-3 layout).
 
-warmup: the model answers a generic prompt set (``warmup_prompts.txt`` here: 100 instructions written for
-onspec, distinct from any benchmark's traffic), the verification traces train the drafter offline, and the
-result is published as a version in the versions directory and marked promoted, so ``onspec serve
---train online`` resumes from it (``--speculator <that version's directory>`` works too: it is an
-EAGLE-3 checkpoint).
+warmup: the procedure of ``warmup.py`` (the model answers a generic prompt set, the drafter trains on the
+traces offline); the result is published as a version in the versions directory and marked promoted, so
+``onspec serve --train online`` resumes from it (``--speculator <that version's directory>`` works too: it
+is an EAGLE-3 checkpoint).
 
 export-speculator: copies a version (default: the latest promoted, else the first one; with no versions
 at all, a fresh day-0 drafter for the model) to ``--out`` as ``config.json`` + ``model.safetensors`` (+ the
@@ -21,16 +20,6 @@ from pathlib import Path
 from ..config import TrainerConfig
 
 
-def warmup_prompts(n: int | None = None) -> list[str]:
-    path = Path(__file__).with_name("warmup_prompts.txt")
-    rows = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if n is not None:
-        if n < 1:
-            raise ValueError("prompts: must be >= 1")
-        rows = rows[:n]
-    return rows
-
-
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--model", default="default", help="'default', a model directory, a .gguf file or a hub id")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -40,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--version", type=int, default=None, help="version number (default: latest promoted)")
     if name == "warmup":
         p.add_argument("--prompts", type=int, default=100, help="how many warm-up prompts to answer (max 100)")
+        p.add_argument("--samples", type=int, default=1,
+                       help="answers per training prompt: the greedy one, then sampled ones at --temperature "
+                            "(more data: 4 gave a better head than 1, see README; generation and training "
+                            "time grow with it)")
+        p.add_argument("--temperature", type=float, default=0.8, help="temperature of the extra --samples answers")
         p.add_argument("--max-tokens", type=int, default=192)
         p.add_argument("--concurrency", type=int, default=8, help="sequences decoded at once")
         p.add_argument("--epochs", type=float, default=6.0, help="passes over the recorded positions")
@@ -100,21 +94,18 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _warmup(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
     from ..config import EngineConfig, SpecConfig
     from ..engine.engine import Engine
-    from ..engine.sampler import SamplingParams
     from ..spec.eagle import EagleConfig, attach_learned, init_drafter
     from .publish import Manifest, VersionState, latest_promoted, next_version, publish_version
     from .swap import CandidateError, load_candidate
-    from .traces import TraceRecorder, attach_recorder
-    from .trainer import Trainer
+    from .warmup import WarmupSettings, warm_start
 
-    if args.max_tokens < 1 or args.concurrency < 1 or args.epochs <= 0:
-        raise ValueError("max-tokens, concurrency and epochs: must be positive")
-    prompts = warmup_prompts(args.prompts)
+    settings = WarmupSettings(prompts=args.prompts, samples=args.samples, temperature=args.temperature,
+                              max_tokens=args.max_tokens, concurrency=args.concurrency, epochs=args.epochs,
+                              seed=args.seed)
+    if args.prompts < 1:
+        raise ValueError("prompts: must be >= 1")
     spec = SpecConfig(mode="suffix")
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.concurrency,
                                  num_threads=args.threads, spec=spec, seed=args.seed))
@@ -133,67 +124,27 @@ def _warmup(args: argparse.Namespace) -> int:
     # Suffix drafting makes the answers cheap; the learned proposer makes the engine record aux states.
     attach_learned(engine, spec, drafter.to_dtype(loaded.model.embed_tokens.weight.dtype))
     cfg = TrainerConfig(versions_dir=str(root), seed=args.seed)
-    chunks = []
-    recorder = TraceRecorder(cfg, chunks.append)
-    attach_recorder(engine, recorder)
-
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    tok = engine.tokenizer
-    if getattr(tok, "chat_template", None):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                         add_generation_prompt=True) for p in prompts]
-    else:  # a base model without a chat template: the instruction as plain text
-        texts = [f"{p}\n" for p in prompts]
-    t0 = time.perf_counter()
-    with tqdm(total=len(texts), desc="answering warm-up prompts", unit="prompt") as bar:
-        todo = list(enumerate(texts))
-        live: set[str] = set()
-        while todo or live:
-            while todo and len(live) < args.concurrency:
-                i, text = todo.pop(0)
-                engine.add_request(f"warmup-{i}", text, params)
-                live.add(f"warmup-{i}")
-            engine.step()
-            done = {rid for rid in live if all(s.finished for s in engine.requests[rid])}
-            for rid in done:
-                engine.release_request(rid)
-            live -= done
-            bar.update(len(done))
-    recorder.flush_all()
-    gen_s = time.perf_counter() - t0
-
-    trainer = Trainer(drafter, loaded, cfg)
-    for c in chunks:
-        trainer.add(c)
-    before, roots = trainer.evaluate()
-    positions = trainer.buffer.positions
-    steps = max(1, int(args.epochs * positions / cfg.batch_positions))
-    torch.manual_seed(args.seed)
-    t1 = time.perf_counter()
-    with tqdm(total=steps, desc="training the drafter", unit="step") as bar:
-        for _ in range(steps):
-            st = trainer.step()
-            bar.set_postfix(loss=f"{st.get('loss', float('nan')):.3f}")
-            bar.update(1)
-    train_s = time.perf_counter() - t1
-    after, _ = trainer.evaluate()
+    res = warm_start(engine, drafter, cfg, settings)
+    trainer = res.trainer
 
     version = next_version(root)
     path = publish_version(root, trainer.drafter, Manifest(
         version=version, parent=parent, kind="warmup", step=trainer.steps, samples=trainer.samples,
-        heldout_acceptance=after, heldout_positions=roots, loss=trainer.last.get("loss"),
-        base_model=str(loaded.name), note=f"onspec warmup: {len(prompts)} generic prompts"), trainer.opt.state_dict())
+        heldout_acceptance=res.after, heldout_positions=res.heldout_positions, loss=trainer.last.get("loss"),
+        base_model=str(loaded.name), note=f"onspec warmup: {res.prompts} generic prompts, {res.answers} answers"),
+        trainer.opt.state_dict())
     if not args.no_promote:
         state = VersionState.load(root)
         state.promoted.append(version)
         state.current = version
         state.decisions.append({"t": time.time(), "kind": "warmup", "version": version,
-                                "detail": f"held-out acceptance {before:.3f} -> {after:.3f}",
-                                "heldout_before": before, "heldout_after": after})
+                                "detail": f"held-out acceptance {res.before:.3f} -> {res.after:.3f}",
+                                "heldout_before": res.before, "heldout_after": res.after})
         state.save(root)
-    print(f"answered {len(prompts)} prompts in {gen_s:.0f} s ({recorder.positions} positions, "
-          f"{recorder.branches} rejected nodes); trained {steps} steps in {train_s:.0f} s")
-    print(f"held-out simulated acceptance length {before:.3f} -> {after:.3f} over {roots} positions")
+    print(f"answered {res.prompts} prompts ({res.answers} answers, {res.positions} positions, {res.branches} "
+          f"rejected nodes) in {res.generate_seconds:.0f} s; trained {res.steps} steps in {res.train_seconds:.0f} s")
+    print(f"held-out simulated acceptance length {res.before:.3f} -> {res.after:.3f} over "
+          f"{res.heldout_positions} positions")
     print(f"published version {version}: {path}" + ("" if args.no_promote else " (promoted: `onspec serve "
           "--train online` resumes from it)"))
     return 0

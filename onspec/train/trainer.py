@@ -26,7 +26,7 @@ import queue
 import random
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -133,6 +133,27 @@ class Trainer:
                 self.opt.load_state_dict(optimizer_state)
             except (ValueError, KeyError, RuntimeError):
                 pass
+
+
+def offline_config(cfg: TrainerConfig, chunks: list[TraceChunk]) -> TrainerConfig:
+    """``cfg`` for training on a fixed set of recorded chunks (``onspec warmup``): keep every one of them.
+
+    A live trainer's replay buffer is bounded in bytes (``buffer_bytes``: the server's memory bound) and
+    favours recent traces. Offline, neither applies: the data is fixed and already in memory, and with the
+    live budget the buffer evicted about a third of a 100-prompt warm-up's positions (and of its held-out
+    ones) before the first step. So the budget covers all of it, every chunk weighs the same, and the
+    held-out figure is taken over every held-out position. A prepared sample drops the chunk's recorded
+    final states and adds soft targets (``target_topk`` ids and probabilities) plus a few per-position
+    scalars, so the chunk's own size plus those bounds it (with the arena's per-tensor alignment); the
+    held-out buffer gets ``buffer_bytes // heldout_every`` (``Trainer``), hence the factor on its share."""
+    per_row = 12 * cfg.target_topk + 32
+
+    def need(held: bool) -> int:
+        return sum(c.nbytes() + (len(c) + c.num_branches) * per_row + 64 * 16 for c in chunks if c.heldout == held)
+
+    return replace(cfg, buffer_bytes=max(cfg.buffer_bytes, need(False), need(True) * cfg.heldout_every),
+                   recency_half_life=max(cfg.recency_half_life, 1 << 40),
+                   heldout_positions=max(cfg.heldout_positions, sum(len(c) for c in chunks if c.heldout)))
 
 
 # ---- the process ------------------------------------------------------------------------------------
