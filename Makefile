@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/speculation.py
 	$(BIN)/python bench/group_ceiling.py
+	$(BIN)/python bench/warmup.py
 	$(BIN)/python bench/serve.py --quick
 	$(BIN)/python bench/online.py --quick
 	$(BIN)/python bench/rl.py --quick

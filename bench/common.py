@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from onspec.data import chat_texts  # noqa: F401  (re-exported for the benches)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -206,12 +208,6 @@ def plot_bars(panels: dict[str, dict[str, float]], path: Path, ylabel: str, titl
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def chat_texts(tokenizer, messages: Sequence[str]) -> list[str]:
-    """User messages -> prompts with the model's chat template applied (generation prompt added)."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
-                                          add_generation_prompt=True) for m in messages]
 
 
 def ratio(a: float, b: float) -> float:

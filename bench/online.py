@@ -50,7 +50,7 @@ from onspec.config import EngineConfig, SpecConfig, TrainerConfig  # noqa: E402
 from onspec.engine.engine import Engine  # noqa: E402
 from onspec.engine.sampler import SamplingParams  # noqa: E402
 from onspec.models.loader import load_model  # noqa: E402
-from onspec.train.warmup import chat_texts  # noqa: E402
+from onspec.data import chat_texts  # noqa: E402
 
 
 @dataclass
@@ -217,7 +217,7 @@ def warm_start_dir(loaded, args) -> Path:
     engine = make_engine(loaded, "suffix", args.threads, 8, attach=False)
     drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch))
     attach_learned(engine, engine.cfg.spec, drafter.to_dtype(torch.bfloat16))
-    res = warm_start(engine, drafter, TrainerConfig(versions_dir=str(root)), WarmupSettings(
+    rec, res = warm_start(engine, drafter, TrainerConfig(versions_dir=str(root)), WarmupSettings(
         prompts=24 if args.quick else 100, samples=args.warmup_samples, max_tokens=args.max_tokens,
         epochs=3 if args.quick else 6, progress=False))
     trainer = res.trainer
@@ -225,8 +225,8 @@ def warm_start_dir(loaded, args) -> Path:
                                                     samples=trainer.samples, heldout_acceptance=res.after,
                                                     heldout_positions=res.heldout_positions), trainer.opt.state_dict())
     VersionState(current=0, promoted=[0]).save(root)
-    print(f"[warmup] {res.prompts} prompts, {res.answers} answers ({res.positions} positions) in "
-          f"{res.generate_seconds:.0f} s, {res.steps} steps in {res.train_seconds:.0f} s: held-out acceptance "
+    print(f"[warmup] {rec.prompts} prompts, {rec.answers} answers ({rec.positions} positions) in "
+          f"{rec.seconds:.0f} s, {res.steps} steps in {res.seconds:.0f} s: held-out acceptance "
           f"{res.before:.3f} -> {res.after:.3f} over {res.heldout_positions} positions", flush=True)
     return root
 

@@ -12,7 +12,9 @@ the prompts, so a benchmark figure means the same thing on every machine.
   model-free (suffix / prompt-lookup) drafting is for.
 * ``math_prompts``: grade-school word problems from ``reasoning-gym``'s ``gsm_symbolic`` generator.
 
-Every function returns ``list[str]`` of user messages in a fixed order (the first ``n``), so two runs
+``chat_texts`` turns user messages into prompts with the model's chat template applied.
+
+Every prompt-set function returns ``list[str]`` of user messages in a fixed order (the first ``n``), so two runs
 see the same prompts. A missing package raises ``DataUnavailableError`` naming the pip command.
 """
 
@@ -134,3 +136,12 @@ def prompts(name: str, n: int = 16) -> list[str]:
     if name not in PROMPT_SETS:
         raise ValueError(f"prompt set: unknown {name!r}; choose one of {sorted(PROMPT_SETS)}")
     return PROMPT_SETS[name](n)
+
+
+def chat_texts(tokenizer, messages: list[str]) -> list[str]:
+    """User messages -> prompts with the model's chat template applied (generation prompt added); a base
+    model without a chat template gets each message as plain text on its own line."""
+    if getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
+                                              add_generation_prompt=True) for m in messages]
+    return [f"{m}\n" for m in messages]

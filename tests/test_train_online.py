@@ -272,6 +272,26 @@ def test_warmup_requests_add_sampled_answers_to_training_prompts_only() -> None:
     assert len({rid for rid, _, _ in reqs}) == len(reqs)
 
 
+def test_warmup_bench_reads_the_answer_number_of_the_warmup_keys() -> None:
+    """bench/warmup.py picks each data size's chunks by the answer number in the recorder's chunk keys."""
+    import importlib.util
+    from pathlib import Path
+
+    from onspec.train.warmup import warmup_prompt_index, warmup_requests
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "warmup.py"
+    spec = importlib.util.spec_from_file_location("warmup_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    reqs = warmup_requests(["a", "b", "c"], samples=3, temperature=1.0, max_tokens=4, heldout_every=8)
+    keys = [f"{rid}/{n}" for n, (rid, _, _) in enumerate(reqs)]   # as the recorder names chunks
+    assert [(warmup_prompt_index(k), bench.answer_index(k)) for k in keys] == [
+        (i, s) for s in range(3) for i in range(3)]
+    assert bench.parse_args(["--samples", "4,1,2"]).counts == [1, 2, 4]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--samples", "0"])
+
+
 def test_warmup_publishes_a_version_serve_resumes(tmp_path, capsys) -> None:
     from conftest import make_tiny_model
     from onspec.cli import main

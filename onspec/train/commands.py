@@ -124,14 +124,14 @@ def _warmup(args: argparse.Namespace) -> int:
     # Suffix drafting makes the answers cheap; the learned proposer makes the engine record aux states.
     attach_learned(engine, spec, drafter.to_dtype(loaded.model.embed_tokens.weight.dtype))
     cfg = TrainerConfig(versions_dir=str(root), seed=args.seed)
-    res = warm_start(engine, drafter, cfg, settings)
+    rec, res = warm_start(engine, drafter, cfg, settings)
     trainer = res.trainer
 
     version = next_version(root)
     path = publish_version(root, trainer.drafter, Manifest(
         version=version, parent=parent, kind="warmup", step=trainer.steps, samples=trainer.samples,
         heldout_acceptance=res.after, heldout_positions=res.heldout_positions, loss=trainer.last.get("loss"),
-        base_model=str(loaded.name), note=f"onspec warmup: {res.prompts} generic prompts, {res.answers} answers"),
+        base_model=str(loaded.name), note=f"onspec warmup: {rec.prompts} generic prompts, {rec.answers} answers"),
         trainer.opt.state_dict())
     if not args.no_promote:
         state = VersionState.load(root)
@@ -141,8 +141,8 @@ def _warmup(args: argparse.Namespace) -> int:
                                 "detail": f"held-out acceptance {res.before:.3f} -> {res.after:.3f}",
                                 "heldout_before": res.before, "heldout_after": res.after})
         state.save(root)
-    print(f"answered {res.prompts} prompts ({res.answers} answers, {res.positions} positions, {res.branches} "
-          f"rejected nodes) in {res.generate_seconds:.0f} s; trained {res.steps} steps in {res.train_seconds:.0f} s")
+    print(f"answered {rec.prompts} prompts ({rec.answers} answers, {rec.positions} positions, {rec.branches} "
+          f"rejected nodes) in {rec.seconds:.0f} s; trained {res.steps} steps in {res.seconds:.0f} s")
     print(f"held-out simulated acceptance length {res.before:.3f} -> {res.after:.3f} over "
           f"{res.heldout_positions} positions")
     print(f"published version {version}: {path}" + ("" if args.no_promote else " (promoted: `onspec serve "

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import TrainerConfig
+from ..data import chat_texts
 from ..engine.sampler import SamplingParams
 from .traces import TraceRecorder, attach_recorder
 from .trainer import Trainer, offline_config
@@ -57,21 +58,6 @@ class WarmupSettings:
             raise ValueError("temperature: must be positive (the first answer of each prompt is the greedy one)")
 
 
-@dataclass
-class WarmupResult:
-    trainer: Trainer
-    prompts: int
-    answers: int
-    positions: int                      # recorded positions (all trained on or held out)
-    branches: int                       # rejected tree nodes recorded
-    generate_seconds: float
-    steps: int
-    train_seconds: float
-    before: float                       # held-out simulated acceptance length before training
-    after: float
-    heldout_positions: int
-
-
 def is_heldout_prompt(index: int, every: int) -> bool:
     """Every ``every``-th warm-up prompt is held out (the same rule as the live recorder's chunks)."""
     return index % every == every - 1
@@ -98,17 +84,30 @@ def warmup_requests(texts: list[str], samples: int, temperature: float, max_toke
     return out
 
 
-def chat_texts(tokenizer, prompts: list[str]) -> list[str]:
-    if getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                              add_generation_prompt=True) for p in prompts]
-    return [f"{p}\n" for p in prompts]   # a base model without a chat template: the instruction as plain text
+@dataclass
+class Recording:
+    chunks: list                        # TraceChunk s, held-out flags set by prompt
+    prompts: int
+    answers: int
+    positions: int
+    branches: int                       # rejected tree nodes recorded
+    seconds: float
 
 
-def warm_start(engine, drafter, cfg: TrainerConfig, settings: WarmupSettings) -> WarmupResult:
-    """Answer the warm-up prompts on ``engine`` (which has ``drafter`` attached through ``attach_learned``,
-    so it records aux states; suffix drafting makes the answers cheap) and train ``drafter`` on the traces.
-    The engine is left with its recorder attached and no requests."""
+@dataclass
+class Training:
+    trainer: Trainer
+    steps: int
+    seconds: float
+    before: float                       # held-out simulated acceptance length before training
+    after: float
+    heldout_positions: int
+
+
+def record_answers(engine, cfg: TrainerConfig, settings: WarmupSettings) -> Recording:
+    """Answer the warm-up prompts on ``engine`` (which has a learned drafter attached through
+    ``attach_learned``, so it records aux states; suffix drafting makes the answers cheap) and return the
+    verification traces. The engine is left with the recorder attached and no requests."""
     prompts = warmup_prompts(settings.prompts)
     chunks: list = []
     recorder = TraceRecorder(cfg, chunks.append)
@@ -131,25 +130,36 @@ def warm_start(engine, drafter, cfg: TrainerConfig, settings: WarmupSettings) ->
             live -= done
             bar.update(len(done))
     recorder.flush_all()
-    gen_s = time.perf_counter() - t0
     for c in chunks:  # held out by prompt, not by chunk: no held-out answer has a sibling in training
         c.heldout = is_heldout_prompt(warmup_prompt_index(c.key), cfg.heldout_every)
-    positions = sum(len(c) for c in chunks)
+    return Recording(chunks=chunks, prompts=len(prompts), answers=answers, positions=sum(len(c) for c in chunks),
+                     branches=recorder.branches, seconds=time.perf_counter() - t0)
 
-    trainer = Trainer(drafter, engine.loaded, offline_config(cfg, chunks))
+
+def train_offline(drafter, target, cfg: TrainerConfig, chunks: list, epochs: float, seed: int = 0,
+                  progress: bool = True) -> Training:
+    """Train ``drafter`` for ``epochs`` passes over every position of ``chunks`` (``offline_config``). Empties
+    the list: the trainer's buffers hold the data from here on."""
+    trainer = Trainer(drafter, target, offline_config(cfg, chunks))
     while chunks:
         trainer.add(chunks.pop(0))
     before, _ = trainer.evaluate()
-    steps = max(1, int(settings.epochs * trainer.buffer.positions / cfg.batch_positions))
-    torch.manual_seed(settings.seed)
-    t1 = time.perf_counter()
-    with tqdm(total=steps, desc="training the drafter", unit="step", disable=not settings.progress) as bar:
+    steps = max(1, int(epochs * trainer.buffer.positions / cfg.batch_positions))
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with tqdm(total=steps, desc="training the drafter", unit="step", disable=not progress) as bar:
         for _ in range(steps):
             st = trainer.step()
             bar.set_postfix(loss=f"{st.get('loss', float('nan')):.3f}")
             bar.update(1)
-    train_s = time.perf_counter() - t1
+    seconds = time.perf_counter() - t0
     after, held = trainer.evaluate()
-    return WarmupResult(trainer=trainer, prompts=len(prompts), answers=answers, positions=positions,
-                        branches=recorder.branches, generate_seconds=gen_s, steps=steps, train_seconds=train_s,
-                        before=before, after=after, heldout_positions=held)
+    return Training(trainer=trainer, steps=steps, seconds=seconds, before=before, after=after,
+                    heldout_positions=held)
+
+
+def warm_start(engine, drafter, cfg: TrainerConfig, settings: WarmupSettings) -> tuple[Recording, Training]:
+    """``record_answers`` then ``train_offline`` of ``drafter`` (the one attached to ``engine``)."""
+    rec = record_answers(engine, cfg, settings)
+    return rec, train_offline(drafter, engine.loaded, cfg, rec.chunks, settings.epochs, settings.seed,
+                              settings.progress)
