@@ -711,6 +711,38 @@ def test_auto_holds_back_a_drafter_whose_heldout_estimate_cannot_pay(tiny, expec
         assert learned.asked >= 4
 
 
+def test_a_drafter_model_must_pay_beside_what_the_free_drafter_commits(tiny) -> None:
+    """With 10 ms proposals against a 50 ms step, a drafter model needs L > 1.2 to beat plain decoding, but
+    beside a free drafter that already commits one extra token per row (g = 1) its best case (its drafts
+    added to the free drafter's) pays only when L > 1 + 0.2 * 2 = 1.4."""
+    from onspec.spec.controller import StrategyStats
+
+    class Learned(StubProposer):
+        wants_aux = True
+        expected_acceptance = 1.3
+
+    class Free(StubProposer):
+        name = "suffix"
+
+    learned = Learned()
+    eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32",
+                              spec=SpecConfig(mode="auto", profile_at_start=False)), loaded=tiny)
+    spec = attach_speculation(eng, eng.cfg.spec, {"suffix": Free(), "learned": learned})
+    spec.controller.cost = FixedCost(lambda n: 0.05)
+    spec.draft_cost["learned"] = 0.01
+    assert spec.free_gain() == 0.0 and spec._estimate_allows("learned", 1, 1)    # no free record yet
+    spec.rows_asked["suffix"] = 40
+    spec.controller.stats["suffix"] = StrategyStats(accepted=40.0, steps=25)   # 40 drafts over 40 rows asked
+    assert spec.free_gain() == pytest.approx(1.0)
+    assert not spec._estimate_allows("learned", 1, 1)
+    learned.expected_acceptance = 1.45
+    assert spec._estimate_allows("learned", 1, 1)
+    # the record is per row the free drafter was asked for, whatever it drafted: half the gain, a lower bar
+    spec.rows_asked["suffix"] = 80
+    learned.expected_acceptance = 1.35
+    assert spec.free_gain() == pytest.approx(0.5) and spec._estimate_allows("learned", 1, 1)
+
+
 def test_speculation_forgets_a_strategys_record_when_its_drafter_is_swapped(tiny) -> None:
     """A new drafter version must be judged afresh, not by the record of the one it replaced."""
     class Learned(StubProposer):

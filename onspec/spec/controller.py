@@ -275,6 +275,7 @@ class Speculation:
         self.draft_seconds = 0.0
         self.draft_cost: dict[str, float] = {}   # EMA seconds per propose() call, by strategy
         self.skipped: dict[str, int] = {}        # steps a strategy was not even asked (did not pay)
+        self.rows_asked: dict[str, int] = {}     # decoding rows each strategy was asked to draft for
         self.steps = 0
         self._versions: dict[str, int | None] = {}  # drafter swaps seen per strategy
         self._step_started: float | None = None      # when the current step's drafting began
@@ -353,6 +354,7 @@ class Speculation:
                 candidates[sid].append(tree)
             dt = time.perf_counter() - t0
             self._asked[name] = dt
+            self.rows_asked[name] = self.rows_asked.get(name, 0) + len(decode_seqs)
             self.draft_cost[name] = dt if name not in self.draft_cost else 0.9 * self.draft_cost[name] + 0.1 * dt
             self.draft_seconds += dt
         chosen = self.controller.choose(candidates)
@@ -363,16 +365,30 @@ class Speculation:
 
         A step of B rows with drafts commits B * L tokens in T + d seconds (L: acceptance length, d: the
         proposal time), against B tokens in T without; even if verifying the nodes were free, drafting pays
-        only when L > 1 + d / T. A drafter whose measured held-out acceptance length
-        (``expected_acceptance``: the gate's figure for its version, or a resumed version's manifest
-        figure) fails that is not asked at all: exploring it live costs d every time and cannot win.
-        Day-0 heads on this CPU measure 1.00-1.06 against ~1.8 needed at batch 2 (d ~20 ms, T ~25 ms).
-        Unknown estimate or unknown proposal time (never asked): allowed."""
+        only when L > 1 + d / T. Where a free drafter (the suffix trees: no model forward) already commits
+        L_s = 1 + g tokens per row, the drafter model competes with that, not with plain decoding. At best
+        its accepted drafts add to the free drafter's (a hybrid tree holding both, L <= L_s + L - 1), so it
+        pays only when (L_s + L - 1) / (T + d) > L_s / T, i.e. L > 1 + (d / T) * L_s; with no free drafter
+        (g = 0) that is the first rule. g is the free drafters' accepted drafts per decoding row they were
+        asked for (where a learned tree was chosen over theirs they are not credited, so g errs low and the
+        rule towards asking).
+        A drafter whose measured held-out acceptance length (``expected_acceptance``: the gate's figure for
+        its version, or a resumed version's manifest figure) fails that is not asked at all: exploring it
+        live costs d every time and cannot win. Day-0 heads on this CPU measure 1.00-1.06; a warm start
+        on 4 answers per warm-up prompt 1.47, against 1 + 0.4 * 1.6 ~ 1.64 needed beside the suffix drafter
+        at batch 2 (bench/online.py day1, session 9). Unknown estimate or proposal time (never asked):
+        allowed."""
         expected = _expected_acceptance(self.proposers[name])
         d = self.draft_cost.get(name)
         if expected is None or d is None:
             return True
-        return expected > 1.0 + d / self.controller.base_cost(step_tokens, num_decode)
+        return expected > 1.0 + d / self.controller.base_cost(step_tokens, num_decode) * (1.0 + self.free_gain())
+
+    def free_gain(self) -> float:
+        """Accepted drafts per decoding row of the best free (model-free) drafter asked so far; 0 if none."""
+        gains = [self.controller.stats[n].accepted / self.rows_asked[n] for n, p in self.proposers.items()
+                 if not p.wants_aux and self.rows_asked.get(n) and n in self.controller.stats]
+        return max(gains, default=0.0)
 
     def observe_step(self, verdicts: list, batch_rows: int, num_tokens: int, seconds: float) -> None:
         # Charge the whole step, not the forward alone (``seconds``): asking the drafters, verifying every
