@@ -374,10 +374,10 @@ class Speculation:
         rule towards asking).
         A drafter whose measured held-out acceptance length (``expected_acceptance``: the gate's figure for
         its version, or a resumed version's manifest figure) fails that is not asked at all: exploring it
-        live costs d every time and cannot win. Day-0 heads on this CPU measure 1.00-1.06; a warm start
-        on 4 answers per warm-up prompt 1.47, against 1 + 0.4 * 1.6 ~ 1.64 needed beside the suffix drafter
-        at batch 2 (bench/online.py day1, session 9). Unknown estimate or proposal time (never asked):
-        allowed."""
+        live costs d every time and cannot win. Day-0 heads on this CPU measure 1.00-1.06 and a warm start
+        on 4 answers per warm-up prompt 1.47-1.50 (bench/online.py day1, session 9), while the suffix
+        drafter commits ~1.6 per row at batch 2 and d / T was ~0.4 in a one-off profile: ~1.64 needed.
+        Unknown estimate or proposal time (never asked): allowed."""
         expected = _expected_acceptance(self.proposers[name])
         d = self.draft_cost.get(name)
         if expected is None or d is None:
