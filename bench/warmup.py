@@ -57,11 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def answer_index(key: str) -> int:
-    """The answer number of a warm-up chunk key (``warmup-<prompt>-<answer>/<seq id>``)."""
-    return int(key.split("/")[0].split("-")[2])
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -94,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from onspec.config import EngineConfig, SpecConfig, TrainerConfig
     from onspec.engine.engine import Engine
     from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
-    from onspec.train.warmup import WarmupSettings, record_answers, train_offline
+    from onspec.train.warmup import WarmupSettings, record_answers, train_offline, warmup_key_parts
 
     t_all = time.perf_counter()
     spec = SpecConfig(mode="suffix")
@@ -112,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for s in args.counts:
-        chunks = [c for c in rec.chunks if c.heldout or answer_index(c.key) < s]
+        chunks = [c for c in rec.chunks if c.heldout or warmup_key_parts(c.key)[1] < s]
         res = train_offline(init_drafter(loaded, arch, seed=args.seed), loaded, cfg, chunks, args.epochs, args.seed)
         tr = res.trainer
-        greedy = [x for _, x in tr.buffer.items if answer_index(x.key) == 0]
+        greedy = [x for _, x in tr.buffer.items if warmup_key_parts(x.key)[1] == 0]
         fit, total = [], 0
         for x in greedy:
             if total >= FIT_POSITIONS:

@@ -257,7 +257,7 @@ def test_trainer_config_from_server_like_objects(tmp_path) -> None:
 
 
 def test_warmup_requests_add_sampled_answers_to_training_prompts_only() -> None:
-    from onspec.train.warmup import is_heldout_prompt, warmup_prompt_index, warmup_requests
+    from onspec.train.warmup import is_heldout_prompt, warmup_key_parts, warmup_requests
 
     reqs = warmup_requests([f"p{i}" for i in range(16)], samples=3, temperature=0.7, max_tokens=9, heldout_every=8)
     first = reqs[:16]    # every prompt's greedy answer comes first
@@ -266,27 +266,26 @@ def test_warmup_requests_add_sampled_answers_to_training_prompts_only() -> None:
     extra = reqs[16:]
     assert len(extra) == 2 * 14   # prompts 7 and 15 are held out: greedy only
     assert all(p.temperature == 0.7 for _, _, p in extra)
-    assert not any(is_heldout_prompt(warmup_prompt_index(rid + "/3"), 8) for rid, _, _ in extra)
+    assert not any(is_heldout_prompt(warmup_key_parts(rid + "/3")[0], 8) for rid, _, _ in extra)
     assert [is_heldout_prompt(i, 8) for i in (6, 7, 15)] == [False, True, True]
     assert len({p.seed for _, _, p in extra}) == len(extra)     # distinct sampled answers
     assert len({rid for rid, _, _ in reqs}) == len(reqs)
 
 
-def test_warmup_bench_reads_the_answer_number_of_the_warmup_keys() -> None:
+def test_warmup_chunk_keys_give_back_prompt_and_answer() -> None:
     """bench/warmup.py picks each data size's chunks by the answer number in the recorder's chunk keys."""
     import importlib.util
     from pathlib import Path
 
-    from onspec.train.warmup import warmup_prompt_index, warmup_requests
+    from onspec.train.warmup import warmup_key_parts, warmup_requests
 
+    reqs = warmup_requests(["a", "b", "c"], samples=3, temperature=1.0, max_tokens=4, heldout_every=8)
+    keys = [f"{rid}/{n}" for n, (rid, _, _) in enumerate(reqs)]   # as the recorder names chunks
+    assert [warmup_key_parts(k) for k in keys] == [(i, s) for s in range(3) for i in range(3)]
     path = Path(__file__).resolve().parent.parent / "bench" / "warmup.py"
     spec = importlib.util.spec_from_file_location("warmup_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    reqs = warmup_requests(["a", "b", "c"], samples=3, temperature=1.0, max_tokens=4, heldout_every=8)
-    keys = [f"{rid}/{n}" for n, (rid, _, _) in enumerate(reqs)]   # as the recorder names chunks
-    assert [(warmup_prompt_index(k), bench.answer_index(k)) for k in keys] == [
-        (i, s) for s in range(3) for i in range(3)]
     assert bench.parse_args(["--samples", "4,1,2"]).counts == [1, 2, 4]
     with pytest.raises(SystemExit):
         bench.parse_args(["--samples", "0"])

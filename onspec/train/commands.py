@@ -104,8 +104,6 @@ def _warmup(args: argparse.Namespace) -> int:
     settings = WarmupSettings(prompts=args.prompts, samples=args.samples, temperature=args.temperature,
                               max_tokens=args.max_tokens, concurrency=args.concurrency, epochs=args.epochs,
                               seed=args.seed)
-    if args.prompts < 1:
-        raise ValueError("prompts: must be >= 1")
     spec = SpecConfig(mode="suffix")
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.concurrency,
                                  num_threads=args.threads, spec=spec, seed=args.seed))

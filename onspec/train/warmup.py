@@ -6,8 +6,9 @@ scenario, so both run the same procedure.
 * Prompts: ``warmup_prompts.txt`` (100 instructions written for onspec, distinct from any benchmark's
   traffic), chat-templated.
 * Answers: each prompt's greedy answer, then ``samples - 1`` seeded sampled ones for training prompts. The
-  head is data-bound (on 100 greedy answers it reaches 1.72 tokens per verification on its training
-  answers against 1.34 on held-out ones), so more answers to the same prompts make a better head.
+  head is data-bound (trained on 100 greedy answers it reaches 1.88 tokens per verification on its
+  training prompts against 1.34 on held-out ones: bench/warmup.py), so more answers to the same prompts
+  make a better head.
 * Held-out: whole prompts (every ``heldout_every``-th), greedy answer only, so the published figure is
   read on greedy text of prompts the head never saw, as the gate reads live traffic.
 * Training: every recorded position (``trainer.offline_config``: the live replay buffer's byte budget
@@ -52,6 +53,8 @@ class WarmupSettings:
     progress: bool = True               # tqdm bars
 
     def __post_init__(self) -> None:
+        if self.prompts is not None and self.prompts < 1:
+            raise ValueError("prompts: must be >= 1")
         if self.max_tokens < 1 or self.concurrency < 1 or self.epochs <= 0 or self.samples < 1:
             raise ValueError("max-tokens, concurrency, epochs and samples: must be positive")
         if self.temperature <= 0:
@@ -63,9 +66,15 @@ def is_heldout_prompt(index: int, every: int) -> bool:
     return index % every == every - 1
 
 
-def warmup_prompt_index(key: str) -> int:
-    """The prompt index of a trace chunk's key (``warmup-<prompt>-<answer>/<seq id>``)."""
-    return int(key.split("/")[0].split("-")[1])
+def warmup_request_id(prompt: int, answer: int) -> str:
+    return f"warmup-{prompt}-{answer}"
+
+
+def warmup_key_parts(key: str) -> tuple[int, int]:
+    """(prompt index, answer number) of a warm-up trace chunk's key: the recorder names chunks
+    ``<request id>/<seq id>`` and the request id is ``warmup_request_id``'s."""
+    _, prompt, answer = key.split("/")[0].split("-")
+    return int(prompt), int(answer)
 
 
 def warmup_requests(texts: list[str], samples: int, temperature: float, max_tokens: int, heldout_every: int,
@@ -80,7 +89,7 @@ def warmup_requests(texts: list[str], samples: int, temperature: float, max_toke
                 continue
             params = SamplingParams(temperature=0.0 if s == 0 else temperature, max_tokens=max_tokens,
                                     seed=None if s == 0 else seed * 1_000_003 + s * 1009 + i)
-            out.append((f"warmup-{i}-{s}", text, params))
+            out.append((warmup_request_id(i, s), text, params))
     return out
 
 
@@ -131,7 +140,7 @@ def record_answers(engine, cfg: TrainerConfig, settings: WarmupSettings) -> Reco
             bar.update(len(done))
     recorder.flush_all()
     for c in chunks:  # held out by prompt, not by chunk: no held-out answer has a sibling in training
-        c.heldout = is_heldout_prompt(warmup_prompt_index(c.key), cfg.heldout_every)
+        c.heldout = is_heldout_prompt(warmup_key_parts(c.key)[0], cfg.heldout_every)
     return Recording(chunks=chunks, prompts=len(prompts), answers=answers, positions=sum(len(c) for c in chunks),
                      branches=recorder.branches, seconds=time.perf_counter() - t0)
 
