@@ -217,10 +217,15 @@ def warm_start_dir(loaded, args) -> Path:
     engine = make_engine(loaded, "suffix", args.threads, 8, attach=False)
     drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch))
     attach_learned(engine, engine.cfg.spec, drafter.to_dtype(torch.bfloat16))
-    rec, res = warm_start(engine, drafter, TrainerConfig(versions_dir=str(root)), WarmupSettings(
+    ws = warm_start(engine, drafter, TrainerConfig(versions_dir=str(root)), WarmupSettings(
         prompts=24 if args.quick else 100, samples=args.warmup_samples, max_tokens=args.max_tokens,
-        epochs=3 if args.quick else 6, progress=False))
+        epochs=3 if args.quick else 6, corpus=args.warmup_corpus, progress=False))
+    rec, res = ws.recording, ws.training
     trainer = res.trainer
+    if ws.corpus is not None:
+        print(f"[warmup] corpus: {ws.corpus.prompts} reference answers ({ws.corpus.positions} positions) read in "
+              f"{ws.corpus.seconds:.0f} s, {ws.corpus_training.steps} steps in {ws.corpus_training.seconds:.0f} s",
+              flush=True)
     publish_version(root, trainer.drafter, Manifest(version=0, parent=None, kind="warmup", step=trainer.steps,
                                                     samples=trainer.samples, heldout_acceptance=res.after,
                                                     heldout_positions=res.heldout_positions), trainer.opt.state_dict())
@@ -492,6 +497,8 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=None, help="requests per plotted window (default 10, quick 4)")
     ap.add_argument("--warmup-samples", type=int, default=1,
                     help="day1: answers per warm-up prompt (onspec warmup --samples)")
+    ap.add_argument("--warmup-corpus", type=int, default=0,
+                    help="day1: reference answers to pretrain on first (onspec warmup --corpus)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--busy-share", type=float, default=None,
                     help="the trainer's share of wall time while the engine is busy (default: TrainerConfig's)")

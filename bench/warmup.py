@@ -15,7 +15,12 @@ gate's figure) on
 * the held-out prompts' answers (prompts the head never saw), and
 * up to 2000 positions of its training prompts' greedy answers (what it fits).
 
+With ``--corpus N`` the engine first prefills N reference answers by other models (``onspec warmup
+--corpus``), one head pretrains on them for ``--corpus-epochs``, and every answer count gets a second row
+that starts from a copy of that head: what the cheap prefilled data adds.
+
     python bench/warmup.py                      # --samples 1,2,4: ~25 minutes on 2 cores
+    python bench/warmup.py --samples 1,4 --corpus 1000      # ~35 minutes
     python bench/warmup.py --samples 1 --prompts 24 --max-tokens 64 --epochs 2   # a quick look
 """
 
@@ -40,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=192)
     p.add_argument("--temperature", type=float, default=0.8, help="of the sampled answers")
     p.add_argument("--epochs", type=float, default=6.0, help="passes over the training positions")
+    p.add_argument("--corpus", type=int, default=0, help="reference answers to pretrain on (0: no corpus rows)")
+    p.add_argument("--corpus-epochs", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="warmup", help="results file stem under bench/results/")
@@ -54,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--prompts must be in [1, 100]; --max-tokens, --threads and --epochs must be positive")
     if args.temperature <= 0:
         p.error("--temperature must be > 0")
+    if args.corpus < 0 or args.corpus_epochs <= 0:
+        p.error("--corpus must be >= 0 and --corpus-epochs > 0")
     return args
 
 
@@ -63,15 +72,22 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["train_positions"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(x, [r["fit_acceptance"] for r in rows], "o--", color="#DD8452", label="its training prompts (greedy)")
-    ax.plot(x, [r["heldout_acceptance"] for r in rows], "o-", color="#4C72B0", label="held-out prompts")
-    for r in rows:
-        ax.annotate(f"{r['samples']} ans.", (r["train_positions"], r["heldout_acceptance"]),
-                    textcoords="offset points", xytext=(4, -12), fontsize=8)
+    for corpus, style in ((False, "-"), (True, ":")):
+        part = [r for r in rows if bool(r["corpus"]) == corpus]
+        if not part:
+            continue
+        x = [r["train_positions"] for r in part]
+        tag = f" + {part[0]['corpus']} reference answers first" if corpus else ""
+        ax.plot(x, [r["fit_acceptance"] for r in part], "o" + style, color="#DD8452",
+                label=f"its training prompts (greedy){tag}")
+        ax.plot(x, [r["heldout_acceptance"] for r in part], "o" + style, color="#4C72B0",
+                label=f"held-out prompts{tag}")
+        for r in part:
+            ax.annotate(f"{r['samples']} ans.", (r["train_positions"], r["heldout_acceptance"]),
+                        textcoords="offset points", xytext=(4, -12), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("training positions (log)")
+    ax.set_xlabel("training positions of the model's own answers (log)")
     ax.set_ylabel("simulated acceptance length (chain depth 3)")
     ax.set_title("day-1 drafter: acceptance against warm-up data")
     ax.grid(alpha=0.3)
@@ -89,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     from onspec.config import EngineConfig, SpecConfig, TrainerConfig
     from onspec.engine.engine import Engine
     from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
-    from onspec.train.warmup import WarmupSettings, record_answers, train_offline, warmup_key_parts
+    from onspec.train.warmup import (WarmupSettings, pretrain_on_corpus, record_answers, train_offline,
+                                     warmup_key_parts)
 
     t_all = time.perf_counter()
     spec = SpecConfig(mode="suffix")
@@ -99,6 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     arch = EagleConfig.for_target(loaded.arch)
     attach_learned(engine, spec, init_drafter(loaded, arch, seed=args.seed).to_dtype(torch.bfloat16))
     cfg = TrainerConfig(seed=args.seed)
+    pretrained, corpus_info = None, {}
+    if args.corpus:  # before record_answers, which leaves its recorder attached
+        crec, pre = pretrain_on_corpus(engine, init_drafter(loaded, arch, seed=args.seed), cfg, WarmupSettings(
+            corpus=args.corpus, corpus_epochs=args.corpus_epochs, seed=args.seed))
+        pretrained = {k: v.clone() for k, v in pre.trainer.drafter.state_dict().items()}
+        corpus_info = {"texts": crec.prompts, "positions": crec.positions, "read_seconds": crec.seconds,
+                       "steps": pre.steps, "train_seconds": pre.seconds}
+        print(f"corpus: {crec.prompts} reference answers ({crec.positions} positions) read in {crec.seconds:.0f} s, "
+              f"pretrained {pre.steps} steps in {pre.seconds:.0f} s", flush=True)
+        del pre
     rec = record_answers(engine, cfg, WarmupSettings(prompts=args.prompts, samples=args.counts[-1],
                                                      temperature=args.temperature, max_tokens=args.max_tokens,
                                                      seed=args.seed))
@@ -106,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     del engine
 
     rows = []
-    for s in args.counts:
+    for s, corpus in [(s, c) for s in args.counts for c in ([False, True] if pretrained else [False])]:
         chunks = [c for c in rec.chunks if c.heldout or warmup_key_parts(c.key)[1] < s]
-        res = train_offline(init_drafter(loaded, arch, seed=args.seed), loaded, cfg, chunks, args.epochs, args.seed)
+        drafter = init_drafter(loaded, arch, seed=args.seed)
+        if corpus:
+            drafter.load_state_dict(pretrained)
+        res = train_offline(drafter, loaded, cfg, chunks, args.epochs, args.seed)
         tr = res.trainer
         greedy = [x for _, x in tr.buffer.items if warmup_key_parts(x.key)[1] == 0]
         fit, total = [], 0
@@ -118,22 +148,23 @@ def main(argv: list[str] | None = None) -> int:
             fit.append(x)
             total += len(x)
         fit_acc, fit_pos = tr.evaluate(fit)
-        rows.append({"samples": s, "train_positions": tr.buffer.positions, "steps": res.steps,
+        rows.append({"samples": s, "corpus": args.corpus if corpus else 0, "train_positions": tr.buffer.positions, "steps": res.steps,
                      "train_seconds": res.seconds, "heldout_before": res.before, "heldout_acceptance": res.after,
                      "heldout_positions": res.heldout_positions, "fit_acceptance": fit_acc, "fit_positions": fit_pos})
-        print(f"  {s} answers/prompt: {tr.buffer.positions} positions, {res.steps} steps in {res.seconds:.0f} s: "
+        print(f"  {'corpus + ' if corpus else ''}{s} answers/prompt: {tr.buffer.positions} positions, {res.steps} steps in {res.seconds:.0f} s: "
               f"held-out {res.after:.3f}, training prompts {fit_acc:.3f}", flush=True)
-        del res, tr, greedy, fit   # the next trainer gets its own buffers
+        del res, tr, greedy, fit, drafter   # the next trainer gets its own buffers
 
-    print_table("warm-start drafter against warm-up data", ["answers/prompt", "train positions", "steps",
-                                                            "held-out acc.", "training-prompt acc."],
-                [[r["samples"], r["train_positions"], r["steps"], r["heldout_acceptance"], r["fit_acceptance"]]
-                 for r in rows],
+    print_table("warm-start drafter against warm-up data", ["answers/prompt", "corpus first", "train positions",
+                                                            "steps", "held-out acc.", "training-prompt acc."],
+                [[r["samples"], r["corpus"], r["train_positions"], r["steps"], r["heldout_acceptance"],
+                  r["fit_acceptance"]] for r in rows],
                 notes=[f"{args.prompts} warm-up prompts, {args.max_tokens} tokens, sampled answers at temperature "
                        f"{args.temperature}, {args.epochs:g} epochs; acceptance = greedy chain of depth 3 "
                        "(1 + accepted drafts), the gate's held-out figure"])
     payload = {"machine": machine_info(args.threads), "config": vars(args), "recording": {
-        "answers": rec.answers, "positions": rec.positions, "seconds": rec.seconds}, "rows": rows,
+        "answers": rec.answers, "positions": rec.positions, "seconds": rec.seconds}, "corpus": corpus_info,
+        "rows": rows,
         "seconds": time.perf_counter() - t_all}
     jpath, _ = write_results(args.name, payload)
     ppath = RESULTS_DIR / f"{args.name}.png"

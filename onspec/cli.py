@@ -29,6 +29,26 @@ class CLIError(Exception):
     """A user mistake: printed as one line, exit code 2."""
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help line ends with its default, options without help text included (argparse's
+    formatter prints no line for those); an empty, None or False default adds nothing."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and not _empty_default(action.default):
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or _empty_default(action.default) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _empty_default(value) -> bool:
+    return value is None or value is False or value == "" or value == [] or value == argparse.SUPPRESS
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onspec", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"onspec {__version__}")
@@ -41,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=lambda args, e=exc: _unavailable(e))
             continue
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsHelpFormatter)
         getattr(mod, "add_arguments")(p, name)
         p.set_defaults(func=getattr(mod, "run"))
     return parser

@@ -12,7 +12,10 @@ from .config import SPECULATION_MODES
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default', a model directory, a .gguf file or a hub id")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--speculation", default="auto", choices=SPECULATION_MODES)
+    p.add_argument("--speculation", default="auto", choices=SPECULATION_MODES,
+                   help="learned/hybrid need a drafter: --speculator, or a version from `onspec warmup`")
+    p.add_argument("--speculator", default="", metavar="PATH", help="an EAGLE-3 checkpoint directory for the "
+                   "learned drafter (default: the latest promoted version, for learned/hybrid only)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
 
@@ -40,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
 def _llm(args: argparse.Namespace):
     from . import LLM
 
-    return LLM(model=args.model, dtype=args.dtype, speculation=args.speculation, num_threads=args.threads)
+    return LLM(model=args.model, dtype=args.dtype, speculation=args.speculation, num_threads=args.threads,
+               speculator=args.speculator)
 
 
 def _params(args: argparse.Namespace):
@@ -115,7 +119,8 @@ def _bench(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     rows = []
     for mode in ("off", args.speculation if args.speculation != "off" else "auto"):
-        llm = LLM(model=args.model, dtype=args.dtype, speculation=mode, num_threads=args.threads)
+        llm = LLM(model=args.model, dtype=args.dtype, speculation=mode, num_threads=args.threads,
+                  speculator=args.speculator if mode != "off" else "")
         texts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         llm.generate(texts[:1], SamplingParams(temperature=0, max_tokens=8))  # warm up
         t0 = time.perf_counter()

@@ -62,7 +62,7 @@ class EngineConfig:
     kv_cache_memory: float = 0.0        # bytes (>1) or fraction of free memory (<=1); 0 = slots * max_model_len
     num_threads: int = 0                # torch intra-op threads; 0 leaves torch's default
     cache_dir: str = ""                 # where dequantized GGUF weights are cached ("" = ~/.cache/onspec)
-    seed: int = 0
+    seed: int = 0                       # of the generator unseeded requests draw from (a request's seed wins)
     spec: SpecConfig = field(default_factory=SpecConfig)
 
     def __post_init__(self) -> None:

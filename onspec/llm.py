@@ -55,15 +55,17 @@ def completion_of(seq: Sequence, index: int) -> CompletionOutput:
 
 class LLM:
     def __init__(self, model: str = "default", dtype: str = "bfloat16", speculation: str = "auto",
-                 spec: SpecConfig | None = None, engine: Engine | None = None, **engine_kwargs) -> None:
+                 spec: SpecConfig | None = None, engine: Engine | None = None, speculator: str = "",
+                 **engine_kwargs) -> None:
+        """``speculator``: an EAGLE-3 checkpoint directory for the learned drafter. ``"learned"`` and
+        ``"hybrid"`` need one, or a promoted version from ``onspec warmup`` (onspec/train/frozen.py)."""
         if engine is None:
             spec = replace(spec or SpecConfig(), mode=speculation)
             cfg = EngineConfig(model=model, dtype=dtype, spec=spec, **engine_kwargs)
             engine = Engine(cfg)
-            if spec.mode != "off":
-                from .spec.controller import attach_speculation
+            from .train.frozen import attach_for_mode
 
-                attach_speculation(engine, spec)
+            attach_for_mode(engine, spec, speculator=speculator)
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self._ids = itertools.count()

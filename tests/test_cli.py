@@ -41,6 +41,18 @@ def test_generate_help() -> None:
         assert opt in r.stdout
 
 
+def test_help_shows_every_default_and_no_empty_ones(capsys) -> None:
+    import re
+
+    for command, expected in (("serve", ["--port PORT", "(default: 8000)"]),
+                              ("generate", ["--max-tokens MAX_TOKENS", "(default: 256)"])):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = re.sub(r"\s+", " ", capsys.readouterr().out)
+        assert " ".join(expected) in text, text
+        assert "(default: None)" not in text and "(default: )" not in text
+
+
 def test_version() -> None:
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("onspec ")
@@ -104,3 +116,16 @@ def test_generate_with_speculation_matches_plain(capsys) -> None:
         assert rc == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].strip()
+
+
+def test_serve_on_a_busy_port_is_one_line_exit_2_before_loading(capsys) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rc = cli.main(["serve", "--port", str(port), "--model", "/nonexistent/model"])  # the port is checked first
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "cannot listen" in lines[0] and str(port) in lines[0], err

@@ -127,6 +127,17 @@ def test_preemption_keeps_outputs(tiny) -> None:
     assert llm.engine.kv.num_free == llm.engine.kv.num_slots  # every slot came back
 
 
+def test_unseeded_sampling_follows_the_engine_seed_not_the_global_rng(tiny) -> None:
+    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    prompts = token_prompts(tiny.arch.vocab_size)[:3]
+    runs = []
+    for seed, global_seed in ((3, 0), (3, 99), (4, 0)):
+        torch.manual_seed(global_seed)
+        runs.append(outputs(make_llm(tiny, seed=seed), prompts, params))
+    assert runs[0] == runs[1]   # the same engine seed: the same text, whatever torch's global RNG holds
+    assert runs[0] != runs[2]   # another engine seed: other draws
+
+
 def test_kv_budget_smaller_than_one_sequence_is_rejected(tiny) -> None:
     with pytest.raises(ValueError, match="kv_cache_memory"):
         make_llm(tiny, max_model_len=64, kv_cache_memory=1000.0)

@@ -199,3 +199,21 @@ def test_aux_layers_are_layer_inputs(tiny_lm) -> None:
     torch.testing.assert_close(aux[:, :H], tiny_lm.model.embed_tokens.weight[ids])
     # The last aux is the final residual before the norm: normalising it gives the final hidden state.
     torch.testing.assert_close(tiny_lm.model.norm(aux[-1:, H:]), out.hidden[0][-1:], atol=1e-5, rtol=1e-5)
+
+
+def test_gguf_cache_key_follows_content_not_path_or_mtime(tmp_path) -> None:
+    import os
+
+    from onspec.models.loader import gguf_fingerprint
+
+    data = bytes(range(256)) * 20_000                      # 5 MB: header and tail windows apart
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(data)
+    os.utime(b, (1, 1))
+    assert gguf_fingerprint(a) == gguf_fingerprint(b)      # a reinstall elsewhere reuses the conversion
+    changed = bytearray(data)
+    changed[-10] ^= 1                                      # a different model (its last tensor differs)
+    b.write_bytes(bytes(changed))
+    assert gguf_fingerprint(a) != gguf_fingerprint(b)

@@ -300,9 +300,10 @@ def test_warmup_publishes_a_version_serve_resumes(tmp_path, capsys) -> None:
     root = tmp_path / "v"
     rc = main(["warmup", "--model", str(model_dir), "--dtype", "float32", "--speculator-dir", str(root),
                "--prompts", "4", "--max-tokens", "12", "--concurrency", "4", "--epochs", "1", "--threads", "1",
-               "--samples", "2"])
+               "--samples", "2", "--corpus", "3"])
     assert rc == 0
-    assert "answered 4 prompts (8 answers," in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "answered 4 prompts (8 answers," in out and "read 3 reference answers" in out
     v = latest_promoted(root)
     assert v is not None and (version_dir(root, v) / "optimizer.pt").is_file()
     target = load_model(str(model_dir), "float32")
@@ -338,3 +339,45 @@ def test_trainer_process_learns_publishes_and_is_gated(tmp_path, target) -> None
     finally:
         ol.stop()
     assert torch.get_num_threads() == threads  # and the engine has them back
+
+
+def test_operator_no_ops_are_not_logged_and_a_refused_rollback_names_no_field(tmp_path, target) -> None:
+    from onspec.server.errors import bad_request
+
+    engine = make_engine(target)
+    ol = OnlineLearning(engine, cfg_for(tmp_path / "v"), start_trainer=False)
+    try:
+        serving = ol.status()["version"]
+        assert ol.promote(serving)["status"] == "already serving"
+        assert not any(e["kind"] == "manual-promote" for e in ol.status()["events"])
+        with pytest.raises(ValueError) as info:
+            ol.rollback()                                     # nothing was served before
+        err = bad_request(info.value)
+        assert err.status == 400 and err.param is None and "roll back" in str(info.value)
+    finally:
+        ol.stop()
+
+
+def test_corpus_recording_keeps_every_position_of_each_reference_answer(tmp_path) -> None:
+    from conftest import make_tiny_model
+    from onspec.spec.eagle import EagleConfig, attach_learned
+    from onspec.train.trainer import Trainer, offline_config
+    from onspec.train.warmup import WarmupSettings, corpus_token_ids, record_corpus
+
+    target = load_model(str(make_tiny_model(tmp_path / "m", "llama", vocab_size=49152)), "float32")
+    settings = WarmupSettings(corpus=3, corpus_tokens=48, progress=False)
+    texts = corpus_token_ids(target.tokenizer, settings)
+    assert len(texts) == 3 and all(len(t) == 48 for t in texts)      # reference answers are long: all cut
+    engine = make_engine(target)
+    attach_learned(engine, SpecConfig(mode="suffix"), init_drafter(target, EagleConfig.for_target(target.arch)))
+    cfg = cfg_for(tmp_path / "v")
+    rec = record_corpus(engine, cfg, settings)
+    assert rec.prompts == 3 and len(rec.chunks) == 3                  # one chunk per text, from position 0
+    for chunk, ids in zip(sorted(rec.chunks, key=lambda c: int(c.key.split("/")[0].split("-")[1])), texts):
+        assert chunk.start == 0 and not chunk.heldout
+        assert chunk.tokens[:48].tolist() == ids and not chunk.generated[:48].any()
+    assert not engine.spec.listeners and engine.has_unfinished() is False   # recorder detached, nothing left
+    trainer = Trainer(init_drafter(target), target, offline_config(cfg, rec.chunks))
+    for c in list(rec.chunks):
+        trainer.add(c)
+    assert all(bool(c.has_hidden[:48].all()) for c in rec.chunks)     # soft targets at every prompt position

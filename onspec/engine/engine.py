@@ -109,6 +109,9 @@ class Engine:
         self.seqs: dict[int, Sequence] = {}
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
+        # Unseeded requests draw from this engine's generator (seeded by cfg.seed), not torch's global one:
+        # a run is reproducible from its config, and nothing else in the process shifts its draws.
+        self.rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
         # n > 1 requests with a learned drafter: aux rows of the prompt's first P - 1 positions, by the first
         # sample's seq_id, handed to the samples that copy those cache rows (dropped when all finished)
         self._prompt_aux: dict[int, list[torch.Tensor]] = {}
@@ -140,6 +143,8 @@ class Engine:
 
     def _add_seq(self, seq: Sequence) -> Sequence:
         seq.seq_id = next(self._ids)
+        if seq.params.seed is None and seq.generator is None:
+            seq.generator = self.rng
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         if self.spec is not None:

@@ -54,7 +54,7 @@ class Sequence:
     emitted_text: int = 0               # chars of ``text`` already streamed
     emitted_tokens: int = 0
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    # Unseeded sampling's generator (None: torch's global RNG). Seeded requests do not use one: they draw
+    # Unseeded sampling's generator (the engine's, seeded by EngineConfig.seed). Seeded requests do not use one: they draw
     # noise keyed by (seed, output position) so the same seed gives the same text whatever the speculation.
     generator: torch.Generator | None = None
     stats: SpecStats = field(default_factory=SpecStats)

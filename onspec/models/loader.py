@@ -86,11 +86,25 @@ def resolve_model_dir(model: str, cache_dir: str = "") -> Path:
     raise ModelLoadError(f"unknown model {model!r}: give 'default', a model directory, a .gguf file or a hub id")
 
 
+def gguf_fingerprint(gguf: Path, window: int = 1 << 20) -> str:
+    """A content key for a GGUF file: its size and a sha256 of its first and last ``window`` bytes (the
+    header with all metadata, and the last tensors). Not its path or mtime: every reinstall of a package (a
+    CI clone, a new virtualenv) moves or touches the file, and a path key then left one more converted copy
+    (~0.5 GiB for the default model) in the cache each time. Hashing the whole file would cost ~0.3 s per
+    load."""
+    size = gguf.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(gguf, "rb") as f:
+        h.update(f.read(window))
+        if size > 2 * window:
+            f.seek(size - window)
+        h.update(f.read(window))
+    return h.hexdigest()[:12]
+
+
 def convert_gguf(gguf: Path, cache_dir: str = "") -> Path:
     """Dequantize a GGUF file into a cached safetensors model directory (atomic: temp dir, then rename)."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    out = default_cache_dir(cache_dir) / f"{gguf.stem}-{key}"
+    out = default_cache_dir(cache_dir) / f"{gguf.stem}-{gguf_fingerprint(gguf)}"
     if (out / "model.safetensors").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -52,5 +52,8 @@ class RLConfig:
         for ok, name, msg in checks:
             if not ok:
                 raise ValueError(f"{name}: {msg}")
+        if self.speculation in ("learned", "hybrid") and not self.cotrain:
+            raise ValueError(f"speculation: {self.speculation!r} in RL needs --cotrain (a drafter that trains "
+                             "on the rollouts: the policy changes every step)")
         if self.plot and not self.out:
             raise ValueError("plot: needs --out DIR to write the PNG into")

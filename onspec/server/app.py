@@ -49,10 +49,15 @@ def build_engine(cfg: ServerConfig):
     engine = Engine(EngineConfig(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                                  max_num_seqs=cfg.max_concurrency, max_num_batched_tokens=cfg.max_num_batched_tokens,
                                  num_threads=cfg.num_threads, spec=spec))
-    if spec.mode != "off":
+    if cfg.train == "online":
+        # The online learner attaches the learned drafter itself (cfg.speculator becomes its first version).
         from ..spec.controller import attach_speculation
 
         attach_speculation(engine, spec)
+    else:
+        from ..train.frozen import attach_for_mode
+
+        attach_for_mode(engine, spec, speculator=cfg.speculator, versions_dir=cfg.speculator_dir)
     return engine
 
 

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "serve") -> None:
     p.add_argument("--train", default=d.train, choices=["online", "off"],
                    help="online: learn the drafter from live traffic (needs onspec.train)")
     p.add_argument("--speculator-dir", default=d.speculator_dir, help="where drafter versions are kept")
+    p.add_argument("--speculator", default=d.speculator, metavar="PATH",
+                   help="an EAGLE-3 checkpoint directory: with --train online the first version (day-1), "
+                        "with --train off served as it is")
     p.add_argument("--max-concurrency", type=int, default=d.max_concurrency,
                    help="sequences decoded at once (engine cache slots)")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
@@ -49,6 +52,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         admin_key=(args.admin_key if args.admin_key is not None
                                    else os.environ.get("ONSPEC_ADMIN_KEY", "")),
                         speculation=args.speculation, train=args.train, speculator_dir=args.speculator_dir,
+                        speculator=args.speculator,
                         max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                         max_model_len=args.max_model_len, shutdown_timeout=args.shutdown_timeout,
                         num_threads=args.threads, log_level=args.log_level, online_hook=args.online_hook)
@@ -60,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("onspec.server")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it may use it", cfg.host)
+    from .launch import check_port_free
     from .memory import bound_onednn_caches
+
+    check_port_free(cfg.host, cfg.port)
 
     bound_onednn_caches()  # before any bf16 matrix product: the caches read their capacity once
     from .app import create_app

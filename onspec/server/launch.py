@@ -7,6 +7,7 @@ inside the current process (tests, notebooks): ``with BackgroundServer(app) as s
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
@@ -38,6 +39,25 @@ def _uvicorn_config(app: FastAPI, host: str, port: int, cfg: ServerConfig, log_l
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                           timeout_graceful_shutdown=max(1, int(cfg.shutdown_timeout + 0.999)),
                           lifespan="on", timeout_keep_alive=5)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``ValueError`` (the CLI's one line and exit 2) when ``host:port`` cannot be bound, before the
+    model loads: uvicorn would find out only after loading and exit with its own code 3."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"host: cannot resolve {host!r}: {exc}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise ValueError(f"port: cannot listen on {host}:{port} ({exc.strerror}); is another server "
+                             "running there? Pick another --port") from None
 
 
 def serve_forever(app: FastAPI, cfg: ServerConfig) -> int:

@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                             "(more data: 4 gave a better head than 1, see README; generation and training "
                             "time grow with it)")
         p.add_argument("--temperature", type=float, default=0.8, help="temperature of the extra --samples answers")
+        p.add_argument("--corpus", type=int, default=0, metavar="N",
+                       help="first pretrain on N reference answers written by other models (prefill only: "
+                            "cheap data; 0: none; 1060 have a short enough question). See README for what it gains")
+        p.add_argument("--corpus-epochs", type=float, default=1.0, help="passes over the --corpus positions")
         p.add_argument("--max-tokens", type=int, default=192)
         p.add_argument("--concurrency", type=int, default=8, help="sequences decoded at once")
         p.add_argument("--epochs", type=float, default=6.0, help="passes over the recorded positions")
@@ -103,7 +107,7 @@ def _warmup(args: argparse.Namespace) -> int:
 
     settings = WarmupSettings(prompts=args.prompts, samples=args.samples, temperature=args.temperature,
                               max_tokens=args.max_tokens, concurrency=args.concurrency, epochs=args.epochs,
-                              seed=args.seed)
+                              seed=args.seed, corpus=args.corpus, corpus_epochs=args.corpus_epochs)
     spec = SpecConfig(mode="suffix")
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.concurrency,
                                  num_threads=args.threads, spec=spec, seed=args.seed))
@@ -122,14 +126,21 @@ def _warmup(args: argparse.Namespace) -> int:
     # Suffix drafting makes the answers cheap; the learned proposer makes the engine record aux states.
     attach_learned(engine, spec, drafter.to_dtype(loaded.model.embed_tokens.weight.dtype))
     cfg = TrainerConfig(versions_dir=str(root), seed=args.seed)
-    rec, res = warm_start(engine, drafter, cfg, settings)
+    ws = warm_start(engine, drafter, cfg, settings)
+    rec, res = ws.recording, ws.training
     trainer = res.trainer
+    corpus_note = ""
+    if ws.corpus is not None:
+        corpus_note = f", after pretraining on {ws.corpus.prompts} reference answers"
+        print(f"read {ws.corpus.prompts} reference answers ({ws.corpus.positions} positions) in "
+              f"{ws.corpus.seconds:.0f} s; pretrained {ws.corpus_training.steps} steps in "
+              f"{ws.corpus_training.seconds:.0f} s")
 
     version = next_version(root)
     path = publish_version(root, trainer.drafter, Manifest(
         version=version, parent=parent, kind="warmup", step=trainer.steps, samples=trainer.samples,
         heldout_acceptance=res.after, heldout_positions=res.heldout_positions, loss=trainer.last.get("loss"),
-        base_model=str(loaded.name), note=f"onspec warmup: {rec.prompts} generic prompts, {rec.answers} answers"),
+        base_model=str(loaded.name), note=f"onspec warmup: {rec.prompts} generic prompts, {rec.answers} answers{corpus_note}"),
         trainer.opt.state_dict())
     if not args.no_promote:
         state = VersionState.load(root)

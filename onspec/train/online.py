@@ -320,7 +320,8 @@ class OnlineLearning:
 
     def promote(self, version) -> dict:
         out = self.manager.promote(int(version))
-        self._event("manual-promote", int(version), "promoted by an operator")
+        if out.get("status") != "already serving":
+            self._event("manual-promote", int(version), "promoted by an operator")
         return out
 
     def rollback(self) -> dict:

@@ -401,13 +401,13 @@ class VersionManager:
                 promoted = [v for v in self.state.promoted if v != self.current]
                 target = promoted[-1] if promoted else None
         if target is None:
-            raise ValueError("rollback: there is no previous version to go back to")
+            raise ValueError("there is no previous version to roll back to")  # no "field:" head: no request field is wrong
         drafter = self.drafters.get(target)
         if drafter is None:
             try:
                 drafter, _ = load_candidate(self.root, target, self.target, self.drafters[self.current])
             except CandidateError as exc:
-                raise ValueError(f"rollback: version {target} cannot be served: {exc}") from None
+                raise ValueError(f"cannot roll back: version {target} cannot be served: {exc}") from None
         bad = self.current
         serve = drafter.to_dtype(self.serve_dtype) if self.serve_dtype is not None else drafter
         with self._lock:
