@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             fit.append(x)
             total += len(x)
         fit_acc, fit_pos = tr.evaluate(fit)
-        rows.append({"samples": s, "corpus": args.corpus if corpus else 0, "train_positions": tr.buffer.positions, "steps": res.steps,
+        rows.append({"samples": s, "corpus": corpus_info["texts"] if corpus else 0, "train_positions": tr.buffer.positions, "steps": res.steps,
                      "train_seconds": res.seconds, "heldout_before": res.before, "heldout_acceptance": res.after,
                      "heldout_positions": res.heldout_positions, "fit_acceptance": fit_acc, "fit_positions": fit_pos})
         print(f"  {'corpus + ' if corpus else ''}{s} answers/prompt: {tr.buffer.positions} positions, {res.steps} steps in {res.seconds:.0f} s: "
