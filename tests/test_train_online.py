@@ -381,3 +381,10 @@ def test_corpus_recording_keeps_every_position_of_each_reference_answer(tmp_path
     for c in list(rec.chunks):
         trainer.add(c)
     assert all(bool(c.has_hidden[:48].all()) for c in rec.chunks)     # soft targets at every prompt position
+
+
+def test_learning_with_speculation_off_is_refused_before_anything_is_published(tmp_path, target) -> None:
+    root = tmp_path / "v"
+    with pytest.raises(ValueError, match="needs speculation on"):
+        OnlineLearning(make_engine(target, "off"), cfg_for(root), start_trainer=False)
+    assert list_versions(root) == []

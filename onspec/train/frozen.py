@@ -1,8 +1,9 @@
 """Speculation for an engine that serves a learned drafter without training it.
 
-``LLM(speculation=...)``, ``onspec generate/chat/bench``, ``onspec serve --train off`` and ``onspec rl``
-attach speculation through :func:`attach_for_mode`. Before it existed they attached the suffix drafter
-only, so ``"learned"`` and ``"hybrid"`` had no drafter to ask and decoded plainly without a word.
+``LLM(speculation=...)``, ``onspec generate/chat/bench`` and ``onspec serve --train off`` attach
+speculation through :func:`attach_for_mode`. Before it existed they attached the suffix drafter only, so
+``"learned"`` and ``"hybrid"`` had no drafter to ask and decoded plainly without a word. (``onspec rl``
+refuses those modes without ``--cotrain``, whose co-trainer attaches its own drafter: ``RLConfig``.)
 
 Which drafters an engine gets:
 
@@ -66,11 +67,9 @@ def _frozen_drafter(engine, speculator: str, versions_dir: str, mode: str):
     return drafter, manifest.heldout_acceptance, f"version {version} of {root}"
 
 
-def attach_for_mode(engine, spec_cfg: SpecConfig, speculator: str = "", versions_dir: str = "",
-                    extra: dict | None = None):
+def attach_for_mode(engine, spec_cfg: SpecConfig, speculator: str = "", versions_dir: str = ""):
     """Attach the drafters ``spec_cfg.mode`` needs (see the module docstring); returns the
-    ``Speculation``, or None for ``off``. ``extra`` proposers are added beside the suffix drafter when no
-    learned drafter is attached (RL co-training attaches its own)."""
+    ``Speculation``, or None for ``off``."""
     from ..spec.controller import attach_speculation
 
     mode = spec_cfg.mode
@@ -79,7 +78,7 @@ def attach_for_mode(engine, spec_cfg: SpecConfig, speculator: str = "", versions
             raise ValueError("speculator: speculation is 'off', so a speculator would never be asked")
         return None
     if mode not in NEEDS_DRAFTER and not speculator:
-        return attach_speculation(engine, spec_cfg, extra)
+        return attach_speculation(engine, spec_cfg)
     from ..spec.eagle import attach_learned
 
     drafter, estimate, origin = _frozen_drafter(engine, speculator, versions_dir, mode)

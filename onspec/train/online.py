@@ -92,6 +92,11 @@ class OnlineLearning:
         from .trainer import TrainerLaunch, TrainerProcess
         from .traces import TraceRecorder, attach_recorder
 
+        # Refuse before anything is loaded or published (a day-0 start would write a version first).
+        old = engine.spec
+        spec_cfg = old.cfg if old is not None else engine.cfg.spec
+        if spec_cfg.mode == "off":
+            raise ValueError("speculation: online drafter learning needs speculation on (not 'off')")
         self.engine = engine
         self.cfg = cfg
         self.root = Path(cfg.versions_dir) if cfg.versions_dir else default_versions_dir(engine.loaded)
@@ -127,10 +132,6 @@ class OnlineLearning:
         self._event("start", version, origin)
 
         # 2. speculation with the learned drafter (listeners of an earlier Speculation carry over)
-        old = engine.spec
-        spec_cfg = old.cfg if old is not None else engine.cfg.spec
-        if spec_cfg.mode == "off":
-            raise ValueError("speculation: online drafter learning needs speculation on (not 'off')")
         serve_dtype = loaded.model.embed_tokens.weight.dtype
         spec = attach_learned(engine, spec_cfg, drafter.to_dtype(serve_dtype))
         if old is not None:
