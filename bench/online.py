@@ -81,6 +81,7 @@ class Run:
     versions: list[tuple[float, int, int]] = field(default_factory=list)   # (t, requests done, version)
     by_strategy: dict = field(default_factory=dict)
     learner: dict = field(default_factory=dict)
+    drafting: dict = field(default_factory=dict)   # who was asked for drafts, and the learned drafter's work
 
     @property
     def tokens(self) -> int:
@@ -168,6 +169,17 @@ def wait_trainer(learner, timeout: float = 180.0) -> None:
 
 def finish_run(run: Run, engine, learner) -> None:
     run.by_strategy = {k: list(v) for k, v in engine.counters.by_strategy.items()}
+    spec = engine.spec
+    if spec is not None:
+        run.drafting = {"rows_asked": dict(spec.rows_asked), "skipped": dict(spec.skipped),
+                        "decisions": dict(spec.controller.decisions)}
+        learned, hybrid = spec.proposers.get("learned"), spec.proposers.get("hybrid")
+        if learned is not None:
+            run.drafting.update(proposals=learned.stats.proposals, forwards=learned.stats.forwards,
+                                depth_stops=learned.depth_stops,
+                                forward_ms=round(1e3 * (learned.forward_seconds or 0.0), 3))
+        if hybrid is not None:
+            run.drafting["hybrid_suffix_only"] = hybrid.suffix_only
     if learner is not None:
         st = learner.status()
         run.learner = {k: st[k] for k in ("version", "promotions", "rejections", "invalid", "rollbacks", "swaps",
@@ -202,6 +214,7 @@ def scenario_strategies(loaded, texts, args, tag: str, start_dir: Path | None) -
                 runs[name] = run
                 print(f"    {run.tps:6.1f} tok/s  acceptance {run.acceptance:.2f}  "
                       f"versions {[v for _, _, v in run.versions]}  {run.by_strategy}", flush=True)
+                print(f"    drafting: {run.drafting}", flush=True)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return runs
@@ -379,7 +392,7 @@ def _run_json(run: Run) -> dict:
     return {"strategy": run.strategy, "concurrency": run.concurrency, "requests": len(run.reqs),
             "tokens": run.tokens, "wall": round(run.wall, 2), "tok_per_s": round(run.tps, 2),
             "acceptance": round(run.acceptance, 3), "versions": run.versions, "by_strategy": run.by_strategy,
-            "learner": run.learner}
+            "learner": run.learner, "drafting": run.drafting}
 
 
 def report(scen: dict[str, dict[str, Run]], width: int) -> dict:
@@ -499,6 +512,9 @@ def main() -> int:
                     help="day1: answers per warm-up prompt (onspec warmup --samples)")
     ap.add_argument("--warmup-corpus", type=int, default=0,
                     help="day1: reference answers to pretrain on first (onspec warmup --corpus)")
+    ap.add_argument("--warm-from", default="",
+                    help="day1: start from this versions directory's latest promoted version (e.g. one "
+                         "`onspec warmup --speculator-dir DIR` wrote) instead of building a warm start")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--busy-share", type=float, default=None,
                     help="the trainer's share of wall time while the engine is busy (default: TrainerConfig's)")
@@ -525,7 +541,12 @@ def main() -> int:
     if "day0" in scenarios:
         scen["day0"] = scenario_strategies(loaded, texts, args, "day0", None)
     if "day1" in scenarios:
-        warm = warm_start_dir(loaded, args)
+        if args.warm_from:
+            warm = Path(tempfile.mkdtemp(prefix="onspec-bench-warm-")) / "v"
+            shutil.copytree(args.warm_from, warm)
+            print(f"[warmup] from {args.warm_from}", flush=True)
+        else:
+            warm = warm_start_dir(loaded, args)
         # the baseline and suffix-only runs do not depend on the start: reuse day-0's when present
         strategies = args.strategies
         if "day0" in scen:
@@ -555,6 +576,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": loaded.name, "dtype": "bfloat16", "threads": args.threads, "requests": args.requests,
+            "warm_from": args.warm_from or None,
             "max_tokens": args.max_tokens, "concurrency": args.concurrency, "quick": q,
             "seconds": round(time.perf_counter() - t_all, 1), "torch": torch.__version__}
     out.write_text(json.dumps({"meta": meta, "scenarios": rep, "shift": shift, "cost": cost}, indent=1))

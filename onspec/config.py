@@ -37,6 +37,8 @@ class SpecConfig:
     suffix_alpha: float = 4.0           # draft length cap = alpha * match length
     global_store_requests: int = 256    # recent responses kept in the global suffix store (FIFO)
     off_batch_size: int = 64            # speculation is never tried at or above this batch size
+    hybrid_suffix_confident: float = 1.0  # hybrid: rows whose suffix tree expects >= this many accepted
+                                          # drafts skip the learned drafter (0: always ask it)
     profile_at_start: bool = True       # time target forwards at start-up to seed the cost model
 
     def __post_init__(self) -> None:
@@ -47,6 +49,7 @@ class SpecConfig:
         _check(0.0 < self.suffix_min_prob < 1.0, "suffix_min_prob", "must be in (0, 1)")
         _check(self.suffix_alpha > 0, "suffix_alpha", "must be > 0")
         _check(self.global_store_requests >= 0, "global_store_requests", "must be >= 0")
+        _check(self.hybrid_suffix_confident >= 0, "hybrid_suffix_confident", "must be >= 0")
 
 
 @dataclass(frozen=True)

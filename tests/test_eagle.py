@@ -150,8 +150,9 @@ def force_all_drafts(spec) -> None:
 
 
 def run_engine(lm, prompts, params_fn, drafter: EagleDrafter | None, mode: str = "learned", max_seqs: int = 8,
-               budget: int = 8):
-    spec_cfg = SpecConfig(mode=mode, max_draft_tokens=budget, profile_at_start=False)
+               budget: int = 8, confident: float = 1.0):
+    spec_cfg = SpecConfig(mode=mode, max_draft_tokens=budget, profile_at_start=False,
+                          hybrid_suffix_confident=confident)
     eng = Engine(EngineConfig(model="tiny", dtype="float32", max_num_seqs=max_seqs, max_model_len=256,
                               spec=spec_cfg), loaded=lm)
     if drafter is not None:
@@ -553,10 +554,11 @@ def test_greedy_speculative_equals_plain_greedy(tiny, cfg, trained, which, batch
         assert c.accepted / c.decode_steps_seq > 0.5, (c.accepted, c.decode_steps_seq)
 
 
-def test_hybrid_greedy_equals_plain(tiny, trained) -> None:
+@pytest.mark.parametrize("confident", [0.0, 1.0])
+def test_hybrid_greedy_equals_plain(tiny, trained, confident) -> None:
     prompts = [PROMPTS[2], PROMPTS[3]]
     plain, _ = run_engine(tiny, prompts, greedy, None)
-    out, eng = run_engine(tiny, prompts, greedy, trained, mode="hybrid")
+    out, eng = run_engine(tiny, prompts, greedy, trained, mode="hybrid", confident=confident)
     assert out == plain and eng.counters.by_strategy.get("hybrid", [0])[0] > 0
 
 
@@ -644,6 +646,94 @@ def test_hybrid_proposer_reuses_learned_drafts(tiny, trained) -> None:
     tree = hyb.propose([seq], {0: 8})[0]
     assert prop.stats.proposals == before                  # same step: the learned tree is reused
     assert tree.source == "hybrid" and tree.tokens == first[0].tokens
+
+
+class FixedSuffix:
+    """A stand-in suffix drafter: a fixed chain for chosen sequences, nothing for the others."""
+
+    def __init__(self, chains: dict[int, tuple[list[int], list[float]]]) -> None:
+        self.chains = chains
+
+    def propose(self, seqs, budgets):
+        out = {}
+        for seq in seqs:
+            if seq.seq_id in self.chains:
+                toks, scores = self.chains[seq.seq_id]
+                out[seq.seq_id] = DraftTree([seq.tokens[-1]] + toks, list(range(-1, len(toks))), [1.0] + scores,
+                                            source="suffix")
+        return out
+
+
+def test_hybrid_leaves_confident_suffix_rows_to_the_suffix_drafter(tiny, trained) -> None:
+    """A row whose suffix tree expects >= ``confident`` accepted drafts keeps that tree and the head does not
+    draft for it; when every row is confident the head's forward is skipped; ``confident=0`` always asks."""
+    ctxs = [greedy_continuation(tiny, p, 6) for p in PROMPTS[:2]]
+    sure = ([11, 12, 13], [0.9, 0.9, 0.9])            # expected accepted: 0.9 + 0.81 + 0.73 = 2.44
+    unsure = ([11], [0.3])
+    prop = EagleProposer(trained)
+    seqs = [prefilled(prop, tiny, i, c) for i, c in enumerate(ctxs)]
+    budgets = {0: 8, 1: 8}
+    hyb = HybridProposer(prop, FixedSuffix({0: sure, 1: unsure}), confident=1.0)
+    trees = hyb.propose(seqs, budgets)
+    assert trees[0].source == "suffix" and trees[0].tokens[1:] == [11, 12, 13]
+    assert trees[1].source == "hybrid" and trees[1].num_draft > 1     # the head's nodes merged with [11]
+    assert 11 in trees[1].tokens[1:]
+    assert hyb.suffix_only == 1
+    forwards = prop.stats.forwards
+    hyb.suffix = FixedSuffix({0: sure, 1: sure})
+    prop._epoch += 1                                   # a new step: nothing cached
+    trees = hyb.propose(seqs, budgets)
+    assert prop.stats.forwards == forwards and {t.source for t in trees.values()} == {"suffix"}
+    hyb.confident = 0.0
+    trees = hyb.propose(seqs, budgets)
+    assert prop.stats.forwards > forwards and {t.source for t in trees.values()} == {"hybrid"}
+
+
+def test_auto_asks_the_hybrid_proposer_not_the_learned_one_it_wraps(tiny, trained) -> None:
+    """The hybrid tree holds the learned tree's best nodes, so in auto mode asking the learned proposer too
+    would only draft for rows the hybrid one leaves to the suffix drafter; forced modes ask what they name."""
+    for mode, expected in (("auto", ["suffix", "hybrid"]), ("learned", ["learned"]), ("hybrid", ["hybrid"])):
+        spec_cfg = SpecConfig(mode=mode, profile_at_start=False)
+        eng = Engine(EngineConfig(model="tiny", dtype="float32", max_num_seqs=2, max_model_len=64, spec=spec_cfg),
+                     loaded=tiny)
+        spec = attach_learned(eng, spec_cfg, trained)
+        assert spec.strategies() == expected
+        assert spec.proposers["hybrid"].confident == spec_cfg.hybrid_suffix_confident
+
+
+def test_learned_proposals_cached_for_some_rows_are_not_reused_for_others(tiny, trained) -> None:
+    prop = EagleProposer(trained)
+    seqs = [prefilled(prop, tiny, i, greedy_continuation(tiny, p, 6)) for i, p in enumerate(PROMPTS[:2])]
+    budgets = {0: 8, 1: 8}
+    assert set(prop.propose_cached(seqs[:1], budgets)) == {0}
+    assert set(prop.propose_cached(seqs, budgets)) == {0, 1}
+
+
+def test_tree_depth_stops_where_a_forward_costs_more_than_it_can_add(tiny, trained) -> None:
+    """Cost-aware depth: with tokens worth nothing next to a forward the tree stops at the root's children
+    (the catch-up forward only); with no price it grows as EAGLE-2 does; in between, fewer depths run and
+    the tree is a top part of the unpriced one. (Budget 64 keeps every expanded node, so trees compare.)"""
+    ctx = greedy_continuation(tiny, PROMPTS[0], 12)
+    prop = EagleProposer(trained, topk=3, max_depth=5, min_path_prob=0.0)
+    seq = prefilled(prop, tiny, 0, ctx)
+    free = prop.propose([seq], {0: 64})[0]
+    free_forwards = prop.stats.forwards
+    assert max(free.depths()) == 5 and prop.depth_stops == 0
+    prop.tokens_per_second = 1e9                       # a forward's time is worth more than any draft
+    prop._epoch += 1
+    tree = prop.propose([seq], {0: 64})[0]
+    assert max(tree.depths()) == 1 and prop.stats.forwards - free_forwards == 1 and prop.depth_stops == 1
+    # A price the first expansion pays for (its best node alone is worth 0.99 of it) but the deepest,
+    # less likely levels do not.
+    best_child = max(free.scores[c] for c in free.children(0))
+    prop.tokens_per_second = 0.99 * best_child / prop.forward_seconds
+    before = prop.stats.forwards
+    prop._epoch += 1
+    mid = prop.propose([seq], {0: 64})[0]
+    assert 2 <= prop.stats.forwards - before < free_forwards
+    assert 1 < max(mid.depths()) < 5
+    paths = lambda t: {tuple(t.tokens[j] for j in t.path(i)) for i in range(len(t))}  # noqa: E731
+    assert paths(mid) < paths(free)
 
 
 def test_swap_mid_run_keeps_output_and_drafting(tiny, cfg, trained) -> None:

@@ -286,9 +286,14 @@ class Speculation:
         return any(p.wants_aux for p in self.proposers.values())
 
     def strategies(self) -> list[str]:
+        """The proposers asked this step. In auto mode a learned proposer that a hybrid one wraps is left
+        out: the hybrid tree holds the learned tree's best nodes (and the suffix tree's), so asking the
+        learned one too could only draft for rows the hybrid proposer deliberately leaves to the suffix
+        drafter."""
         mode = self.cfg.mode
         if mode == "auto":
-            return list(self.proposers)
+            wrapped = {id(p.learned) for p in self.proposers.values() if hasattr(p, "learned")}
+            return [name for name, p in self.proposers.items() if id(p) not in wrapped]
         return [mode] if mode in self.proposers else []
 
     def arm(self, name: str) -> str:
@@ -349,6 +354,7 @@ class Speculation:
             if not self.controller.should_try(name, self.steps, worth) or (auto and self.arm(name) not in allowed):
                 self.skipped[name] = self.skipped.get(name, 0) + 1
                 continue
+            self._price_depth(name, len(decode_seqs), step_tokens)
             t0 = time.perf_counter()
             for sid, tree in self.proposers[name].propose(decode_seqs, budgets).items():
                 candidates[sid].append(tree)
@@ -359,6 +365,18 @@ class Speculation:
             self.draft_seconds += dt
         chosen = self.controller.choose(candidates)
         return self.controller.plan(chosen, step_tokens, len(decode_seqs)).trees
+
+    def _price_depth(self, name: str, num_decode: int, step_tokens: int) -> None:
+        """Tell a drafter model what a token is worth this step, so it stops growing a tree where one more
+        sequential forward would cost more than it can add (``EagleProposer._depth_pays``): the step's
+        committed tokens per second without it, B (1 + g) / T (g: the free drafters' accepted drafts per
+        row), and its strategy's calibration of probabilities to measured acceptance."""
+        learned = _learned_part(self.proposers[name])
+        if not hasattr(learned, "tokens_per_second"):
+            return
+        base = self.controller.base_cost(step_tokens, num_decode)
+        learned.tokens_per_second = num_decode * (1.0 + self.free_gain()) / base if base > 0 else 0.0
+        learned.calibration = min(2.0, self.controller.stats.get(name, StrategyStats()).calibration())
 
     def _estimate_allows(self, name: str, num_decode: int, step_tokens: int) -> bool:
         """Hold a drafter model back while its held-out estimate cannot pay for its own proposals.

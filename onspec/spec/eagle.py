@@ -26,8 +26,12 @@ conditional probabilities (the controller calibrates them against measured accep
 ``swap(drafter)`` replaces the model between steps; each sequence's drafter cache is rebuilt lazily from
 its stored aux rows at its next ``propose`` (one batched catch-up forward).
 
+A tree stops growing early where one more depth cannot add enough expected tokens to pay for its forward
+at the step's measured rate (``tokens_per_second``, set by the controller; ``_depth_pays``).
+
 ``HybridProposer`` (name ``"hybrid"``) merges the learned tree with the suffix tree of the same sequence
-(union of paths, the larger path probability where both hold a node) and keeps the best ``budget`` nodes.
+(union of paths, the larger path probability where both hold a node) and keeps the best ``budget`` nodes;
+rows whose suffix tree is already confident keep it and are not drafted by the head.
 ``attach_learned(engine, spec_cfg, drafter)`` wires both into an engine through ``attach_speculation``.
 """
 
@@ -132,6 +136,15 @@ class EagleProposer:
         # None: unknown. The controller does not ask a drafter whose estimate cannot pay for its own
         # proposals (Speculation._estimate_allows).
         self.expected_acceptance: float | None = None
+        # Cost-aware depth (the controller sets these before each proposal, ``Speculation.draft``): one more
+        # depth is a sequential drafter forward, ``forward_seconds`` each (an EMA, measured here, Python
+        # included), and it pays only if the tokens it can add are worth that time at the step's rate of
+        # committed tokens: gain > forward_seconds * tokens_per_second. ``calibration`` scales the drafter's
+        # probabilities to measured acceptance. tokens_per_second 0: expand to max_depth (EAGLE-2).
+        self.tokens_per_second = 0.0
+        self.calibration = 1.0
+        self.forward_seconds: float | None = None
+        self.depth_stops = 0                  # trees whose growth stopped because a depth would not pay
         self._epoch = 0                       # bumped whenever what a proposal depends on changes
         self._cache: tuple[int, dict[int, int], dict[int, DraftTree]] | None = None
 
@@ -242,17 +255,39 @@ class EagleProposer:
         self.stats.seqs += len(active)
         self.stats.nodes += sum(t.num_draft for t in trees.values())
         self.stats.seconds += time.perf_counter() - t0
-        self._cache = (self._epoch, dict(budgets), trees)
+        self._cache = (self._epoch, {s.seq_id: budgets.get(s.seq_id, 0) for s in seqs}, trees)
         return trees
 
     def propose_cached(self, seqs: list, budgets: dict[int, int]) -> dict[int, DraftTree]:
-        """``propose``, reusing this step's result when it was already computed for these budgets (so a
-        hybrid proposer does not draft twice per step)."""
+        """``propose``, reusing this step's result when it was already computed for these sequences and
+        budgets (so a hybrid proposer does not draft twice per step)."""
         if self._cache is not None:
             epoch, cached_budgets, trees = self._cache
-            if epoch == self._epoch and all(cached_budgets.get(s.seq_id) == budgets.get(s.seq_id) for s in seqs):
+            if epoch == self._epoch and all(s.seq_id in cached_budgets and
+                                            cached_budgets[s.seq_id] == budgets.get(s.seq_id, 0) for s in seqs):
                 return {s.seq_id: trees[s.seq_id] for s in seqs if s.seq_id in trees}
         return self.propose(seqs, budgets)
+
+    def _timed_step(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One drafter forward, its time folded into ``forward_seconds``."""
+        t0 = time.perf_counter()
+        out = self.drafter.draft_step(*args)
+        dt = time.perf_counter() - t0
+        self.forward_seconds = dt if self.forward_seconds is None else 0.9 * self.forward_seconds + 0.1 * dt
+        self.stats.forwards += 1
+        return out
+
+    def _depth_pays(self, nodes: list[list[_Node]], expand: list[tuple[int, list[int]]]) -> bool:
+        """Can one more depth add enough expected accepted tokens to pay for its forward?
+
+        Expanding node i adds children whose path probabilities sum to at most i's own (its children's
+        conditional probabilities sum to <= 1), so the depth adds at most the sum of the expanded nodes'
+        calibrated path probabilities; it pays if that beats ``forward_seconds * tokens_per_second``. An
+        upper bound, so the rule errs towards expanding."""
+        if self.tokens_per_second <= 0 or self.forward_seconds is None:
+            return True
+        bound = self.calibration * sum(math.exp(nodes[b][i].cum) for b, sel in expand for i in sel)
+        return bound > self.forward_seconds * self.tokens_per_second
 
     def _catch_up(self, active: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the drafter over every sequence's uncached positions ``n_kv + 1 .. n_aux`` (the last one pairs
@@ -289,8 +324,7 @@ class EagleProposer:
                 mask[b, :n, :st.n_kv] = True
                 mask[b, :n, P:P + n] = causal[:n, :n]
                 mask[b, n:, P + n:] = torch.eye(T - n, dtype=torch.bool)  # padding rows: themselves only
-        prenorm, k_new, v_new = d.draft_step(tokens, d.project(aux), positions, past_k, past_v, mask)
-        self.stats.forwards += 1
+        prenorm, k_new, v_new = self._timed_step(tokens, d.project(aux), positions, past_k, past_v, mask)
         self.stats.catch_up_tokens += sum(pend)
         last = torch.tensor([n - 1 for n in pend])
         root_hidden = prenorm[torch.arange(B), last]
@@ -349,6 +383,9 @@ class EagleProposer:
                 expand.append((b, sel))
             if not expand:
                 break
+            if not self._depth_pays(nodes, expand):
+                self.depth_stops += len(expand)
+                break
             E, R = len(expand), (depth - 1) * k            # R: tree rows written by earlier depths
             bidx = torch.tensor([b for b, _ in expand])
             tokens = torch.tensor([[nodes[b][i].token for i in sel] for b, sel in expand])
@@ -364,9 +401,8 @@ class EagleProposer:
                         mj.append(j)
                         mc.append(P + r)
             mask[me, mj, mc] = True
-            prenorm, k_new, v_new = d.draft_step(tokens, hidden, positions, cache_k[bidx, :, :P + R],
-                                                 cache_v[bidx, :, :P + R], mask)
-            self.stats.forwards += 1
+            prenorm, k_new, v_new = self._timed_step(tokens, hidden, positions, cache_k[bidx, :, :P + R],
+                                                     cache_v[bidx, :, :P + R], mask)
             cache_k[bidx, :, P + R:P + R + k] = k_new
             cache_v[bidx, :, P + R:P + R + k] = v_new
             lp = torch.log_softmax(d.logits(prenorm).float(), dim=-1)   # [E, k, Vd]
@@ -439,7 +475,16 @@ def merge_trees(trees: list[DraftTree], max_nodes: int, source: str = "hybrid") 
 
 
 class HybridProposer:
-    """Learned tree merged with the suffix tree of the same sequence (``source="hybrid"``).
+    """Learned tree merged with the suffix tree of the same sequence (``source="hybrid"``), asking the learned
+    drafter only where the suffix tree is not already confident.
+
+    SuffixDecoding's hybrid (arXiv 2411.04975, section 4.3) drafts from the suffix tree when its score is
+    high and falls back to a model drafter otherwise. Here: a sequence whose suffix tree is expected to
+    commit at least ``confident`` draft tokens (``score``: the controller's calibrated expectation, the sum
+    of its nodes' path probabilities) keeps its suffix tree as it is (source ``"suffix"``); the others get
+    the merged tree. Where every row of a step is confident the drafter forward is skipped altogether. Why:
+    on this CPU one learned proposal costs ~40% of a target step at batch 2, and where the suffix drafter
+    finds a long copy the head mostly proposes the same path again. ``confident`` 0: always ask the head.
 
     Lifecycle hooks are no-ops: the learned and suffix proposers are registered with the engine's
     ``Speculation`` themselves and observe everything directly."""
@@ -448,9 +493,12 @@ class HybridProposer:
     arm = "learned"  # judged with the learned strategy: both pay the same drafter forward (spec/utility.py)
     wants_aux = True
 
-    def __init__(self, learned: EagleProposer, suffix=None) -> None:
+    def __init__(self, learned: EagleProposer, suffix=None, confident: float = 0.0) -> None:
         self.learned = learned
         self.suffix = suffix
+        self.confident = confident
+        self.score = lambda tree: sum(tree.path_scores()[1:])  # attach_learned wires the controller's
+        self.suffix_only = 0  # rows given their suffix tree without asking the head
 
     def add_request(self, seq) -> None:
         pass
@@ -468,10 +516,18 @@ class HybridProposer:
         pass
 
     def propose(self, seqs: list, budgets: dict[int, int]) -> dict[int, DraftTree]:
-        learned = self.learned.propose_cached(seqs, budgets)
         suffix = self.suffix.propose(seqs, budgets) if self.suffix is not None else {}
-        out = {}
+        out: dict[int, DraftTree] = {}
+        ask = []
         for seq in seqs:
+            tree = suffix.get(seq.seq_id)
+            if self.confident > 0 and tree is not None and tree.num_draft and self.score(tree) >= self.confident:
+                out[seq.seq_id] = tree
+                self.suffix_only += 1
+            else:
+                ask.append(seq)
+        learned = self.learned.propose_cached(ask, budgets) if ask else {}
+        for seq in ask:
             sid = seq.seq_id
             parts = [t for t in (learned.get(sid), suffix.get(sid)) if t is not None and t.num_draft]
             if parts and budgets.get(sid, 0) > 0:
@@ -494,9 +550,10 @@ def attach_learned(engine, spec_cfg, drafter: EagleDrafter, topk: int = 4, max_d
         dtype = DTYPES.get(engine.cfg.dtype, drafter.dtype)
     learned = EagleProposer(drafter, topk=topk, max_depth=max_depth, dtype=dtype)
     learned.attach(engine)
-    hybrid = HybridProposer(learned)
+    hybrid = HybridProposer(learned, confident=spec_cfg.hybrid_suffix_confident)
     spec = attach_speculation(engine, spec_cfg, extra={"learned": learned, "hybrid": hybrid})
     hybrid.suffix = spec.proposers["suffix"]
+    hybrid.score = lambda tree: sum(spec.controller.calibrated(tree)[1:])
     return spec
 
 
