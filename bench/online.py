@@ -82,6 +82,7 @@ class Run:
     by_strategy: dict = field(default_factory=dict)
     learner: dict = field(default_factory=dict)
     drafting: dict = field(default_factory=dict)   # who was asked for drafts, and the learned drafter's work
+    repeat: int = 0
 
     @property
     def tokens(self) -> int:
@@ -193,30 +194,32 @@ def scenario_strategies(loaded, texts, args, tag: str, start_dir: Path | None) -
     """One run per strategy over the same traffic; learning strategies start from ``start_dir``'s latest
     promoted version (a warm start) or from a random drafter."""
     runs: dict[str, Run] = {}
-    for c in args.concurrency:
-        for strategy in args.strategies:
-            name = f"{tag}-{strategy}-c{c}"
-            print(f"[{name}] {len(texts)} requests, {args.max_tokens} tokens max", flush=True)
-            learning = strategy in ("learned", "hybrid", "auto")
-            mode = "auto" if strategy == "auto-suffix" else strategy  # the controller, no learned drafter
-            engine = make_engine(loaded, mode, args.threads, c, attach=not learning)
-            learner = None
-            tmp = Path(tempfile.mkdtemp(prefix=f"onspec-bench-{name}-"))
-            try:
-                if learning:
-                    if start_dir is not None:
-                        shutil.copytree(start_dir, tmp / "v")
-                    learner = start_learner(engine, tmp / "v", args)
-                    wait_trainer(learner)
-                run = Run(name, strategy, c)
-                drive(engine, texts, ["chat"] * len(texts), c, args.max_tokens, run, learner)
-                finish_run(run, engine, learner)
-                runs[name] = run
-                print(f"    {run.tps:6.1f} tok/s  acceptance {run.acceptance:.2f}  "
-                      f"versions {[v for _, _, v in run.versions]}  {run.by_strategy}", flush=True)
-                print(f"    drafting: {run.drafting}", flush=True)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+    # Repeats run interleaved (every strategy once, then again), so a slow stretch of this shared machine
+    # hits each strategy alike; each repeat's runs are compared with that repeat's "off" run.
+    for rep, c, strategy in [(r, c, s) for r in range(args.strategy_repeats) for c in args.concurrency
+                             for s in args.strategies]:
+        name = f"{tag}-{strategy}-c{c}" + (f"-r{rep}" if rep else "")
+        print(f"[{name}] {len(texts)} requests, {args.max_tokens} tokens max", flush=True)
+        learning = strategy in ("learned", "hybrid", "auto")
+        mode = "auto" if strategy == "auto-suffix" else strategy  # the controller, no learned drafter
+        engine = make_engine(loaded, mode, args.threads, c, attach=not learning)
+        learner = None
+        tmp = Path(tempfile.mkdtemp(prefix=f"onspec-bench-{name}-"))
+        try:
+            if learning:
+                if start_dir is not None:
+                    shutil.copytree(start_dir, tmp / "v")
+                learner = start_learner(engine, tmp / "v", args)
+                wait_trainer(learner)
+            run = Run(name, strategy, c, repeat=rep)
+            drive(engine, texts, ["chat"] * len(texts), c, args.max_tokens, run, learner)
+            finish_run(run, engine, learner)
+            runs[name] = run
+            print(f"    {run.tps:6.1f} tok/s  acceptance {run.acceptance:.2f}  "
+                  f"versions {[v for _, _, v in run.versions]}  {run.by_strategy}", flush=True)
+            print(f"    drafting: {run.drafting}", flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return runs
 
 
@@ -400,13 +403,32 @@ def report(scen: dict[str, dict[str, Run]], width: int) -> dict:
     for tag, runs in scen.items():
         section = {}
         for name, run in runs.items():
-            base = runs.get(f"{tag}-off-c{run.concurrency}")
+            base = runs.get(f"{tag}-off-c{run.concurrency}" + (f"-r{run.repeat}" if run.repeat else ""))
             d = _run_json(run)
+            d["repeat"] = run.repeat
             d["windows"] = windows(run, base, width)
             if base is not None and base.tps:
                 d["speedup"] = round(run.tps / base.tps, 3)
             section[name] = d
         out[tag] = section
+    return out
+
+
+def medians(rep: dict) -> dict:
+    """Per scenario, strategy and concurrency: the median over repeats of tok/s, of the speedup over the
+    same repeat's "off" run, and of the acceptance length (with every repeat's speedup listed)."""
+    out: dict = {}
+    for tag, section in rep.items():
+        groups: dict[str, list[dict]] = {}
+        for d in section.values():
+            groups.setdefault(f"{d['strategy']}-c{d['concurrency']}", []).append(d)
+        out[tag] = {key: {"repeats": len(ds),
+                          "tok_per_s": round(statistics.median(d["tok_per_s"] for d in ds), 2),
+                          "acceptance": round(statistics.median(d["acceptance"] for d in ds), 3),
+                          "speedups": [d.get("speedup") for d in ds],
+                          "speedup": (round(statistics.median(d["speedup"] for d in ds), 3)
+                                      if all("speedup" in d for d in ds) else None)}
+                    for key, ds in groups.items()}
     return out
 
 
@@ -419,6 +441,13 @@ def print_table(rep: dict) -> None:
             last = ws[-1].get("speedup") if ws else None
             print(f"{name:<26}{d['tok_per_s']:>8.1f}{d.get('speedup', 1.0):>9.2f}{d['acceptance']:>8.2f}"
                   f"{(f or 0):>14.2f}{(last or 0):>13.2f}  {[v for _, _, v in d['versions']]}")
+    med = medians(rep)
+    if any(m["repeats"] > 1 for section in med.values() for m in section.values()):
+        print("\nmedians over repeats (speedup: against the same repeat's off run):")
+        for tag, section in med.items():
+            for key, m in section.items():
+                print(f"  {tag}-{key:<22}{m['tok_per_s']:>8.1f} tok/s  speedup {m['speedup']}  "
+                      f"acceptance {m['acceptance']}  (repeats: {m['speedups']})")
 
 
 def plot_cost(cost: dict, path: Path) -> None:
@@ -457,7 +486,7 @@ def plot(rep: dict, shift: dict | None, cost: dict | None, path: Path) -> None:
             ws = d["windows"]
             if not ws or d["strategy"] == "off":
                 continue
-            label = f"{d['strategy']} c{d['concurrency']}"
+            label = f"{d['strategy']} c{d['concurrency']}" + (f" r{d['repeat']}" if d.get("repeat") else "")
             for col, xkey in enumerate(("requests", "t")):
                 xs = [w[xkey] for w in ws]
                 axes[2 * ti][col].plot(xs, [w["acceptance"] for w in ws], marker="o", ms=3, label=label)
@@ -507,6 +536,8 @@ def main() -> int:
     ap.add_argument("--shift-requests", type=int, default=None, help="requests per shift phase (default 40)")
     ap.add_argument("--shift-strategy", default="hybrid")
     ap.add_argument("--repeats", type=int, default=2, help="repeats of the cost scenario (median reported)")
+    ap.add_argument("--strategy-repeats", type=int, default=1,
+                    help="day0/day1: run every strategy this many times, interleaved (medians reported)")
     ap.add_argument("--window", type=int, default=None, help="requests per plotted window (default 10, quick 4)")
     ap.add_argument("--warmup-samples", type=int, default=1,
                     help="day1: answers per warm-up prompt (onspec warmup --samples)")
@@ -579,7 +610,8 @@ def main() -> int:
             "warm_from": args.warm_from or None,
             "max_tokens": args.max_tokens, "concurrency": args.concurrency, "quick": q,
             "seconds": round(time.perf_counter() - t_all, 1), "torch": torch.__version__}
-    out.write_text(json.dumps({"meta": meta, "scenarios": rep, "shift": shift, "cost": cost}, indent=1))
+    out.write_text(json.dumps({"meta": meta, "scenarios": rep, "medians": medians(rep), "shift": shift,
+                               "cost": cost}, indent=1))
     plot(rep, shift, cost, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')} ({meta['seconds']:.0f} s)")
     return 0
