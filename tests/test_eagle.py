@@ -701,6 +701,32 @@ def test_auto_asks_the_hybrid_proposer_not_the_learned_one_it_wraps(tiny, traine
         assert spec.proposers["hybrid"].confident == spec_cfg.hybrid_suffix_confident
 
 
+def test_the_controller_prices_the_learned_drafters_depths_from_measured_costs(tiny, trained) -> None:
+    """Before asking the hybrid proposer, the controller tells its learned half what a token is worth:
+    B (1 + g) / T, with T the measured plain-step cost at this batch and g the suffix drafter's accepted
+    drafts per row; the drafter's forwards are timed as they run."""
+    spec_cfg = SpecConfig(mode="hybrid", profile_at_start=False)
+    eng = Engine(EngineConfig(model="tiny", dtype="float32", max_num_seqs=2, max_model_len=128, spec=spec_cfg),
+                 loaded=tiny)
+    spec = attach_learned(eng, spec_cfg, trained)
+    spec.controller.cost.observe(2, 0.05, "plain")       # a plain step of 2 rows: 50 ms
+    learned = spec.proposers["learned"]
+    seen = []
+    inner = learned.propose
+
+    def propose(seqs, budgets):  # what the drafter was told, and what it should have been told, at that moment
+        seen.append((learned.tokens_per_second, 2 * (1 + spec.free_gain()) / spec.controller.base_cost(2, 2)))
+        return inner(seqs, budgets)
+
+    learned.propose = propose
+    for i, p in enumerate(PROMPTS[:2]):
+        eng.add_request(str(i), p, greedy(i))
+    for _ in range(6):
+        eng.step()
+    assert seen and all(told == pytest.approx(expected) and told > 0 for told, expected in seen)
+    assert learned.forward_seconds is not None and learned.forward_seconds > 0
+
+
 def test_learned_proposals_cached_for_some_rows_are_not_reused_for_others(tiny, trained) -> None:
     prop = EagleProposer(trained)
     seqs = [prefilled(prop, tiny, i, greedy_continuation(tiny, p, 6)) for i, p in enumerate(PROMPTS[:2])]
