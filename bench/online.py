@@ -178,7 +178,7 @@ def finish_run(run: Run, engine, learner) -> None:
         if learned is not None:
             run.drafting.update(proposals=learned.stats.proposals, forwards=learned.stats.forwards,
                                 depth_stops=learned.depth_stops,
-                                forward_ms=round(1e3 * (learned.forward_seconds or 0.0), 3))
+                                depth_ms=round(1e3 * (learned.depth_seconds or 0.0), 3))
         if hybrid is not None:
             run.drafting["hybrid_suffix_only"] = hybrid.suffix_only
     if learner is not None:

@@ -724,7 +724,7 @@ def test_the_controller_prices_the_learned_drafters_depths_from_measured_costs(t
     for _ in range(6):
         eng.step()
     assert seen and all(told == pytest.approx(expected) and told > 0 for told, expected in seen)
-    assert learned.forward_seconds is not None and learned.forward_seconds > 0
+    assert learned.depth_seconds is not None and learned.depth_seconds > 0
 
 
 def test_learned_proposals_cached_for_some_rows_are_not_reused_for_others(tiny, trained) -> None:
@@ -752,7 +752,7 @@ def test_tree_depth_stops_where_a_forward_costs_more_than_it_can_add(tiny, train
     # A price the first expansion pays for (its best node alone is worth 0.99 of it) but the deepest,
     # less likely levels do not.
     best_child = max(free.scores[c] for c in free.children(0))
-    prop.tokens_per_second = 0.99 * best_child / prop.forward_seconds
+    prop.tokens_per_second = 0.99 * best_child / prop.depth_seconds
     before = prop.stats.forwards
     prop._epoch += 1
     mid = prop.propose([seq], {0: 64})[0]

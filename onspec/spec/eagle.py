@@ -137,13 +137,14 @@ class EagleProposer:
         # proposals (Speculation._estimate_allows).
         self.expected_acceptance: float | None = None
         # Cost-aware depth (the controller sets these before each proposal, ``Speculation.draft``): one more
-        # depth is a sequential drafter forward, ``forward_seconds`` each (an EMA, measured here, Python
-        # included), and it pays only if the tokens it can add are worth that time at the step's rate of
-        # committed tokens: gain > forward_seconds * tokens_per_second. ``calibration`` scales the drafter's
-        # probabilities to measured acceptance. tokens_per_second 0: expand to max_depth (EAGLE-2).
+        # depth costs ``depth_seconds`` (an EMA measured here over whole depths: the drafter forward, its
+        # draft-vocabulary logits and top-k, and the Python bookkeeping), and it pays only if the tokens it
+        # can add are worth that time at the step's rate of committed tokens:
+        # gain > depth_seconds * tokens_per_second. ``calibration`` scales the drafter's probabilities to
+        # measured acceptance. tokens_per_second 0: expand to max_depth (EAGLE-2).
         self.tokens_per_second = 0.0
         self.calibration = 1.0
-        self.forward_seconds: float | None = None
+        self.depth_seconds: float | None = None
         self.depth_stops = 0                  # trees whose growth stopped because a depth would not pay
         self._epoch = 0                       # bumped whenever what a proposal depends on changes
         self._cache: tuple[int, dict[int, int], dict[int, DraftTree]] | None = None
@@ -268,26 +269,18 @@ class EagleProposer:
                 return {s.seq_id: trees[s.seq_id] for s in seqs if s.seq_id in trees}
         return self.propose(seqs, budgets)
 
-    def _timed_step(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One drafter forward, its time folded into ``forward_seconds``."""
-        t0 = time.perf_counter()
-        out = self.drafter.draft_step(*args)
-        dt = time.perf_counter() - t0
-        self.forward_seconds = dt if self.forward_seconds is None else 0.9 * self.forward_seconds + 0.1 * dt
-        self.stats.forwards += 1
-        return out
 
     def _depth_pays(self, nodes: list[list[_Node]], expand: list[tuple[int, list[int]]]) -> bool:
         """Can one more depth add enough expected accepted tokens to pay for its forward?
 
         Expanding node i adds children whose path probabilities sum to at most i's own (its children's
         conditional probabilities sum to <= 1), so the depth adds at most the sum of the expanded nodes'
-        calibrated path probabilities; it pays if that beats ``forward_seconds * tokens_per_second``. An
+        calibrated path probabilities; it pays if that beats ``depth_seconds * tokens_per_second``. An
         upper bound, so the rule errs towards expanding."""
-        if self.tokens_per_second <= 0 or self.forward_seconds is None:
+        if self.tokens_per_second <= 0 or self.depth_seconds is None:
             return True
         bound = self.calibration * sum(math.exp(nodes[b][i].cum) for b, sel in expand for i in sel)
-        return bound > self.forward_seconds * self.tokens_per_second
+        return bound > self.depth_seconds * self.tokens_per_second
 
     def _catch_up(self, active: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the drafter over every sequence's uncached positions ``n_kv + 1 .. n_aux`` (the last one pairs
@@ -324,7 +317,8 @@ class EagleProposer:
                 mask[b, :n, :st.n_kv] = True
                 mask[b, :n, P:P + n] = causal[:n, :n]
                 mask[b, n:, P + n:] = torch.eye(T - n, dtype=torch.bool)  # padding rows: themselves only
-        prenorm, k_new, v_new = self._timed_step(tokens, d.project(aux), positions, past_k, past_v, mask)
+        prenorm, k_new, v_new = d.draft_step(tokens, d.project(aux), positions, past_k, past_v, mask)
+        self.stats.forwards += 1
         self.stats.catch_up_tokens += sum(pend)
         last = torch.tensor([n - 1 for n in pend])
         root_hidden = prenorm[torch.arange(B), last]
@@ -386,6 +380,7 @@ class EagleProposer:
             if not self._depth_pays(nodes, expand):
                 self.depth_stops += len(expand)
                 break
+            t_depth = time.perf_counter()
             E, R = len(expand), (depth - 1) * k            # R: tree rows written by earlier depths
             bidx = torch.tensor([b for b, _ in expand])
             tokens = torch.tensor([[nodes[b][i].token for i in sel] for b, sel in expand])
@@ -401,8 +396,9 @@ class EagleProposer:
                         mj.append(j)
                         mc.append(P + r)
             mask[me, mj, mc] = True
-            prenorm, k_new, v_new = self._timed_step(tokens, hidden, positions, cache_k[bidx, :, :P + R],
-                                                     cache_v[bidx, :, :P + R], mask)
+            prenorm, k_new, v_new = d.draft_step(tokens, hidden, positions, cache_k[bidx, :, :P + R],
+                                                 cache_v[bidx, :, :P + R], mask)
+            self.stats.forwards += 1
             cache_k[bidx, :, P + R:P + R + k] = k_new
             cache_v[bidx, :, P + R:P + R + k] = v_new
             lp = torch.log_softmax(d.logits(prenorm).float(), dim=-1)   # [E, k, Vd]
@@ -421,6 +417,8 @@ class EagleProposer:
                                         feat=e * k + j, anc=anc))
                 frontier[b] = new
             feats = prenorm.reshape(E * k, -1)
+            dt = time.perf_counter() - t_depth
+            self.depth_seconds = dt if self.depth_seconds is None else 0.9 * self.depth_seconds + 0.1 * dt
         out: dict[int, DraftTree] = {}
         for b, (seq, _, budget) in enumerate(active):
             ns = nodes[b]
