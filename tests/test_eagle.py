@@ -147,6 +147,7 @@ def force_all_drafts(spec) -> None:
     and these tests are about correctness when drafts ARE verified."""
     spec.controller.plan = lambda trees, base, nd: Plan(trees, sum(t.num_draft for t in trees.values()), 0.0, 0.0)
     spec.controller.worth_drafting = lambda *args, **kwargs: True
+    spec._price_depth = lambda *args, **kwargs: None  # full-depth trees (cost-aware depth is tested apart)
 
 
 def run_engine(lm, prompts, params_fn, drafter: EagleDrafter | None, mode: str = "learned", max_seqs: int = 8,
