@@ -432,7 +432,7 @@ def medians(rep: dict) -> dict:
     return out
 
 
-def print_table(rep: dict) -> None:
+def print_table(rep: dict, med: dict) -> None:
     print(f"\n{'run':<26}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'first-window':>14}{'last-window':>13}  versions")
     for tag, section in rep.items():
         for name, d in section.items():
@@ -441,7 +441,6 @@ def print_table(rep: dict) -> None:
             last = ws[-1].get("speedup") if ws else None
             print(f"{name:<26}{d['tok_per_s']:>8.1f}{d.get('speedup', 1.0):>9.2f}{d['acceptance']:>8.2f}"
                   f"{(f or 0):>14.2f}{(last or 0):>13.2f}  {[v for _, _, v in d['versions']]}")
-    med = medians(rep)
     if any(m["repeats"] > 1 for section in med.values() for m in section.values()):
         print("\nmedians over repeats (speedup: against the same repeat's off run):")
         for tag, section in med.items():
@@ -572,22 +571,25 @@ def main() -> int:
     if "day0" in scenarios:
         scen["day0"] = scenario_strategies(loaded, texts, args, "day0", None)
     if "day1" in scenarios:
+        # Every learning run copies its start into its own directory (scenario_strategies), so --warm-from is
+        # read in place and never written.
         if args.warm_from:
-            warm = Path(tempfile.mkdtemp(prefix="onspec-bench-warm-")) / "v"
-            shutil.copytree(args.warm_from, warm)
-            print(f"[warmup] from {args.warm_from}", flush=True)
+            warm = Path(args.warm_from)
+            print(f"[warmup] from {warm}", flush=True)
         else:
             warm = warm_start_dir(loaded, args)
         # The baseline and suffix-only runs do not depend on the start, but they are run again rather than
         # reused from day 0: this machine's speed drifts by up to 30% over half an hour, and a day-0 "off"
-        # run from 20-30 minutes earlier made day-1 ratios meaningless (online_s11: 1.49x for a hybrid
+        # run from 20-30 minutes earlier made day-1 ratios meaningless (session 11: 1.49x for a hybrid
         # that ran 1.15x against its own repeat's baseline in online_day1_s11).
         scen["day1"] = scenario_strategies(loaded, texts, args, "day1", warm)
-        shutil.rmtree(warm.parent, ignore_errors=True)
+        if not args.warm_from:
+            shutil.rmtree(warm.parent, ignore_errors=True)
     rep = report(scen, args.window)
     shift = scenario_shift(loaded, args) if "shift" in scenarios else None
     cost = scenario_cost(loaded, texts[: max(8, args.requests // 2)], args) if "cost" in scenarios else None
-    print_table(rep)
+    med = medians(rep)
+    print_table(rep, med)
     if shift:
         print("\nshift (speedup over off / acceptance):")
         for phase, row in shift["table"].items():
@@ -605,7 +607,7 @@ def main() -> int:
             "warm_from": args.warm_from or None,
             "max_tokens": args.max_tokens, "concurrency": args.concurrency, "quick": q,
             "seconds": round(time.perf_counter() - t_all, 1), "torch": torch.__version__}
-    out.write_text(json.dumps({"meta": meta, "scenarios": rep, "medians": medians(rep), "shift": shift,
+    out.write_text(json.dumps({"meta": meta, "scenarios": rep, "medians": med, "shift": shift,
                                "cost": cost}, indent=1))
     plot(rep, shift, cost, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')} ({meta['seconds']:.0f} s)")

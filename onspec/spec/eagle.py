@@ -269,7 +269,6 @@ class EagleProposer:
                 return {s.seq_id: trees[s.seq_id] for s in seqs if s.seq_id in trees}
         return self.propose(seqs, budgets)
 
-
     def _depth_pays(self, nodes: list[list[_Node]], expand: list[tuple[int, list[int]]]) -> bool:
         """Can one more depth add enough expected accepted tokens to pay for its forward?
 
