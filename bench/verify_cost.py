@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from onspec.engine.kv_cache import KVCache
     from onspec.engine.runner import ModelRunner, RowSpec
-    from onspec.models.bf16_linear import NATIVE_BF16_FLAGS, Bf16Linear, cpu_flags, load_kernel
+    from onspec.cpu import NATIVE_BF16_FLAGS, cpu_flags
+    from onspec.models.bf16_linear import Bf16Linear, load_kernel
     from onspec.models.loader import load_model
 
     if load_kernel() is None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .cpu import native_bf16_product
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; ``field`` names it."""
@@ -109,7 +111,9 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    autocast: bool = True               # bfloat16 matrix products (AMX) with float32 weights and optimizer
+    # bfloat16 matrix products with float32 weights and optimizer: default on only where the CPU multiplies
+    # bf16 natively (AMX, avx512_bf16); elsewhere PyTorch's bf16 product is far slower than float32's (cpu.py)
+    autocast: bool = field(default_factory=native_bf16_product)
     aux_noise: float = 0.2              # Gaussian noise on the aux inputs, relative to their RMS (regulariser)
     batch_positions: int = 512          # positions per optimizer step
     min_positions: int = 256            # train only once the buffer holds this many positions

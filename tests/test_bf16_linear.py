@@ -142,3 +142,17 @@ def test_the_loaded_target_and_drafter_use_the_kernel_and_agree_with_pytorch(tin
         assert model.lm_head._packed is not None                         # the kernel ran
         plain = F.linear(hidden, model.lm_head.weight)
     torch.testing.assert_close(fast.float(), plain.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_trainers_autocast_to_bf16_only_where_the_cpu_multiplies_bf16_natively() -> None:
+    from onspec.config import TrainerConfig
+    from onspec.cpu import native_bf16_product
+    from onspec.rl.grpo import GRPOConfig
+
+    assert native_bf16_product(frozenset({"avx2", "fma", "amx_bf16"}))
+    assert native_bf16_product(frozenset({"avx512f", "avx512_bf16"}))
+    assert native_bf16_product(frozenset({"asimd", "bf16"}))                 # ARM's Features line
+    assert not native_bf16_product(frozenset({"avx", "avx2", "fma"}))       # slow generic bf16 GEMM there
+    here = native_bf16_product()
+    assert TrainerConfig().autocast is here and GRPOConfig().autocast is here
+    assert TrainerConfig(autocast=True).autocast                            # still the user's to choose

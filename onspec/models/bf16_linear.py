@@ -33,23 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cpu import NATIVE_BF16_FLAGS, cpu_flags
+
 log = logging.getLogger(__name__)
 
 KERNEL_ENV = "ONSPEC_BF16_KERNEL"
 KERNEL_SOURCE = Path(__file__).parent / "kernels" / "bf16_linear.cpp"
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read: not Linux, not x86)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def kernel_wanted(mode: str | None = None, flags: frozenset[str] | None = None) -> bool:
@@ -109,6 +98,14 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(p, PANEL, k).transpose(1, 2).contiguous()
 
 
+def kernel_handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``Bf16Linear`` multiplies ``x`` by ``weight`` with the kernel (and not PyTorch's product)."""
+    return (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and x.shape[-1] > 0 and not weight.is_inference()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and load_kernel() is not None)
+
+
 class Bf16Linear(nn.Linear):
     """``nn.Linear`` that multiplies through the kernel where it applies: bf16 on the CPU, no gradient
     wanted, the kernel available. Parameters and state dict are those of ``nn.Linear``.
@@ -122,18 +119,14 @@ class Bf16Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and x.device.type == "cpu"
-                and w.device.type == "cpu" and x.shape[-1] > 0 and not w.is_inference()
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            kernel = load_kernel()
-            if kernel is not None:
-                key = (w.data_ptr(), w._version)
-                if self._packed is None or self._packed[:2] != key:
-                    with torch.no_grad():
-                        self._packed = (*key, pack_weight(w.detach()))
-                y = kernel.linear_bf16(x.reshape(-1, x.shape[-1]), self._packed[2], w.shape[0])
-                y = y.view(*x.shape[:-1], w.shape[0])
-                return y if self.bias is None else y + self.bias
+        if kernel_handles(x, w):
+            key = (w.data_ptr(), w._version)
+            if self._packed is None or self._packed[:2] != key:
+                with torch.no_grad():
+                    self._packed = (*key, pack_weight(w.detach()))
+            y = load_kernel().linear_bf16(x.reshape(-1, x.shape[-1]), self._packed[2], w.shape[0])
+            y = y.view(*x.shape[:-1], w.shape[0])
+            return y if self.bias is None else y + self.bias
         return F.linear(x, w, self.bias)
 
 

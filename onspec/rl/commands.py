@@ -9,6 +9,7 @@ import argparse
 import json
 
 from ..config import SPECULATION_MODES
+from ..cpu import native_bf16_product
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
@@ -19,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="policy dtype in the rollout engine (the trainer keeps float32 master weights; a "
                         "bfloat16 engine is faster but rounds small updates away)")
-    p.add_argument("--no-autocast", action="store_true", help="train with float32 matrix products")
+    p.add_argument("--no-autocast", action="store_true", help="train with float32 matrix products (the default where the CPU has no native bf16 product: AMX or avx512_bf16)")
     p.add_argument("--task", default=DEFAULT_TASK, help="reasoning-gym task name ('list' prints them)")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="reasoning-gym dataset option (repeatable); replaces the task's preset")
@@ -67,7 +68,7 @@ def config_from_args(args: argparse.Namespace):
                             seed=args.seed)
     grpo = GRPOConfig(lr=args.lr, clip_low=args.clip, clip_high=args.clip_high, kl_coef=args.kl,
                       minibatches=args.minibatches, micro_batch=args.micro_batch,
-                      autocast=not args.no_autocast)
+                      autocast=native_bf16_product() and not args.no_autocast)
     return RLConfig(model=args.model, dtype=args.dtype, task=task, prompts_per_step=args.prompts,
                     steps=args.steps, rollout=rollout, grpo=grpo,
                     speculation=args.speculation or "auto",

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cpu import native_bf16_product
 from ..models.llama import CausalLM
 from .forward import completion_logprobs
 
@@ -69,7 +70,8 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
-    autocast: bool = True               # bfloat16 matrix products in the trainer's forward/backward
+    # bfloat16 matrix products in the trainer's forward/backward, where the CPU has them natively (cpu.py)
+    autocast: bool = field(default_factory=native_bf16_product)
 
     def __post_init__(self) -> None:
         checks = [

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..engine.runner import bucket_tokens
-from ..models.bf16_linear import adopt_bf16_kernel
+from ..models.bf16_linear import adopt_bf16_kernel, kernel_handles
 from ..models.llama import ArchConfig, RMSNorm, apply_rope, rope_inv_freq
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -240,10 +240,11 @@ class EagleDrafter(nn.Module):
         the trainer's batches (samples x longest sample), so unpadded they kept creating primitives and
         both the server and the trainer grew. Padded to the engine's buckets (engine/runner.py) the row
         counts fall into a few dozen sizes. Rows of a linear layer are independent, so the padding changes
-        no real row (the extra zero rows are dropped, and get no gradient)."""
+        no real row (the extra zero rows are dropped, and get no gradient). Where the bf16 kernel does the
+        products (models/bf16_linear.py) no oneDNN primitive is made, and padding would only cost time."""
         rows = x.reshape(-1, x.shape[-1])
         n = rows.shape[0]
-        if self.bucket_rows and rows.device.type == "cpu":
+        if self.bucket_rows and rows.device.type == "cpu" and not kernel_handles(rows, self.fc.weight):
             extra = bucket_tokens(n) - n
             if extra:
                 rows = F.pad(rows, (0, 0, 0, extra))
