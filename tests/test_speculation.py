@@ -779,3 +779,20 @@ def test_measured_cost_profile_is_seeded_at_start(tiny) -> None:
     table = eng.spec.controller.cost.table
     assert set(table) >= {1, 2, 4, 8, 16} and all(v > 0 for v in table.values())
     assert eng.kv.num_free == eng.kv.num_slots  # the scratch slot was given back
+
+
+def test_step_cost_is_read_at_the_sizes_a_bucket_actually_saw() -> None:
+    """A power-of-two bucket holds every size up to its power (bucket 8: 5-8 tokens). Read as the cost of 8
+    tokens, a bucket filled by 6-token steps made 6 tokens look cheaper than they are (interpolated between
+    buckets 4 and 8), and the budget rule overdrafted. Each bucket's seconds now sit at its mean size."""
+    linear = lambda n: 0.030 + 0.004 * n           # noqa: E731  (a forward whose cost grows with its tokens)
+    cost = StepCostModel(decay=0.5)
+    for n in (2, 3, 3, 6, 6, 6, 12, 12):
+        cost.observe(n, linear(n), "masked")
+    for n in (3, 6, 12):
+        assert cost.cost(n, "masked") == pytest.approx(linear(n), rel=1e-6)
+    assert cost.cost(9, "masked") == pytest.approx(linear(9), rel=1e-6)    # between two buckets' means
+    assert cost.cost(24, "masked") == pytest.approx(linear(12) * 2, rel=1e-6)  # beyond: from the origin
+    # the old reading (bucket 8's seconds at 8 tokens) put 6 tokens well below their cost
+    old_reading = 0.5 * cost.tables["masked"][4] + 0.5 * cost.tables["masked"][8]
+    assert old_reading < 0.95 * linear(6)

@@ -74,6 +74,12 @@ class StepCostModel:
     def __init__(self, decay: float = 0.9) -> None:
         self.decay = decay
         self.tables: dict[str, dict[int, float]] = {k: {} for k in self.KINDS}
+        # The mean token count behind each bucket's seconds (same EMA), used as its x in ``cost``. Why: a
+        # bucket holds every size up to its power of two (bucket 8: 5-8 tokens), so reading its seconds as
+        # the cost of 8 tokens made every size inside it look cheaper than it is, and the budget rule
+        # overdrafted. Seen on an AVX2-only CPU, where a forward's cost grows steeply with its tokens:
+        # forced suffix drafting ran 0.88x of off (bench/results/online_day1_s12.json).
+        self.sizes: dict[str, dict[int, float]] = {k: {} for k in self.KINDS}
 
     @property
     def table(self) -> dict[int, float]:
@@ -83,24 +89,28 @@ class StepCostModel:
     bucket = staticmethod(pow2_bucket)
 
     def observe(self, tokens: int, seconds: float, kind: str = "masked") -> None:
-        table = self.tables[kind]
+        table, sizes = self.tables[kind], self.sizes[kind]
         b = self.bucket(tokens)
         old = table.get(b)
         table[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        sizes[b] = float(tokens) if old is None else self.decay * sizes[b] + (1 - self.decay) * tokens
 
     def cost(self, tokens: int, kind: str = "masked") -> float:
-        table = self.tables[kind] or self.tables["plain" if kind == "masked" else "masked"]
+        if not self.tables[kind]:
+            kind = "plain" if kind == "masked" else "masked"
+        table, sizes = self.tables[kind], self.sizes[kind]
         if not table:
             return 1.0
-        keys = sorted(table)
-        if tokens <= keys[0]:
-            return table[keys[0]]
-        for lo, hi in zip(keys, keys[1:]):
-            if lo <= tokens <= hi:
-                w = (tokens - lo) / (hi - lo)
-                return (1 - w) * table[lo] + w * table[hi]
-        top = keys[-1]  # beyond the largest measured size: linear extrapolation from the origin
-        return table[top] * tokens / top
+        # (mean size, seconds) per bucket; buckets partition the sizes, so the means increase with the keys
+        points = [(sizes.get(b, float(b)), table[b]) for b in sorted(table)]
+        if tokens <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if x0 <= tokens <= x1:
+                w = (tokens - x0) / (x1 - x0) if x1 > x0 else 1.0
+                return (1 - w) * y0 + w * y1
+        x, y = points[-1]  # beyond the largest measured size: linear extrapolation from the origin
+        return y * tokens / x
 
 
 @dataclass
