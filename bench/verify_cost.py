@@ -90,14 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     for rows in args.rows:
         for k in args.tokens:
             kern, torch_ms = ms[("kernel", rows, k)], ms[("pytorch", rows, k)]
-            rel_kern, rel_torch = kern / ms[("kernel", rows, args.tokens[0])], torch_ms / ms[("pytorch", rows, args.tokens[0])]
+            k0 = args.tokens[0]
+            rel_kern, rel_torch = kern / ms[("kernel", rows, k0)], torch_ms / ms[("pytorch", rows, k0)]
             table.append([f"{rows} x {k}", kern, rel_kern, torch_ms, rel_torch, torch_ms / kern])
             results.append({"rows": rows, "tokens_per_row": k, "kernel_ms": kern, "pytorch_ms": torch_ms,
                             "kernel_vs_k1": rel_kern, "pytorch_vs_k1": rel_torch, "kernel_speedup": torch_ms / kern,
                             "kernel_samples_ms": [t * 1e3 for t in times[("kernel", rows, k)]],
                             "pytorch_samples_ms": [t * 1e3 for t in times[("pytorch", rows, k)]]})
     notes = [f"medians of {args.repeats} interleaved repeats; {args.cached} tokens cached per row; "
-             f"'x k={args.tokens[0]}': the forward's cost relative to {args.tokens[0]} token(s) per row in the same mode"]
+             f"'x k={args.tokens[0]}': the forward's cost relative to {args.tokens[0]} token(s) per row "
+             f"in the same mode"]
     if (w := busy_warning(args.threads)):
         notes.append(w)
     print_table(f"Target forward, {args.model} bf16, {args.threads} threads", [
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         table, notes)
     flags = sorted(cpu_flags() & ({"avx2", "fma", "avx512f"} | NATIVE_BF16_FLAGS))
     payload = {"machine": {**machine_info(args.threads), "cpu_flags": flags}, "args": vars(args), "results": results}
-    bars = {f"{rows} rows: ms per forward": {f"{mode} k={k}": ms[(mode, rows, k)] for k in args.tokens for mode in modes}
+    bars = {f"{rows} rows: ms per forward": {f"{mode} k={k}": ms[(mode, rows, k)]
+                                             for k in args.tokens for mode in modes}
             for rows in args.rows}
     jpath, ppath = write_results(args.name, payload, bars, ylabel="ms")
     print(f"results: {jpath}" + (f", {ppath}" if ppath else ""))

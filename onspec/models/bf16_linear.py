@@ -6,7 +6,7 @@ layers: 35 / 63 / 121 / 248 / 455 ms for 2 / 4 / 8 / 16 / 32 rows. So verifying 
 cost as much as 8 decoding steps, and speculation could not pay however good the drafter. Converting
 the weights to float32 for the product costs more than it saves (248 ms to convert the model once). The
 kernel in ``kernels/bf16_linear.cpp`` widens each block of weight rows to float32 in registers and
-multiplies it with every input row while it is in L1, so the weights cross the memory bus once per
+multiplies it with every input row while it is in cache, so the weights cross the memory bus once per
 forward whatever the row count (the figures after the change are in ``docs/guide.md``, "dtype").
 
 Same numerics as a bf16 GEMM (bf16 products, float32 sums, output rounded to nearest-even bf16), and
@@ -14,7 +14,7 @@ batch-invariant: a row's output does not depend on the other rows in the forward
 
 ``ONSPEC_BF16_KERNEL`` chooses: ``auto`` (default: use it where the CPU has AVX2 and FMA but no native
 bf16 product), ``on`` (wherever AVX2 and FMA exist), ``off``. The kernel is compiled on first use (about
-a minute, cached under the onspec cache directory); if it cannot be built, a warning is logged and
+35 s, cached under the onspec cache directory); if it cannot be built, a warning is logged and
 PyTorch's product is used.
 """
 

@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="policy dtype in the rollout engine (the trainer keeps float32 master weights; a "
                         "bfloat16 engine is faster but rounds small updates away)")
-    p.add_argument("--no-autocast", action="store_true", help="train with float32 matrix products (the default where the CPU has no native bf16 product: AMX or avx512_bf16)")
+    p.add_argument("--no-autocast", action="store_true",
+                   help="train with float32 matrix products (the default where the CPU has no native bf16 product: AMX or avx512_bf16)")
     p.add_argument("--task", default=DEFAULT_TASK, help="reasoning-gym task name ('list' prints them)")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="reasoning-gym dataset option (repeatable); replaces the task's preset")

@@ -101,13 +101,13 @@ class StepCostModel:
         table, sizes = self.tables[kind], self.sizes[kind]
         if not table:
             return 1.0
-        # (mean size, seconds) per bucket; buckets partition the sizes, so the means increase with the keys
-        points = [(sizes.get(b, float(b)), table[b]) for b in sorted(table)]
+        # (mean size, seconds) per bucket; buckets partition the sizes, so the means strictly increase
+        points = [(sizes[b], table[b]) for b in sorted(table)]
         if tokens <= points[0][0]:
             return points[0][1]
         for (x0, y0), (x1, y1) in zip(points, points[1:]):
             if x0 <= tokens <= x1:
-                w = (tokens - x0) / (x1 - x0) if x1 > x0 else 1.0
+                w = (tokens - x0) / (x1 - x0)
                 return (1 - w) * y0 + w * y1
         x, y = points[-1]  # beyond the largest measured size: linear extrapolation from the origin
         return y * tokens / x
