@@ -101,14 +101,15 @@ def test_where_the_kernel_does_not_apply_the_layer_is_plain_linear() -> None:
     assert lin16._packed is None                             # never packed on the gradient path
 
 
-def test_pack_weight_lays_out_panels_of_16_output_features() -> None:
-    w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3).to(torch.bfloat16)
+def test_pack_weight_lays_out_interleaved_panels_of_16_output_features() -> None:
+    w = (torch.arange(20 * 3, dtype=torch.float32).view(20, 3) + 1).to(torch.bfloat16)
     p = pack_weight(w)
     assert p.shape == (2, 3, 16)
     for n in range(20):
+        j = n % 16                                          # column j of a panel sits at 2 (j % 8) + j // 8
         for k in range(3):
-            assert p[n // 16, k, n % 16] == w[n, k]
-    assert torch.count_nonzero(p[1, :, 4:]) == 0            # padding rows are zero
+            assert p[n // 16, k, 2 * (j % 8) + j // 8] == w[n, k]
+    assert torch.count_nonzero(p[1]) == 4 * 3               # the 12 padding columns of panel 1 are zero
 
 
 def test_kernel_is_wanted_only_where_it_helps() -> None:

@@ -89,13 +89,15 @@ PANEL = 16   # output features per packed panel (kNR in the kernel)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N / 16), K, 16] panels, zero rows padding N: the layout the kernel reads (each k's
-    16 weights contiguous, so one load feeds 16 outputs)."""
+    """[N, K] -> [ceil(N / 16), K, 16] panels, zero rows padding N: the layout the kernel reads. Each k's 16
+    weights are contiguous and interleaved, ``[w0, w8, w1, w9, ..., w7, w15]``, so that one 32-byte load
+    holds columns 0..7 in the low halves of its dwords and 8..15 in the high halves (``ONSPEC_WIDEN``)."""
     n, k = weight.shape
     p = -(-n // PANEL)
     padded = weight.new_zeros(p * PANEL, k)
     padded[:n] = weight
-    return padded.view(p, PANEL, k).transpose(1, 2).contiguous()
+    # [p, 2, 8, k] -> [p, k, 8, 2]: position 2 i + h holds column 8 h + i
+    return padded.view(p, 2, PANEL // 2, k).permute(0, 3, 2, 1).reshape(p, k, PANEL).contiguous()
 
 
 def kernel_handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
