@@ -1,12 +1,14 @@
 """What verifying draft tokens costs: one target forward of B rows x k tokens each, against decoding (k = 1),
-with onspec's bf16 linear kernel and with PyTorch's bf16 product (onspec/models/bf16_linear.py).
+with onspec's CPU kernels and with PyTorch's bf16 ops (onspec/models/bf16_linear.py, onspec/models/fused.py).
 
 Speculation pays only if verifying k tokens costs much less than k decoding steps. Where the CPU has a
 native bf16 product (AMX, avx512_bf16) a forward of many tokens costs about as much as one; on CPUs with
 AVX2 only, PyTorch's bf16 product costs time in proportion to the rows, and the kernel exists to restore
-the first property. This bench prints, for each k, the forward's time and its cost relative to decoding
-(k = 1) in the same mode, plus the kernel's speedup over PyTorch at the same shape. Both modes run in the
-same process, interleaved, on the same model and cache; medians over ``--repeats``.
+the first property; the fused elementwise ops cut the per-layer overhead that is left. Three modes:
+``kernels`` (both), ``linear`` (the linear kernel with PyTorch's elementwise ops: session 12's engine) and
+``pytorch`` (neither). For each k the bench prints each mode's forward time and its cost relative to
+decoding (k = 1) in the same mode, plus the speedup of ``kernels`` over ``pytorch`` at the same shape. All
+modes run in the same process, interleaved, on the same model and cache; medians over ``--repeats``.
 
     python bench/verify_cost.py                       # default model, bf16, 2 rows at 300 cached tokens
     python bench/verify_cost.py --rows 1 4 --tokens 1 2 4 8 16 32 --repeats 15
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from onspec.engine.kv_cache import KVCache
     from onspec.engine.runner import ModelRunner, RowSpec
     from onspec.cpu import NATIVE_BF16_FLAGS, cpu_flags
+    from onspec.models import fused
     from onspec.models.bf16_linear import Bf16Linear, load_kernel
     from onspec.models.loader import load_model
 
@@ -58,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     kv = KVCache(loaded.arch, max(args.rows), max_len, torch.bfloat16)
     runner = ModelRunner(loaded.model, kv)
 
-    def use_kernel(on: bool) -> None:
+    kernel_applies = fused.kernel_applies
+
+    def use_mode(mode: str) -> None:
         for m in linears:
-            m.__class__ = Bf16Linear if on else nn.Linear
+            m.__class__ = Bf16Linear if mode in ("kernels", "linear") else nn.Linear
+        # the fused ops take the kernel path only where ``kernel_applies`` says so
+        fused.kernel_applies = kernel_applies if mode == "kernels" else (lambda *tensors: False)
 
     def forward_seconds(rows: int, k: int) -> float:
         spec = [RowSpec(slot=s, cache_len=args.cached, tokens=list(range(100, 100 + k)), logits_from=0)
@@ -69,42 +76,44 @@ def main(argv: list[str] | None = None) -> int:
         runner.run(spec)
         return time.perf_counter() - t0
 
-    modes = ("kernel", "pytorch")
+    modes = ("kernels", "linear", "pytorch")
     times: dict[tuple[str, int, int], list[float]] = {}
     with torch.inference_mode():
         for rows in args.rows:
             for k in args.tokens:
                 for mode in modes:                      # warm-up: oneDNN primitives, packed weights
-                    use_kernel(mode == "kernel")
+                    use_mode(mode)
                     forward_seconds(rows, k)
         for _ in range(args.repeats):
             for rows in args.rows:
                 for k in args.tokens:
                     for mode in modes:
-                        use_kernel(mode == "kernel")
+                        use_mode(mode)
                         times.setdefault((mode, rows, k), []).append(forward_seconds(rows, k))
-    use_kernel(True)
+    use_mode("kernels")
 
     ms = {key: median(v) * 1e3 for key, v in times.items()}
     table, results = [], []
+    k0 = args.tokens[0]
     for rows in args.rows:
         for k in args.tokens:
-            kern, torch_ms = ms[("kernel", rows, k)], ms[("pytorch", rows, k)]
-            k0 = args.tokens[0]
-            rel_kern, rel_torch = kern / ms[("kernel", rows, k0)], torch_ms / ms[("pytorch", rows, k0)]
-            table.append([f"{rows} x {k}", kern, rel_kern, torch_ms, rel_torch, torch_ms / kern])
-            results.append({"rows": rows, "tokens_per_row": k, "kernel_ms": kern, "pytorch_ms": torch_ms,
-                            "kernel_vs_k1": rel_kern, "pytorch_vs_k1": rel_torch, "kernel_speedup": torch_ms / kern,
-                            "kernel_samples_ms": [t * 1e3 for t in times[("kernel", rows, k)]],
-                            "pytorch_samples_ms": [t * 1e3 for t in times[("pytorch", rows, k)]]})
+            row: list[object] = [f"{rows} x {k}"]
+            result: dict[str, object] = {"rows": rows, "tokens_per_row": k}
+            for mode in modes:
+                rel = ms[(mode, rows, k)] / ms[(mode, rows, k0)]
+                row += [ms[(mode, rows, k)], rel]
+                result |= {f"{mode}_ms": ms[(mode, rows, k)], f"{mode}_vs_k1": rel,
+                           f"{mode}_samples_ms": [t * 1e3 for t in times[(mode, rows, k)]]}
+            speedup = ms[("pytorch", rows, k)] / ms[("kernels", rows, k)]
+            table.append(row + [speedup])
+            results.append(result | {"kernels_speedup": speedup})
     notes = [f"medians of {args.repeats} interleaved repeats; {args.cached} tokens cached per row; "
              f"'x k={args.tokens[0]}': the forward's cost relative to {args.tokens[0]} token(s) per row "
              f"in the same mode"]
     if (w := busy_warning(args.threads)):
         notes.append(w)
-    print_table(f"Target forward, {args.model} bf16, {args.threads} threads", [
-        "rows x tokens", "kernel ms", f"x k={args.tokens[0]}", "pytorch ms", f"x k={args.tokens[0]}", "kernel speedup"],
-        table, notes)
+    columns = ["rows x tokens"] + [c for mode in modes for c in (f"{mode} ms", f"x k={k0}")] + ["kernels speedup"]
+    print_table(f"Target forward, {args.model} bf16, {args.threads} threads", columns, table, notes)
     flags = sorted(cpu_flags() & ({"avx2", "fma", "avx512f"} | NATIVE_BF16_FLAGS))
     payload = {"machine": {**machine_info(args.threads), "cpu_flags": flags}, "args": vars(args), "results": results}
     bars = {f"{rows} rows: ms per forward": {f"{mode} k={k}": ms[(mode, rows, k)]

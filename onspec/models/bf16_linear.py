@@ -38,7 +38,10 @@ from ..cpu import NATIVE_BF16_FLAGS, cpu_flags
 log = logging.getLogger(__name__)
 
 KERNEL_ENV = "ONSPEC_BF16_KERNEL"
-KERNEL_SOURCE = Path(__file__).parent / "kernels" / "bf16_linear.cpp"
+KERNEL_DIR = Path(__file__).parent / "kernels"
+# one extension: the linear kernel, the fused elementwise ops (onspec/models/fused.py) and their bindings
+KERNEL_SOURCES = ("bf16_linear.cpp", "bf16_elementwise.cpp", "module.cpp")
+KERNEL_HEADERS = ("bf16.h",)
 
 
 def kernel_wanted(mode: str | None = None, flags: frozenset[str] | None = None) -> bool:
@@ -60,15 +63,17 @@ def load_kernel() -> ModuleType | None:
         return None
     from .loader import default_cache_dir
 
-    source = KERNEL_SOURCE.read_bytes()
-    tag = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name in KERNEL_SOURCES + KERNEL_HEADERS:
+        digest.update((KERNEL_DIR / name).read_bytes())
+    tag = digest.hexdigest()[:12]
     build = default_cache_dir() / "kernels" / f"bf16_linear_{tag}"
     try:
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
         build.mkdir(parents=True, exist_ok=True)
-        return load(name=f"onspec_bf16_linear_{tag}", sources=[str(KERNEL_SOURCE)], build_directory=str(build),
+        return load(name=f"onspec_bf16_linear_{tag}", sources=[str(KERNEL_DIR / n) for n in KERNEL_SOURCES], build_directory=str(build),
                     extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: PyTorch's product still works
         log.warning("bf16 linear kernel unavailable (%s: %s); using PyTorch's bf16 product, which is slow "

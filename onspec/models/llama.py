@@ -20,6 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import apply_rope, rms_norm, rope_and_cache, silu_mul
+
+__all__ = ["ArchConfig", "AttnBatch", "CausalLM", "DecoderLayer", "RMSNorm", "UnsupportedModelError",
+           "apply_rope", "rope_inv_freq"]
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
@@ -148,17 +153,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, h, D]; cos/sin [N, 1, D] (rotate-half convention, as HF llama)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+        return rms_norm(x, self.weight, self.eps)
 
 
 class DecoderLayer(nn.Module):
@@ -188,12 +183,9 @@ class DecoderLayer(nn.Module):
         v = v.view(N, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache[batch.write_slot, :, batch.write_pos] = k
-        v_cache[batch.write_slot, :, batch.write_pos] = v
+        q = rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, batch.write_slot, batch.write_pos)
         x = x + self.o_proj(self._attend(q, k_cache, v_cache, batch))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return x + self.down_proj(silu_mul(self.gate_up_proj(self.post_attention_layernorm(x))))
 
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 batch: AttnBatch) -> torch.Tensor:

@@ -12,12 +12,15 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include "bf16.h"
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 namespace {
+
+using onspec::float_to_bf16;
 
 // A panel row of 16 bf16 weights is stored as 8 dwords, dword i = (column i low, column i + 8 high), so one
 // 32-byte load and two cheap ops widen it: the low halves shifted up are columns 0..7, the high halves
@@ -32,13 +35,6 @@ namespace {
 // 3-8 rows 1.2-1.3x faster (bench/verify_cost.py; 1 KiB and 3 KiB were close, 4 KiB worse).
 constexpr int kPrefetchBytes = 2048;
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 // The weights are packed once (onspec/models/bf16_linear.py, ``pack_weight``) into panels of 16 output
 // features, each k's 16 weights interleaved for ONSPEC_WIDEN: packed[p, k, 2 i] = w[16 p + i, k] and
@@ -195,8 +191,4 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t n) {
     }
   });
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16, "y = x @ w.T for bf16 x [M, K] and w packed by pack_weight (fp32 sums, bf16 output)");
 }

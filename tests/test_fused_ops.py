@@ -1,0 +1,147 @@
+"""The fused elementwise ops (onspec/models/fused.py): where the CPU kernel runs them they compute what
+PyTorch's bf16 ops compute, a row's result does not depend on the batch, gradients still flow through the
+PyTorch versions, and bf16 speculative greedy decoding still equals plain greedy decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onspec.models import fused
+from onspec.models.bf16_linear import load_kernel
+
+needs_kernel = pytest.mark.skipif(load_kernel() is None, reason="the CPU kernel does not apply on this CPU")
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in bf16 units in the last place, per element."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+def _close_to_pytorch(got: torch.Tensor, want: torch.Tensor) -> None:
+    """At most one bf16 step anywhere, and almost everywhere bit-equal (an fp32 value within an ulp of a
+    bf16 rounding boundary can round the other way when a sum's order or an exp's last bit differs)."""
+    assert got.dtype is torch.bfloat16 and got.shape == want.shape
+    d = _ulps(got, want)
+    assert int(d.max()) <= 1
+    assert float((d > 0).float().mean()) < 1e-3
+
+
+def _rope_inputs(n: int, hq: int, hk: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(n, (hq + 2 * hk) * d, generator=g).to(torch.bfloat16)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)         # strided views, as in the layer
+    pos = torch.randint(0, 40, (n,), generator=g)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat([pos.float()[:, None] * inv] * 2, dim=-1)[:, None]
+    return (q.view(n, hq, d), k.view(n, hk, d), v.view(n, hk, d), emb.cos().to(torch.bfloat16),
+            emb.sin().to(torch.bfloat16), pos)
+
+
+@needs_kernel
+@pytest.mark.parametrize("h", [576, 37])                          # 37: the scalar tail after 8-lane blocks
+def test_rms_norm_matches_pytorch_on_strided_rows(h: int) -> None:
+    x = (torch.randn(23, h + 5) * 3).to(torch.bfloat16)[:, :h]    # rows with a stride, as views give
+    w = (torch.randn(h) * 0.2 + 1).to(torch.bfloat16)
+    with torch.inference_mode():
+        _close_to_pytorch(fused.rms_norm(x, w, 1e-5), fused.rms_norm_reference(x, w, 1e-5))
+
+
+@needs_kernel
+@pytest.mark.parametrize("i", [1536, 13])
+def test_silu_mul_matches_pytorch_including_extremes(i: int) -> None:
+    gate_up = (torch.randn(11, 2 * i) * 4).to(torch.bfloat16)
+    gate_up[0, :6] = torch.tensor([100.0, -100.0, 0.0, -0.0, 89.0, -90.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    with torch.inference_mode():
+        _close_to_pytorch(fused.silu_mul(gate_up), F.silu(gate) * up)
+        gate_up[1, 0] = float("nan")
+        assert torch.isnan(fused.silu_mul(gate_up)[1, 0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [64, 6])                             # 6: the scalar path (half not a multiple of 8)
+def test_rope_and_cache_matches_pytorch_and_writes_only_its_cells(d: int) -> None:
+    q, k, v, cos, sin, pos = _rope_inputs(7, 9, 3, d)
+    slot = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    kc = torch.randn(3, 3, 48, d).to(torch.bfloat16)
+    vc = torch.randn(3, 3, 48, d).to(torch.bfloat16)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    with torch.inference_mode():
+        got_q = fused.rope_and_cache(q, k, v, cos, sin, kc, vc, slot, pos)
+        want_q = fused.apply_rope(q, cos, sin)
+        kc_ref[slot, :, pos] = fused.apply_rope(k, cos, sin)
+        vc_ref[slot, :, pos] = v
+    _close_to_pytorch(got_q, want_q)
+    _close_to_pytorch(kc, kc_ref)                 # includes every cell not written: those must be untouched
+    assert torch.equal(vc, vc_ref)
+
+
+@needs_kernel
+def test_rope_and_cache_rejects_a_position_outside_the_cache() -> None:
+    q, k, v, cos, sin, _ = _rope_inputs(2, 2, 1, 8)
+    kc = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="out of range"):
+        fused.rope_and_cache(q, k, v, cos, sin, kc, kc.clone(), torch.tensor([0, 0]), torch.tensor([1, 4]))
+    assert torch.count_nonzero(kc) == 0
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_the_batch() -> None:
+    x = torch.randn(40, 576).to(torch.bfloat16)
+    w = torch.randn(576).to(torch.bfloat16)
+    gate_up = torch.randn(40, 256).to(torch.bfloat16)
+    with torch.inference_mode():
+        norm_all, silu_all = fused.rms_norm(x, w, 1e-6), fused.silu_mul(gate_up)
+        for r in (0, 17, 39):
+            assert torch.equal(fused.rms_norm(x[r:r + 1], w, 1e-6), norm_all[r:r + 1])
+            assert torch.equal(fused.silu_mul(gate_up[r:r + 1]), silu_all[r:r + 1])
+
+
+def test_gradients_flow_through_the_pytorch_versions() -> None:
+    x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(32, dtype=torch.bfloat16, requires_grad=True)
+    assert not fused.kernel_applies(x, w)
+    fused.rms_norm(x, w, 1e-6).float().sum().backward()
+    assert x.grad is not None and w.grad is not None and torch.count_nonzero(w.grad) > 0
+    assert not fused.kernel_applies(torch.randn(3, 4))            # float32 never takes the kernel
+
+
+@needs_kernel
+def test_bf16_speculative_greedy_equals_plain_greedy_with_the_kernels(tiny_model_dirs, monkeypatch) -> None:
+    """bf16 with the CPU kernels is batch-invariant, so verifying long draft trees beside other requests
+    changes no token of greedy output, exactly as in float32 (an oracle drafts the plain run's tokens among
+    wrong branches, and fails at the first step where the engine's output leaves the plain run)."""
+    from onspec.config import EngineConfig, SpecConfig
+    from onspec.engine.engine import Engine
+    from onspec.models.loader import load_model
+    from onspec.spec.controller import attach_speculation
+
+    from test_speculation import FORCE, GREEDY, OracleProposer, generate, oracle_spec, token_prompts
+
+    loaded = load_model(str(tiny_model_dirs["llama"]), "bfloat16")
+    ran = []
+    orig = fused.kernel_applies
+
+    def spy(*tensors: torch.Tensor) -> bool:
+        ran.append(orig(*tensors))
+        return ran[-1]
+
+    monkeypatch.setattr(fused, "kernel_applies", spy)
+
+    def engine(spec) -> Engine:
+        eng = Engine(EngineConfig(model=str(loaded.path), dtype="bfloat16", num_threads=1, max_model_len=256,
+                                  spec=spec), loaded=loaded)
+        if spec.mode != "off":
+            attach_speculation(eng, spec, {"learned": oracle})
+            eng.spec.controller.cost = FORCE
+        return eng
+
+    prompts = token_prompts(loaded.arch.vocab_size)
+    plain = [o.token_ids for o in generate(engine(SpecConfig(mode="off")), prompts, GREEDY)]
+    assert any(ran)                                                # the kernels ran
+    oracle = OracleProposer({tuple(p): o for p, o in zip(prompts, plain)}, loaded.arch.vocab_size, depth=10)
+    spec = [o.token_ids for o in generate(engine(oracle_spec()), prompts, GREEDY)]
+    assert spec == plain
+    assert max(a for _, a in oracle.verified) >= 8                # long accepted runs went through
