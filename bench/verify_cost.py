@@ -5,7 +5,7 @@ Speculation pays only if verifying k tokens costs much less than k decoding step
 native bf16 product (AMX, avx512_bf16) a forward of many tokens costs about as much as one; on CPUs with
 AVX2 only, PyTorch's bf16 product costs time in proportion to the rows, and the kernel exists to restore
 the first property; the fused elementwise ops cut the per-layer overhead that is left. Three modes:
-``kernels`` (both), ``linear`` (the linear kernel with PyTorch's elementwise ops: session 12's engine) and
+``kernels`` (both), ``linear`` (the linear kernel alone, PyTorch's elementwise ops) and
 ``pytorch`` (neither). For each k the bench prints each mode's forward time and its cost relative to
 decoding (k = 1) in the same mode, plus the speedup of ``kernels`` over ``pytorch`` at the same shape. All
 modes run in the same process, interleaved, on the same model and cache; medians over ``--repeats``.

@@ -42,6 +42,9 @@ KERNEL_DIR = Path(__file__).parent / "kernels"
 # one extension: the linear kernel, the fused elementwise ops (onspec/models/fused.py) and their bindings
 KERNEL_SOURCES = ("bf16_linear.cpp", "bf16_elementwise.cpp", "module.cpp")
 KERNEL_HEADERS = ("bf16.h",)
+# -fopenmp: at::parallel_for is an OpenMP pragma in PyTorch's headers; compiled without it (sessions 12-13)
+# the kernels ran on one thread whatever torch.get_num_threads() said, half the machine on 2 cores
+KERNEL_CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 
 
 def kernel_wanted(mode: str | None = None, flags: frozenset[str] | None = None) -> bool:
@@ -63,7 +66,7 @@ def load_kernel() -> ModuleType | None:
         return None
     from .loader import default_cache_dir
 
-    digest = hashlib.sha256(torch.__version__.encode())
+    digest = hashlib.sha256(" ".join((torch.__version__, *KERNEL_CFLAGS)).encode())
     for name in KERNEL_SOURCES + KERNEL_HEADERS:
         digest.update((KERNEL_DIR / name).read_bytes())
     tag = digest.hexdigest()[:12]
@@ -73,8 +76,9 @@ def load_kernel() -> ModuleType | None:
 
         _put_ninja_on_path()
         build.mkdir(parents=True, exist_ok=True)
-        return load(name=f"onspec_bf16_linear_{tag}", sources=[str(KERNEL_DIR / n) for n in KERNEL_SOURCES], build_directory=str(build),
-                    extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+        return load(name=f"onspec_bf16_linear_{tag}", sources=[str(KERNEL_DIR / n) for n in KERNEL_SOURCES],
+                    build_directory=str(build), extra_cflags=list(KERNEL_CFLAGS), extra_ldflags=["-fopenmp"],
+                    verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: PyTorch's product still works
         log.warning("bf16 linear kernel unavailable (%s: %s); using PyTorch's bf16 product, which is slow "
                     "for multi-token forwards on this CPU", type(exc).__name__, exc)
