@@ -13,9 +13,9 @@ Same numerics as a bf16 GEMM (bf16 products, float32 sums, output rounded to nea
 batch-invariant: a row's output does not depend on the other rows in the forward.
 
 ``ONSPEC_BF16_KERNEL`` chooses: ``auto`` (default: use it where the CPU has AVX2 and FMA but no native
-bf16 product), ``on`` (wherever AVX2 and FMA exist), ``off``. The kernel is compiled on first use (about
-35 s, cached under the onspec cache directory); if it cannot be built, a warning is logged and
-PyTorch's product is used.
+bf16 product), ``on`` (wherever AVX2 and FMA exist), ``off``. The extension (this kernel and the fused
+elementwise ops of ``fused.py``) is compiled on first use (about a minute on 2 cores, cached under the
+onspec cache directory); if it cannot be built, a warning is logged and PyTorch's ops are used.
 """
 
 from __future__ import annotations
