@@ -80,8 +80,8 @@ def load_kernel() -> ModuleType | None:
                     build_directory=str(build), extra_cflags=list(KERNEL_CFLAGS), extra_ldflags=["-fopenmp"],
                     verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: PyTorch's product still works
-        log.warning("bf16 linear kernel unavailable (%s: %s); using PyTorch's bf16 product, which is slow "
-                    "for multi-token forwards on this CPU", type(exc).__name__, exc)
+        log.warning("onspec's CPU kernels unavailable (%s: %s); using PyTorch's bf16 ops, whose product is "
+                    "slow for multi-token forwards on this CPU", type(exc).__name__, exc)
         return None
 
 

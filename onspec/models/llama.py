@@ -20,10 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import apply_rope, rms_norm, rope_and_cache, silu_mul
-
-__all__ = ["ArchConfig", "AttnBatch", "CausalLM", "DecoderLayer", "RMSNorm", "UnsupportedModelError",
-           "apply_rope", "rope_inv_freq"]
+from .fused import rms_norm, rope_and_cache, silu_mul
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

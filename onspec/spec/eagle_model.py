@@ -50,7 +50,8 @@ from torch import nn
 from ..config import ConfigError
 from ..engine.runner import bucket_tokens
 from ..models.bf16_linear import adopt_bf16_kernel, kernel_handles
-from ..models.llama import ArchConfig, RMSNorm, apply_rope, rope_inv_freq
+from ..models.fused import apply_rope
+from ..models.llama import ArchConfig, RMSNorm, rope_inv_freq
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
 ACCEPTED_ARCHITECTURES = (EAGLE3_ARCHITECTURE, "Eagle3LlamaForCausalLM", "LlamaForCausalLM")

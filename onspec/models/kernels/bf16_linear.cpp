@@ -15,7 +15,6 @@
 #include "bf16.h"
 #include <cstdint>
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -165,10 +164,7 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t n) {
   auto xc = x.contiguous();
   const uint16_t* XB = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   std::vector<float> xf(M * K);
-  for (int64_t i = 0; i < M * K; ++i) {
-    const uint32_t u = static_cast<uint32_t>(XB[i]) << 16;
-    std::memcpy(&xf[i], &u, 4);
-  }
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = onspec::bf16_to_float(XB[i]);
   const float* X = xf.data();
   const uint16_t* W = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
