@@ -72,12 +72,14 @@ def measure(name: str, fn: Callable[..., int | tuple[int, dict]], repeats: int, 
 
 def measure_interleaved(configs: dict[str, tuple[Callable, Callable[[], object] | None]], repeats: int,
                         warmup: int = 0) -> dict[str, Measurement]:
-    """Like ``measure`` for several configurations at once, run round-robin (A B C A B C ...), so that a
-    burst of load from other processes hits every configuration alike and their ratios stay meaningful.
-    ``configs``: name -> (fn, setup or None)."""
+    """Like ``measure`` for several configurations at once, run round-robin, so that a burst of load from
+    other processes hits every configuration alike and their ratios stay meaningful. The order flips every
+    repeat (A B C, C B A, A B C, ...): with a fixed order, whatever drifts within a round (load, memory
+    state, clock) favoured the same configuration every time. ``configs``: name -> (fn, setup or None)."""
     out = {name: Measurement(name) for name in configs}
     for i in range(warmup + repeats):
-        for name, (fn, setup) in configs.items():
+        order = list(configs.items())
+        for name, (fn, setup) in (order if i % 2 == 0 else order[::-1]):
             ctx = setup() if setup is not None else None
             t0 = time.perf_counter()
             res = fn(ctx) if setup is not None else fn()

@@ -25,6 +25,7 @@ def _check(cond: bool, field_name: str, message: str) -> None:
 
 
 SPECULATION_MODES = ("auto", "off", "suffix", "learned", "hybrid")
+SPECULATION_OBJECTIVES = ("auto", "throughput", "makespan")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class SpecConfig:
     hybrid_suffix_confident: float = 1.0  # hybrid: rows whose suffix tree expects >= this many accepted
                                           # drafts skip the learned drafter (0: always ask it)
     profile_at_start: bool = True       # time target forwards at start-up to seed the cost model
+    # What a committed token is worth to the controller (spec/controller.py, ``MakespanValue``):
+    # "throughput": every token alike (a server: each request is someone's stream); "makespan": by how much
+    # it shortens the time until every running request is done, whenever no request waits (a closed batch);
+    # "auto": makespan inside ``LLM.generate`` (the call returns when the whole batch is done), else throughput.
+    objective: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.mode in SPECULATION_MODES, "speculation", f"must be one of {SPECULATION_MODES}, got {self.mode!r}")
@@ -52,6 +58,8 @@ class SpecConfig:
         _check(self.suffix_alpha > 0, "suffix_alpha", "must be > 0")
         _check(self.global_store_requests >= 0, "global_store_requests", "must be >= 0")
         _check(self.hybrid_suffix_confident >= 0, "hybrid_suffix_confident", "must be >= 0")
+        _check(self.objective in SPECULATION_OBJECTIVES, "objective",
+               f"must be one of {SPECULATION_OBJECTIVES}, got {self.objective!r}")
 
 
 @dataclass(frozen=True)

@@ -124,14 +124,18 @@ class LLM:
 
             bar = tqdm(total=len(ids), desc="generating", unit="req")
         pending = set(ids)
-        while pending:
-            self.engine.step()
-            done = {rid for rid in pending if all(s.finished for s in self.engine.requests[rid])}
-            pending -= done
+        self.engine.closed_batch = True  # the call returns when the whole batch is done
+        try:
+            while pending:
+                self.engine.step()
+                done = {rid for rid in pending if all(s.finished for s in self.engine.requests[rid])}
+                pending -= done
+                if bar:
+                    bar.update(len(done))
+        finally:
+            self.engine.closed_batch = False
             if bar:
-                bar.update(len(done))
-        if bar:
-            bar.close()
+                bar.close()
 
     def _collect(self, rid: str, prompt: str | list[int]) -> RequestOutput:
         seqs = self.engine.requests[rid]

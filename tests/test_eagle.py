@@ -145,7 +145,7 @@ def make_trained(tiny, cfg: EagleConfig) -> EagleDrafter:
 def force_all_drafts(spec) -> None:
     """Verify every proposed node: the controller's cost rule would prune a weak drafter's trees away,
     and these tests are about correctness when drafts ARE verified."""
-    spec.controller.plan = lambda trees, base, nd: Plan(trees, sum(t.num_draft for t in trees.values()), 0.0, 0.0)
+    spec.controller.plan = lambda trees, base, nd, remaining=None: Plan(trees, sum(t.num_draft for t in trees.values()), 0.0, 0.0)
     spec.controller.worth_drafting = lambda *args, **kwargs: True
     spec._price_depth = lambda *args, **kwargs: None  # full-depth trees (cost-aware depth is tested apart)
 

@@ -281,7 +281,7 @@ def _learned_engine(loaded, bucket: bool) -> tuple[Engine, set[int]]:
     drafter.bucket_rows = bucket
     spec = attach_learned(eng, spec_cfg, drafter)
     # verify every proposal (a random drafter's trees would otherwise be pruned by the cost rule)
-    spec.controller.plan = lambda trees, base, nd: Plan(trees, sum(t.num_draft for t in trees.values()), 0.0, 0.0)
+    spec.controller.plan = lambda trees, base, nd, remaining=None: Plan(trees, sum(t.num_draft for t in trees.values()), 0.0, 0.0)
     spec.controller.worth_drafting = lambda *args, **kwargs: True
     return eng, _linear_rows(spec.proposers["learned"].drafter)
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import StubProposer, make_tiny_model
 from onspec import LLM, SamplingParams
-from onspec.config import EngineConfig, SpecConfig
+from onspec.config import ConfigError, EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
 from onspec.engine.kv_cache import KVCache
 from onspec.engine.runner import RowSpec
@@ -133,6 +134,10 @@ def engine_for(loaded: LoadedModel, spec: SpecConfig | None = None, cost: StepCo
     kw.setdefault("max_model_len", 256)
     cfg = EngineConfig(model=str(loaded.path), dtype="float32", num_threads=1,
                        spec=spec or SpecConfig(mode="off"), **kw)
+    if cost is not None and cfg.spec.objective == "auto":
+        # Injected costs say what drafting costs, and the tests that inject them want every paying node
+        # drafted: value tokens per step (LLM.generate would otherwise value them by the batch's makespan).
+        cfg = replace(cfg, spec=replace(cfg.spec, objective="throughput"))
     eng = Engine(cfg, loaded=loaded)
     if cfg.spec.mode != "off":
         attach_speculation(eng, cfg.spec, extra)
@@ -596,6 +601,130 @@ def test_controller_charges_the_padded_size_of_a_verification_step() -> None:
         plans[pad is None] = ctl.plan(trees, base_tokens=8, num_decode=8)
     assert plans[True].budget == 2       # unpadded: 10 tokens look cheap (0.045 s)
     assert plans[False].budget == 0      # padded: they cost 16 tokens' 0.060 s for 1.8 extra tokens
+
+
+def linear_costs(ctl: Controller, fixed: float = 0.020, per_token: float = 0.002, jump: float = 0.002) -> None:
+    """A CPU-like cost curve: a step of n tokens costs fixed + per_token * n (+ jump on the masked path)."""
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        ctl.cost.observe(n, fixed + per_token * n, "plain")
+        ctl.cost.observe(n, fixed + per_token * n + jump, "masked")
+
+
+def calibrated_controller(**kw) -> Controller:
+    ctl = Controller(SpecConfig(**kw))
+    for _ in range(50):  # a record of full acceptance: calibrated probabilities ~1
+        ctl.observe(scored_chain(4, 1.0), 4)
+    linear_costs(ctl)
+    return ctl
+
+
+def test_closed_batch_values_tokens_by_how_much_they_shorten_the_batch() -> None:
+    """8 rows, drafts for 2 of them. Per step the drafts pay (8 more tokens for 9 tokens' worth of compute);
+    in a closed batch where all 8 rows have 50 tokens left they do not: the batch still takes 50 steps, the
+    2 rows only leave it sooner. Where those 2 rows are the ones holding the batch up, they pay again."""
+    ctl = calibrated_controller()
+    trees = {i: scored_chain(4, 1.0) for i in range(2)}
+    assert ctl.plan(trees, base_tokens=8, num_decode=8).budget == 8                      # per-step throughput
+    tied = {i: 50 for i in range(8)}
+    assert ctl.plan(trees, base_tokens=8, num_decode=8, remaining=tied).budget == 0
+    behind = {i: 50 if i < 2 else 10 for i in range(8)}
+    assert ctl.plan(trees, base_tokens=8, num_decode=8, remaining=behind).budget == 8
+    # every tied row drafting shortens the batch: that pays in a closed batch too
+    everyone = {i: scored_chain(4, 1.0) for i in range(8)}
+    assert ctl.plan(everyone, base_tokens=8, num_decode=8, remaining=tied).budget > 0
+
+
+def test_a_step_with_a_prefill_chunk_drafts_only_what_pays_at_the_decoding_rate() -> None:
+    """A step that carries a 512-token prefill chunk is slow for reasons drafting does not change. Rated by
+    the whole step, its 8 decoding rows looked slow (8 tokens per ~1 s) and nodes accepted 40% of the time
+    looked like a bargain; rated as decoding (8 tokens per 36 ms) plus what the nodes add, they do not pay."""
+    ctl = calibrated_controller()
+    weak = {i: scored_chain(1, 0.4) for i in range(8)}
+    strong = {i: scored_chain(1, 1.0) for i in range(8)}
+    assert ctl.plan(weak, base_tokens=8 + 512, num_decode=8).budget == 0
+    assert ctl.plan(strong, base_tokens=8 + 512, num_decode=8).budget == 8
+    assert ctl.plan(weak, base_tokens=8, num_decode=8).budget == 0       # pure decoding: same verdict
+
+
+def test_makespan_value_of_one_row_is_its_accepted_tokens() -> None:
+    """One row: every accepted token saves a whole step, as in the throughput rule. Many rows: a token on a
+    row that is ahead saves only the per-row cost c; tied rows save the fixed cost F only together."""
+    from onspec.spec.controller import MakespanValue
+
+    one = MakespanValue({7: 30}, step_seconds=0.025, one_row_seconds=0.025)
+    assert one.add(7, 0.8) == pytest.approx(0.8 * 0.025) and one.add(7, 0.5) == pytest.approx(1.3 * 0.025)
+    # T(4) = 0.032, T(1) = 0.020: c = 0.004, F = 0.016
+    ahead = MakespanValue({0: 10, 1: 40, 2: 40, 3: 40}, step_seconds=0.032, one_row_seconds=0.020)
+    assert ahead.add(0, 1.0) == pytest.approx(0.004)
+    tied = MakespanValue({1: 40, 2: 40, 3: 40, 4: 40}, step_seconds=0.032, one_row_seconds=0.020)
+    for sid in (1, 2, 3):
+        worth = tied.add(sid, 1.0)
+    assert worth == pytest.approx(3 * 0.004)                   # row 4 still holds the batch at 40
+    assert tied.add(4, 1.0) == pytest.approx(4 * 0.004 + 0.016)
+    # accepted tokens beyond what a row may still produce are worth nothing
+    short = MakespanValue({0: 1, 1: 1}, step_seconds=0.032, one_row_seconds=0.020)
+    assert short.add(0, 1.0) == short.add(0, 1.0)
+
+
+def test_generate_drafts_for_a_closed_batch_the_server_for_a_stream(tiny) -> None:
+    """LLM.generate returns when the whole batch is done: with objective "auto" its steps are planned by
+    makespan (``remaining`` passed to plan) whenever nothing waits; steps driven one by one (a server)
+    and objective "throughput" are planned per step."""
+    def planned(objective: str, via_generate: bool) -> list:
+        eng = engine_for(tiny, SpecConfig(mode="suffix", profile_at_start=False, objective=objective), max_num_seqs=4)
+        seen = []
+        plan = eng.spec.controller.plan
+
+        def spy(trees, base_tokens, num_decode, remaining=None):
+            seen.append(remaining)
+            return plan(trees, base_tokens, num_decode, remaining)
+
+        eng.spec.controller.plan = spy
+        prompts = token_prompts(tiny.arch.vocab_size, (5, 9, 12))
+        params = SamplingParams(temperature=0, max_tokens=6)
+        if via_generate:
+            generate(eng, prompts, params)
+        else:
+            for i, p in enumerate(prompts):
+                eng.add_request(f"r{i}", p, params)
+            while eng.has_unfinished():
+                eng.step()
+        assert eng.closed_batch is False
+        return seen
+
+    closed = [r for r in planned("auto", True) if r is not None]
+    assert closed and all(1 <= v <= 6 for r in closed for v in r.values())
+    assert all(r is None for r in planned("auto", False))
+    assert all(r is None for r in planned("throughput", True))
+    assert any(r is not None for r in planned("makespan", False))
+    with pytest.raises(ConfigError, match="objective"):
+        SpecConfig(objective="latency")
+
+
+def test_live_step_costs_replace_the_start_up_profile() -> None:
+    """Profile readings are priors: the first live step of a size replaces them outright (they missed the
+    step's drafting, verification and real contexts), and a later profile reading changes nothing."""
+    cost = StepCostModel()
+    cost.observe(16, 0.045, "masked", prior=True)
+    cost.observe(16, 0.047, "masked", prior=True)
+    assert cost.cost(16, "masked") == pytest.approx(0.046)
+    cost.observe(16, 0.060, "masked")
+    assert cost.cost(16, "masked") == pytest.approx(0.060)
+    cost.observe(16, 0.070, "masked")
+    assert cost.cost(16, "masked") == pytest.approx(0.065)     # a running mean until the EMA takes over
+    cost.observe(16, 0.010, "masked", prior=True)
+    assert cost.cost(16, "masked") == pytest.approx(0.065)
+    # The live/profile ratio seen at 16 tokens (0.060 / 0.046) scales what only the profile measured.
+    cost.observe(8, 0.030, "plain", prior=True)
+    assert cost.cost(8, "plain") == pytest.approx(0.030 * 0.060 / 0.046)
+
+
+def test_start_up_profile_times_batched_decoding_and_verification(tiny) -> None:
+    eng = engine_for(tiny, SpecConfig(mode="suffix", profile_at_start=True), max_num_seqs=8)
+    cost = eng.spec.controller.cost
+    assert set(cost.tables["plain"]) == {1, 2, 4, 8}           # B rows x 1 token
+    assert set(cost.tables["masked"]) == {2, 4, 8, 16}         # B rows x 2 tokens
+    assert eng.kv.num_free == eng.kv.num_slots
 
 
 def test_controller_off_at_large_batch() -> None:

@@ -116,6 +116,9 @@ class Engine:
         # sample's seq_id, handed to the samples that copy those cache rows (dropped when all finished)
         self._prompt_aux: dict[int, list[torch.Tensor]] = {}
         self.spec = None  # set by attach_speculation(); None means plain decoding
+        # True while a caller waits for every running request at once (LLM.generate): speculation may then
+        # value tokens by how much they shorten the batch (SpecConfig.objective).
+        self.closed_batch = False
         self.step_listeners: list = []  # callables(engine, step_info) for metrics, traces, controllers
 
     # ---- requests ----------------------------------------------------------------------------

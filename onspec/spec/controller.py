@@ -80,6 +80,20 @@ class StepCostModel:
         # overdrafted. Seen on an AVX2-only CPU, where a forward's cost grows steeply with its tokens:
         # forced suffix drafting ran 0.88x of off (bench/results/online_day1_s12.json).
         self.sizes: dict[str, dict[int, float]] = {k: {} for k in self.KINDS}
+        # Live observations per bucket. The EMA weight of the n-th is max(1 - decay, 1 / n), a running mean
+        # that turns into the EMA after 1 / (1 - decay) steps, so the first live step replaces the start-up
+        # profile outright. Why: the profile times bare forwards over scratch rows, while a live step also
+        # pays for drafting, verification, cache compaction and real contexts; at batch 8 on an AVX2-only
+        # CPU the profile put a 16-token masked step at 45 ms and live steps took 55-65 ms, and at weight
+        # 0.1 per step the controller drafted on that optimistic figure for ~20 steps (a 64-step batch ran
+        # 0.81x of speculation off, bench/results/speculation_s13.json).
+        self.live: dict[str, dict[int, int]] = {k: {} for k in self.KINDS}
+        # Live seconds over profiled seconds, measured where a live step lands in a profiled bucket and
+        # applied to the buckets only the profile has measured yet. Why: a live step at batch 32 took
+        # 150-175 ms against 89 ms profiled (the step's own work, longer contexts), so the first live plain
+        # reading next to unscaled masked priors made verification look cheaper than decoding.
+        self.prior_scale = 1.0
+        self._scale_samples = 0
 
     @property
     def table(self) -> dict[int, float]:
@@ -88,21 +102,35 @@ class StepCostModel:
 
     bucket = staticmethod(pow2_bucket)
 
-    def observe(self, tokens: int, seconds: float, kind: str = "masked") -> None:
-        table, sizes = self.tables[kind], self.sizes[kind]
+    def observe(self, tokens: int, seconds: float, kind: str = "masked", prior: bool = False) -> None:
+        """Record a forward of ``tokens`` tokens that took ``seconds``. ``prior``: a start-up profile
+        reading, kept only until the bucket's first live observation."""
+        table, sizes, live = self.tables[kind], self.sizes[kind], self.live[kind]
         b = self.bucket(tokens)
-        old = table.get(b)
-        table[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
-        sizes[b] = float(tokens) if old is None else self.decay * sizes[b] + (1 - self.decay) * tokens
+        if b not in table:
+            table[b], sizes[b] = seconds, float(tokens)
+            live[b] = 0 if prior else 1
+            return
+        if prior and live.get(b, 0):
+            return  # live steps already measured this bucket
+        if not prior and not live.get(b, 0):  # the first live step where the profile measured
+            self._scale_samples += 1
+            w = max(1.0 - self.decay, 1.0 / self._scale_samples)
+            self.prior_scale = (1 - w) * self.prior_scale + w * seconds / table[b]
+        n = live.get(b, 0) + (0 if prior else 1)
+        live[b] = n
+        w = max(1.0 - self.decay, 1.0 / n) if n else 0.5
+        table[b] = (1 - w) * table[b] + w * seconds
+        sizes[b] = (1 - w) * sizes[b] + w * tokens
 
     def cost(self, tokens: int, kind: str = "masked") -> float:
         if not self.tables[kind]:
             kind = "plain" if kind == "masked" else "masked"
-        table, sizes = self.tables[kind], self.sizes[kind]
+        table, sizes, live = self.tables[kind], self.sizes[kind], self.live[kind]
         if not table:
             return 1.0
         # (mean size, seconds) per bucket; buckets partition the sizes, so the means strictly increase
-        points = [(sizes[b], table[b]) for b in sorted(table)]
+        points = [(sizes[b], table[b] * (1.0 if live.get(b, 1) else self.prior_scale)) for b in sorted(table)]
         if tokens <= points[0][0]:
             return points[0][1]
         for (x0, y0), (x1, y1) in zip(points, points[1:]):
@@ -131,6 +159,42 @@ class Plan:
     budget: int
     expected_tokens: float
     expected_seconds: float
+
+
+class MakespanValue:
+    """What expected accepted tokens are worth, in seconds saved, when the batch is closed (nothing waits
+    to take a finished row's place), for ``Controller.plan``.
+
+    Per-step throughput counts every accepted token alike. In a closed batch it misleads: the batch is
+    done when its last row is, so tokens accepted by rows that are ahead only drop those rows from later
+    steps a little sooner. On an AVX2-only CPU (default model, batch 8, 64 tokens each) steps that drafted
+    committed 44 tokens in 146 ms against 8 in 37 ms, yet the batch took longer than with speculation off:
+    the accepted tokens went to the rows copying from their prompts, which then waited for the others
+    (bench/speculation.py (e): 0.81x at batch 8, session 13).
+
+    Model: a decoding step of B rows costs T(B) = F + c B (F: the part every step pays, weights streamed
+    once; c: per row), so the time left is about F * S + c * sum(s_r), where s_r is row r's steps left and
+    S = max s_r. Accepting a_r tokens on row r saves c * a_r and shortens S from M = max(rem_r) to
+    max(rem_r - a_r): the F part pays only for tokens that shorten the longest rows, and for tied rows only
+    when all of them advance. rem_r is max_tokens minus the tokens produced (an end-of-sequence token may
+    come sooner: the value then errs high, towards the throughput rule). The rows are every running
+    request, prefilling ones included (they are the furthest behind). c and F come from the plain curve:
+    c = (T(B) - T(1)) / (B - 1), clipped to [0, T(B) / B]."""
+
+    def __init__(self, remaining: dict[int, int], step_seconds: float, one_row_seconds: float) -> None:
+        rows = len(remaining)
+        self.remaining = remaining
+        self.longest = max(remaining.values())
+        per_row = step_seconds / rows
+        self.c = min(per_row, max(0.0, (step_seconds - one_row_seconds) / (rows - 1))) if rows > 1 else 0.0
+        self.f = step_seconds - self.c * rows
+        self.accepted: dict[int, float] = {}
+
+    def add(self, seq_id: int, p: float) -> float:
+        """Add a node accepted with probability ``p`` on row ``seq_id``; the seconds all nodes so far save."""
+        self.accepted[seq_id] = min(self.remaining[seq_id], self.accepted.get(seq_id, 0.0) + p)
+        longest_after = max(rem - self.accepted.get(sid, 0.0) for sid, rem in self.remaining.items())
+        return self.c * sum(self.accepted.values()) + self.f * (self.longest - longest_after)
 
 
 @dataclass
@@ -173,8 +237,13 @@ class Controller:
                 self.decisions["off"] = self.decisions.get("off", 0) + 1
         return out
 
-    def plan(self, trees: dict[int, DraftTree], base_tokens: int, num_decode: int) -> Plan:
-        """Spend the batch budget by marginal benefit; 0 nodes (off) when drafting does not pay."""
+    def plan(self, trees: dict[int, DraftTree], base_tokens: int, num_decode: int,
+             remaining: dict[int, int] | None = None) -> Plan:
+        """Spend the batch budget by marginal benefit; 0 nodes (off) when drafting does not pay.
+
+        ``remaining``: tokens each decoding row may still produce, given when the batch is closed (no
+        request waits and the caller wants them all): accepted tokens are then valued by how much they
+        shorten the batch (``MakespanValue``), not one decoding token each."""
         if num_decode >= self.cfg.off_batch_size:
             trees = {}
         nodes: list[tuple[float, int, int]] = []
@@ -183,11 +252,22 @@ class Controller:
             nodes.extend((cal[i], sid, i) for i in range(1, len(tree)))
         nodes.sort(key=lambda x: -x[0])
         nodes = nodes[: self.cfg.max_batch_draft_tokens]
-        best_k, best_rate = 0, num_decode / self.base_cost(base_tokens, num_decode)
+        # Rates are those of the decoding rows alone: B tokens per plain step of B rows, and with k nodes
+        # B + (expected accepted) tokens per that step plus the time the nodes add to this one. Why not
+        # the whole step's time: a step that carries a prefill chunk is slow for reasons drafting does not
+        # change, so B / T(step) made the decoding rows look slow and every node a bargain (at batch 32
+        # prefill steps drafted 60-128 nodes; 128 nodes added 540 ms to a 930 ms step for 42 tokens that
+        # plain steps decode at ~4 ms each).
+        base = self.base_cost(base_tokens, num_decode)
+        decode = base if base_tokens <= num_decode else self.cost.cost(num_decode, "plain")
+        best_k, best_rate = 0, num_decode / decode
+        worth = None
+        if remaining:
+            worth = MakespanValue(remaining, self.cost.cost(len(remaining), "plain"), self.cost.cost(1, "plain"))
         gain = float(num_decode)
-        for k, (p, _, _) in enumerate(nodes, start=1):
-            gain += p
-            rate = gain / self.cost.cost(self.padded(base_tokens + k), "masked")
+        for k, (p, sid, _) in enumerate(nodes, start=1):
+            gain = num_decode + worth.add(sid, p) * num_decode / decode if worth is not None else gain + p
+            rate = gain / (decode + self.cost.cost(self.padded(base_tokens + k), "masked") - base)
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
         keep: dict[int, int] = {}
@@ -374,7 +454,22 @@ class Speculation:
             self.draft_cost[name] = dt if name not in self.draft_cost else 0.9 * self.draft_cost[name] + 0.1 * dt
             self.draft_seconds += dt
         chosen = self.controller.choose(candidates)
-        return self.controller.plan(chosen, step_tokens, len(decode_seqs)).trees
+        remaining = self._closed_remaining(decode_seqs)
+        return self.controller.plan(chosen, step_tokens, len(decode_seqs), remaining).trees
+
+    def _closed_remaining(self, decode_seqs: list) -> dict[int, int] | None:
+        """Tokens each decoding row may still produce when the batch is closed and its makespan is the
+        objective (``SpecConfig.objective``, ``MakespanValue``); None where every token counts alike."""
+        objective = self.cfg.objective
+        if objective == "auto":
+            objective = "makespan" if getattr(self.engine, "closed_batch", False) else "throughput"
+        scheduler = getattr(self.engine, "scheduler", None)
+        if objective != "makespan" or scheduler is None or scheduler.num_waiting:
+            return None
+        max_len = getattr(self.engine, "max_model_len", None) or 1 << 30
+        rows = {s.seq_id: s for s in scheduler.running} | {s.seq_id: s for s in decode_seqs}
+        return {sid: max(1, min(s.params.max_tokens - s.num_output, max_len - len(s.tokens)))
+                for sid, s in rows.items()}
 
     def _price_depth(self, name: str, num_decode: int, step_tokens: int) -> None:
         """Tell a drafter model what a token is worth this step, so it stops growing a tree where one more
@@ -504,24 +599,36 @@ class SuffixAdapter:
         return {s.seq_id: self.inner.propose(s.seq_id, budgets[s.seq_id]) for s in seqs}
 
 
-def profile_costs(engine, controller: Controller, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
-                  repeats: int = 2) -> None:
-    """Time target forwards of a few sizes on a scratch slot so the first decisions are informed."""
+def profile_costs(engine, controller: Controller, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+                  context: int = 128, repeats: int = 2) -> None:
+    """Time target forwards at start-up so the first decisions are informed: for B rows over ``context``
+    cached tokens each, a decoding step (B x 1 token: the plain curve) and a verification step with one
+    node per row (B x 2 tokens: the masked curve). Batched shapes, not one row of n tokens: a 16-token
+    verification step of 8 rows took 50 ms against 45 ms for one 16-token row (default model, AVX2-only
+    CPU; the attention grids differ), and reading the cheaper one the controller drafted at batch 8 where
+    it lost. Rows beyond the free slots are not profiled (their sizes are learnt live). The readings are
+    priors: the first live step of a size replaces them (``StepCostModel.observe``)."""
     from ..engine.runner import RowSpec
 
-    if engine.kv.num_free == 0:
+    free = engine.kv.num_free
+    if free == 0:
         return
-    slot = engine.kv.allocate()
+    context = max(0, min(context, engine.kv.max_len - 2))
+    slots = [engine.kv.allocate() for _ in range(min(free, max(rows)))]
     try:
-        for n in sizes:
-            if n > engine.kv.max_len:
+        for b in rows:
+            if b > len(slots):
                 break
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                engine.runner.run([RowSpec(slot, 0, [0] * n, logits_from=0)])
-                controller.cost.observe(n, time.perf_counter() - t0, "plain" if n == 1 else "masked")
+            for k, kind in ((1, "plain"), (2, "masked")):
+                spec = [RowSpec(slot, context, [0] * k, logits_from=0) for slot in slots[:b]]
+                for i in range(repeats + 1):  # the first run warms up this shape
+                    t0 = time.perf_counter()
+                    engine.runner.run(spec)
+                    if i:
+                        controller.cost.observe(b * k, time.perf_counter() - t0, kind, prior=True)
     finally:
-        engine.kv.free(slot)
+        for slot in slots:
+            engine.kv.free(slot)
 
 
 def attach_speculation(engine, cfg: SpecConfig, extra: dict[str, Proposer] | None = None) -> Speculation:
