@@ -189,25 +189,23 @@ class MakespanValue:
 
     def __init__(self, remaining: dict[int, int], step_seconds: float, one_row_seconds: float) -> None:
         rows = len(remaining)
-        self.remaining = remaining
         self.longest = max(remaining.values())
         per_row = step_seconds / rows
         self.c = min(per_row, max(0.0, (step_seconds - one_row_seconds) / (rows - 1))) if rows > 1 else 0.0
         self.f = step_seconds - self.c * rows
-        self.accepted: dict[int, float] = {}
-        self.total = 0.0
-        # rows by tokens left after this step's expected acceptance: a max-heap with stale entries skipped
-        # (``plan`` adds up to 128 nodes over up to 63 rows per step; a scan per node cost 0.2 s per run)
+        self.total = 0.0  # expected accepted tokens over all rows so far
+        # tokens each row has left after this step's expected acceptance, and the rows in a max-heap of
+        # them with stale entries skipped (``plan`` adds up to 128 nodes over up to 63 rows per step; a
+        # scan of every row per node cost 0.2 s per run)
         self.left = {sid: float(rem) for sid, rem in remaining.items()}
         self.heap = [(-rem, sid) for sid, rem in self.left.items()]
         heapq.heapify(self.heap)
 
     def add(self, seq_id: int, p: float) -> float:
         """Add a node accepted with probability ``p`` on row ``seq_id``; the seconds all nodes so far save."""
-        old = self.accepted.get(seq_id, 0.0)
-        new = min(float(self.remaining[seq_id]), old + p)
-        self.accepted[seq_id], self.total = new, self.total + new - old
-        self.left[seq_id] = self.remaining[seq_id] - new
+        old = self.left[seq_id]
+        self.left[seq_id] = max(0.0, old - p)   # a row cannot accept more tokens than it has left
+        self.total += old - self.left[seq_id]
         heapq.heappush(self.heap, (-self.left[seq_id], seq_id))
         while -self.heap[0][0] != self.left[self.heap[0][1]]:
             heapq.heappop(self.heap)
