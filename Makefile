@@ -30,6 +30,7 @@ run: install
 	$(BIN)/onspec serve --model default --host $(HOST) --port $(PORT) --speculation auto --train online
 
 test: install browser
+	$(BIN)/python -c 'from onspec.models.bf16_linear import build_and_report; build_and_report()'
 	$(BIN)/python -m pytest -q
 
 test-slow: install

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,18 @@ from onspec.models.loader import load_model, resolve_model_dir
 # Tiny models gain nothing from a second thread, and on a busy 2-core machine (servers, trainer processes
 # and pytest side by side) spinning OpenMP threads slow such work down many times over.
 torch.set_num_threads(1)
+
+
+def pytest_configure(config) -> None:
+    """A run ended from outside (CI's time limit sends SIGTERM) first writes every thread's stack to the
+    real stderr, so a hang anywhere (collection included, where the per-test timeout does not reach) says
+    where it was. The descriptor is a copy taken now: during a test, fd 2 is pytest's capture file."""
+    stderr_copy = os.fdopen(os.dup(2), "w")
+    config.stash[STDERR_COPY] = stderr_copy    # kept open for the session: faulthandler holds only the fd
+    faulthandler.register(signal.SIGTERM, file=stderr_copy, all_threads=True, chain=True)
+
+
+STDERR_COPY = pytest.StashKey()
 
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,20 @@ the way wherever it does not apply."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from onspec.models.bf16_linear import Bf16Linear, adopt_bf16_kernel, kernel_wanted, load_kernel, pack_weight
+from onspec.models.bf16_linear import (Bf16Linear, adopt_bf16_kernel, build_lock, kernel_wanted, load_kernel,
+                                       pack_weight)
 
 needs_kernel = pytest.mark.skipif(load_kernel() is None, reason="the bf16 kernel does not apply on this CPU")
 
@@ -157,3 +165,38 @@ def test_trainers_autocast_to_bf16_only_where_the_cpu_multiplies_bf16_natively()
     here = native_bf16_product()
     assert TrainerConfig().autocast is here and GRPOConfig().autocast is here
     assert TrainerConfig(autocast=True).autocast                            # still the user's to choose
+
+
+def _hold_build_lock_then_die(build: str, ready) -> None:
+    """A builder that takes the lock, leaves PyTorch's lock file as a compile in progress does, and is killed."""
+    with build_lock(Path(build)):
+        (Path(build) / "lock").touch()
+        ready.set()
+        time.sleep(600)
+
+
+def test_a_killed_builders_lock_neither_hangs_nor_outlives_it(tmp_path) -> None:
+    """PyTorch's builder waits forever on a lock file a killed build left; ``build_lock`` waits only for a
+    live builder and then clears the file (a CI run once hung for 90 minutes; this is one way it can)."""
+    build = tmp_path / "kernels" / "bf16_linear_x"
+    build.mkdir(parents=True)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    builder = ctx.Process(target=_hold_build_lock_then_die, args=(str(build), ready), daemon=True)
+    builder.start()
+    assert ready.wait(30)
+    took: list[tuple[float, bool]] = []   # (seconds waited, whether PyTorch's lock file was still there)
+
+    def take() -> None:
+        start = time.monotonic()
+        with build_lock(build):
+            took.append((time.monotonic() - start, (build / "lock").exists()))
+
+    waiter = threading.Thread(target=take)
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive() and not took    # a live builder holds it: the next one waits
+    os.kill(builder.pid, signal.SIGKILL)
+    builder.join(10)
+    waiter.join(10)
+    assert len(took) == 1 and took[0][0] >= 1.0 and not took[0][1]  # taken once it died, its lock file cleared

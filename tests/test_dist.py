@@ -93,3 +93,18 @@ def test_ray_two_workers_match_one_and_receive_weights(chat_tiny, tmp_path):  # 
         assert runner.backend.fingerprints() == pytest.approx([expect, expect], rel=1e-12)
     finally:
         runner.close()
+
+
+@pytest.mark.slow
+def test_ray_workers_that_do_not_come_up_in_time_are_a_clear_error(chat_tiny, monkeypatch):  # noqa: F811
+    """Ray waits forever for an actor by default; a worker that is not ready in time ends the run with one line."""
+    pytest.importorskip("ray")
+    from onspec.dist import backend
+
+    monkeypatch.setattr(backend, "WORKER_START_TIMEOUT_S", 0.01)   # no engine loads a model in 10 ms
+    cfg = RLConfig(model=str(chat_tiny), rollout=RolloutConfig(group_size=2, max_tokens=4), speculation="suffix",
+                   max_num_seqs=2, max_model_len=128, threads=1, workers=2)
+    with pytest.raises(ValueError, match=r"a rollout worker failed to start: not ready after 0.01 s"):
+        backend.RayBackend(cfg)
+    import ray
+    assert not ray.is_initialized()     # the Ray it started is shut down again

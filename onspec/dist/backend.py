@@ -15,6 +15,10 @@ from ..rl.rollout import RolloutResult
 from .coordinator import run_distributed_rollout
 from .worker import RolloutStats, RolloutWorker, TickResult
 
+# How long the workers may take to build their engines (load the model, profile costs). Ray waits forever
+# by default; a worker process that never comes up (out of memory, a node lost) should be an error.
+WORKER_START_TIMEOUT_S = 600.0
+
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> bool:
     """Start or join Ray; True when this call started it (so the caller should shut it down)."""
@@ -87,9 +91,11 @@ class RayBackend:
         actor_cls = ray.remote(num_cpus=0)(RolloutWorker)
         self.actors = [actor_cls.remote(cfg, i) for i in range(cfg.workers)]
         try:
-            capacities = ray.get([a.ready.remote() for a in self.actors])
-        except Exception as exc:  # a worker failed to build its engine: surface the cause
+            capacities = ray.get([a.ready.remote() for a in self.actors], timeout=WORKER_START_TIMEOUT_S)
+        except Exception as exc:  # a worker failed to build its engine, or never came up: surface the cause
             self.close()
+            if isinstance(exc, ray.exceptions.GetTimeoutError):
+                exc = f"not ready after {WORKER_START_TIMEOUT_S:g} s"
             raise ValueError(f"workers: a rollout worker failed to start: {exc}") from None
         self.cfg = cfg
         self.pool = RayPool(self.actors, capacities)

@@ -20,12 +20,15 @@ onspec cache directory); if it cannot be built, a warning is logged and PyTorch'
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -76,13 +79,37 @@ def load_kernel() -> ModuleType | None:
 
         _put_ninja_on_path()
         build.mkdir(parents=True, exist_ok=True)
-        return load(name=f"onspec_bf16_linear_{tag}", sources=[str(KERNEL_DIR / n) for n in KERNEL_SOURCES],
-                    build_directory=str(build), extra_cflags=list(KERNEL_CFLAGS), extra_ldflags=["-fopenmp"],
-                    verbose=False)
+        with build_lock(build):
+            return load(name=f"onspec_bf16_linear_{tag}", sources=[str(KERNEL_DIR / n) for n in KERNEL_SOURCES],
+                        build_directory=str(build), extra_cflags=list(KERNEL_CFLAGS), extra_ldflags=["-fopenmp"],
+                        verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: PyTorch's product still works
         log.warning("onspec's CPU kernels unavailable (%s: %s); using PyTorch's bf16 ops, whose product is "
                     "slow for multi-token forwards on this CPU", type(exc).__name__, exc)
         return None
+
+
+@contextlib.contextmanager
+def build_lock(build: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``build`` for one process's build-and-load, clearing a dead builder's lock.
+
+    PyTorch's extension builder guards a build with a lock *file* (``build/lock``, ``FileBaton``) and
+    waits, without a time limit, for it to go away. A builder killed mid-compile (a trainer process or a
+    server stopped by a timeout, Ctrl-C twice) leaves the file behind, and every later process then hung
+    on its first bf16 model load. An ``flock`` is released by the kernel when its
+    holder dies, so holding one around ``load`` means a ``lock`` file found while holding it belongs to
+    no live onspec builder and can go.
+    """
+    with open(build.parent / f"{build.name}.flock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)   # waits while another live process builds (about a minute)
+        try:
+            stale = build / "lock"
+            if stale.exists():
+                log.warning("removing %s left by a kernel build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _put_ninja_on_path() -> None:
@@ -151,3 +178,20 @@ def adopt_bf16_kernel(module: nn.Module) -> int:
             m.__class__ = Bf16Linear
             n += 1
     return n
+
+
+
+def build_and_report() -> bool:
+    """Build (first time) or load the kernels and say so on stdout; ``make test`` runs this before the
+    tests, so a build problem shows by name in a log instead of inside the first test that loads a model."""
+    import time
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not kernel_wanted():
+        print("onspec CPU kernels: not used on this CPU (native bf16 product, or no AVX2/FMA)")
+        return False
+    print("onspec CPU kernels: building or loading (about a minute the first time on 2 cores)", flush=True)
+    start = time.monotonic()
+    ok = load_kernel() is not None
+    print(f"onspec CPU kernels: {'ready' if ok else 'unavailable, PyTorch ops used'} ({time.monotonic() - start:.1f} s)")
+    return ok
