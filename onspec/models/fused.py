@@ -1,5 +1,5 @@
-"""The decoder layer's elementwise steps (RMSNorm, rotary embedding with the K/V cache write, SiLU * up),
-each as one call to onspec's CPU kernel where it applies and as plain PyTorch everywhere else.
+"""The decoder layer's elementwise steps (RMSNorm, rotary embedding with the K/V cache write, SiLU * up)
+and its attention, each as one call to onspec's CPU kernel where it applies and as PyTorch everywhere else.
 
 Why: on CPUs where onspec's bf16 linear kernel runs (AVX2 without a native bf16 product, see
 ``bf16_linear.py``) the matrix products of a decoding step got fast enough that the ~40 small PyTorch ops
@@ -8,6 +8,10 @@ The kernel versions (``kernels/bf16_elementwise.cpp``) do each step in one call 
 PyTorch's bf16 ops round, so they compute what the PyTorch versions below compute (up to the last bit of
 an ``exp`` or a sum's order, which moves a value by at most one bf16 step; the tests bound it). Like the
 linear kernel they are row-local, so a row's output never depends on the rest of the batch.
+
+Attention (``kernels/bf16_attention.cpp``) is row-local too, which PyTorch's is not: each token attends
+over the keys it may see in position order, so a draft-tree node gets bit for bit what the same token
+gets when decoded plainly, and bf16 speculative greedy output equals plain greedy output.
 
 The kernel path is taken for bf16 CPU tensors when no gradient is wanted and the kernel is loaded;
 float32, training and every other machine use the PyTorch versions.
@@ -74,3 +78,19 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out.view(*shape[:-1], shape[-1] // 2)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def attention_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether ``attend_rows`` can serve this layer (bf16 CPU, contiguous caches, head_dim a multiple of 8)."""
+    return (q.shape[-1] % 8 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and kernel_applies(q, k_cache, v_cache))
+
+
+def attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
+                allowed: torch.Tensor | None, key_len: int) -> torch.Tensor:
+    """Packed queries [N, h, D] against ``cache[slot[i], :, :key_len]`` -> [N, h * D], token i seeing the
+    positions where ``allowed[i]`` [N, key_len] is True (None: all of them). Softmax scale 1/sqrt(D)."""
+    none = torch.empty(0, 0, dtype=torch.bool)
+    return load_kernel().attend_bf16(q.contiguous(), k_cache, v_cache, slot.contiguous(),
+                                     none if allowed is None else allowed.contiguous(), key_len,
+                                     q.shape[-1] ** -0.5)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import rms_norm, rope_and_cache, silu_mul
+from .fused import attend_rows, attention_kernel_applies, rms_norm, rope_and_cache, silu_mul
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -193,6 +193,11 @@ class DecoderLayer(nn.Module):
                 out[sel] = self._attend(q[sel], k_cache, v_cache, sub)
             return out
         a, B, T = self.a, batch.B, batch.T
+        if attention_kernel_applies(q, k_cache, v_cache):
+            # row-local attention (fused.py): a token's result does not depend on the grid around it
+            cells = batch.token_index if batch.token_index is not None else torch.arange(q.shape[0])
+            allowed = None if batch.mask is None else batch.mask.view(B * T, -1)[cells]
+            return attend_rows(q, k_cache, v_cache, batch.slots[cells // T], allowed, batch.key_len)
         if batch.token_index is not None:  # unpack into the padded [B, T] grid
             full = q.new_zeros(B * T, *q.shape[1:])
             full[batch.token_index] = q
