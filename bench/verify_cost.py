@@ -4,11 +4,13 @@ with onspec's CPU kernels and with PyTorch's bf16 ops (onspec/models/bf16_linear
 Speculation pays only if verifying k tokens costs much less than k decoding steps. Where the CPU has a
 native bf16 product (AMX, avx512_bf16) a forward of many tokens costs about as much as one; on CPUs with
 AVX2 only, PyTorch's bf16 product costs time in proportion to the rows, and the kernel exists to restore
-the first property; the fused elementwise ops cut the per-layer overhead that is left. Three modes:
-``kernels`` (both), ``linear`` (the linear kernel alone, PyTorch's elementwise ops) and
-``pytorch`` (neither). For each k the bench prints each mode's forward time and its cost relative to
-decoding (k = 1) in the same mode, plus the speedup of ``kernels`` over ``pytorch`` at the same shape. All
-modes run in the same process, interleaved, on the same model and cache; medians over ``--repeats``.
+the first property; the fused elementwise ops cut the per-layer overhead that is left. Four modes:
+``kernels`` (all of them), ``sdpa`` (all but the row-local attention kernel: PyTorch's attention),
+``linear`` (the linear kernel alone, PyTorch's elementwise ops and attention) and ``pytorch`` (none).
+For each k the bench prints each mode's forward time and its cost relative to decoding (k = 1) in the
+same mode, plus the speedups of ``kernels`` over ``pytorch`` and over ``sdpa`` at the same shape (the
+second: what bit-exact bf16 speculation costs or saves). All modes run in the same process, interleaved,
+on the same model and cache; medians over ``--repeats``.
 
     python bench/verify_cost.py                       # default model, bf16, 2 rows at 300 cached tokens
     python bench/verify_cost.py --rows 1 4 --tokens 1 2 4 8 16 32 --repeats 15
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from onspec.engine.kv_cache import KVCache
     from onspec.engine.runner import ModelRunner, RowSpec
     from onspec.cpu import NATIVE_BF16_FLAGS, cpu_flags
-    from onspec.models import fused
+    from onspec.models import fused, llama
     from onspec.models.bf16_linear import Bf16Linear, load_kernel
     from onspec.models.loader import load_model
 
@@ -61,13 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     kv = KVCache(loaded.arch, max(args.rows), max_len, torch.bfloat16)
     runner = ModelRunner(loaded.model, kv)
 
-    kernel_applies = fused.kernel_applies
+    kernel_applies, attention_applies = fused.kernel_applies, llama.attention_kernel_applies
 
     def use_mode(mode: str) -> None:
         for m in linears:
-            m.__class__ = Bf16Linear if mode in ("kernels", "linear") else nn.Linear
-        # the fused ops take the kernel path only where ``kernel_applies`` says so
-        fused.kernel_applies = kernel_applies if mode == "kernels" else (lambda *tensors: False)
+            m.__class__ = Bf16Linear if mode != "pytorch" else nn.Linear
+        # the fused ops take the kernel path only where ``kernel_applies`` says so; attention where the
+        # layer's ``attention_kernel_applies`` does
+        fused.kernel_applies = kernel_applies if mode in ("kernels", "sdpa") else (lambda *tensors: False)
+        llama.attention_kernel_applies = attention_applies if mode == "kernels" else (lambda *tensors: False)
 
     def forward_seconds(rows: int, k: int) -> float:
         spec = [RowSpec(slot=s, cache_len=args.cached, tokens=list(range(100, 100 + k)), logits_from=0)
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.run(spec)
         return time.perf_counter() - t0
 
-    modes = ("kernels", "linear", "pytorch")
+    modes = ("kernels", "sdpa", "linear", "pytorch")
     times: dict[tuple[str, int, int], list[float]] = {}
     with torch.inference_mode():
         for rows in args.rows:
@@ -105,14 +109,16 @@ def main(argv: list[str] | None = None) -> int:
                 result |= {f"{mode}_ms": ms[(mode, rows, k)], f"{mode}_vs_k1": rel,
                            f"{mode}_samples_ms": [t * 1e3 for t in times[(mode, rows, k)]]}
             speedup = ms[("pytorch", rows, k)] / ms[("kernels", rows, k)]
-            table.append(row + [speedup])
-            results.append(result | {"kernels_speedup": speedup})
+            attention = ms[("sdpa", rows, k)] / ms[("kernels", rows, k)]
+            table.append(row + [speedup, attention])
+            results.append(result | {"kernels_speedup": speedup, "attention_kernel_speedup": attention})
     notes = [f"medians of {args.repeats} interleaved repeats; {args.cached} tokens cached per row; "
              f"'x k={args.tokens[0]}': the forward's cost relative to {args.tokens[0]} token(s) per row "
              f"in the same mode"]
     if (w := busy_warning(args.threads)):
         notes.append(w)
-    columns = ["rows x tokens"] + [c for mode in modes for c in (f"{mode} ms", f"x k={k0}")] + ["kernels speedup"]
+    columns = ["rows x tokens"] + [c for mode in modes for c in (f"{mode} ms", f"x k={k0}")] + ["kernels speedup",
+                                                                                         "attention kernel speedup"]
     print_table(f"Target forward, {args.model} bf16, {args.threads} threads", columns, table, notes)
     flags = sorted(cpu_flags() & ({"avx2", "fma", "avx512f"} | NATIVE_BF16_FLAGS))
     payload = {"machine": {**machine_info(args.threads), "cpu_flags": flags}, "args": vars(args), "results": results}
