@@ -44,7 +44,7 @@ KERNEL_ENV = "ONSPEC_BF16_KERNEL"
 KERNEL_DIR = Path(__file__).parent / "kernels"
 # one extension: the linear kernel, the fused elementwise ops and attention (onspec/models/fused.py), bindings
 KERNEL_SOURCES = ("bf16_linear.cpp", "bf16_elementwise.cpp", "bf16_attention.cpp", "module.cpp")
-KERNEL_HEADERS = ("bf16.h",)
+KERNEL_HEADERS = ("bf16.h", "bf16_simd.h")
 # -fopenmp: at::parallel_for is an OpenMP pragma in PyTorch's headers; compiled without it (sessions 12-13)
 # the kernels ran on one thread whatever torch.get_num_threads() said, half the machine on 2 cores
 KERNEL_CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")

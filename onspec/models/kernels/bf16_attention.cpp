@@ -24,13 +24,13 @@
 #include <immintrin.h>
 
 #include "bf16.h"
+#include "bf16_simd.h"
 
 namespace {
 
-inline __m256 widen8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+using onspec::exp8;
+using onspec::load8;
+using onspec::store8;
 
 // the 8 lanes summed in one fixed order, whatever the call site
 inline float hsum8(__m256 v) {
@@ -39,6 +39,7 @@ inline float hsum8(__m256 v) {
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));     // (0+4+2+6, 1+5+3+7)
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
+
 
 }  // namespace
 
@@ -71,45 +72,88 @@ torch::Tensor attend_bf16(torch::Tensor q, torch::Tensor k_cache, torch::Tensor 
   const bool* al = all_keys ? nullptr : allowed.data_ptr<bool>();
   for (int64_t i = 0; i < N; ++i) TORCH_CHECK(sl[i] >= 0 && sl[i] < S, "attend_bf16: slot out of range");
   const float fscale = static_cast<float>(scale);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * D));
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * D * (H / KVH)));
 
-  at::parallel_for(0, N * H, grain, [&](int64_t w0, int64_t w1) {
-    std::vector<float> score(L), acc(D), qf(D);
+  // One work item per (token, K/V head): the n_rep query heads that share the K/V head go together, their
+  // keys and values stay in L1 between heads. Dot products run four keys at a time and value sums 32 lanes
+  // at a time, so four independent FMA chains are in flight instead of one (a single chain per key was
+  // bound by FMA latency). Each key's dot product and each output lane's sum still add in one fixed order.
+  at::parallel_for(0, N * KVH, grain, [&](int64_t w0, int64_t w1) {
+    auto padded = [](int64_t n) { return (n + 7) / 8 * 8; };
+    const int64_t PL = padded(L);
+    std::vector<float> score(PL), qf(D);
     std::vector<int64_t> keys(L);
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t i = w / H, h = w % H;
-      const uint16_t* qrow = qb + (i * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) qf[d] = onspec::bf16_to_float(qrow[d]);
-      const int64_t base = (sl[i] * KVH + h / n_rep) * P * D;
+      const int64_t i = w / KVH, g = w % KVH;
+      const int64_t base = (sl[i] * KVH + g) * P * D;
       const bool* row = all_keys ? nullptr : al + i * L;
       int64_t n = 0;
-      float m = -INFINITY;
-      for (int64_t j = 0; j < L; ++j) {           // scores over the keys this token sees, in position order
-        if (row && !row[j]) continue;
-        const uint16_t* kr = kb + base + j * D;
-        __m256 s = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d]), widen8(kr + d), s);
-        const float x = hsum8(s) * fscale;
-        keys[n] = j;
-        score[n++] = x;
-        m = std::max(m, x);
+      for (int64_t j = 0; j < L; ++j)             // the keys this token sees, in position order
+        if (!row || row[j]) keys[n++] = j;
+      for (int64_t r = 0; r < n_rep; ++r) {
+        const int64_t h = g * n_rep + r;
+        uint16_t* orow = ob + (i * H + h) * D;
+        if (n == 0) {                              // sees nothing (never for a real token): zeros, not NaN
+          for (int64_t d = 0; d < D; ++d) orow[d] = 0;
+          continue;
+        }
+        const uint16_t* qrow = qb + (i * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) qf[d] = onspec::bf16_to_float(qrow[d]);
+        int64_t t = 0;
+        for (; t + 4 <= n; t += 4) {
+          const uint16_t *k0 = kb + base + keys[t] * D, *k1 = kb + base + keys[t + 1] * D,
+                         *k2 = kb + base + keys[t + 2] * D, *k3 = kb + base + keys[t + 3] * D;
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          for (int64_t d = 0; d < D; d += 8) {
+            const __m256 q8 = _mm256_loadu_ps(&qf[d]);
+            a0 = _mm256_fmadd_ps(q8, load8(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(q8, load8(k1 + d), a1);
+            a2 = _mm256_fmadd_ps(q8, load8(k2 + d), a2);
+            a3 = _mm256_fmadd_ps(q8, load8(k3 + d), a3);
+          }
+          score[t] = hsum8(a0) * fscale;
+          score[t + 1] = hsum8(a1) * fscale;
+          score[t + 2] = hsum8(a2) * fscale;
+          score[t + 3] = hsum8(a3) * fscale;
+        }
+        for (; t < n; ++t) {                       // the same chain per key, one key at a time
+          const uint16_t* k0 = kb + base + keys[t] * D;
+          __m256 a0 = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d]), load8(k0 + d), a0);
+          score[t] = hsum8(a0) * fscale;
+        }
+        float m = -INFINITY;
+        for (int64_t u = 0; u < n; ++u) m = std::max(m, score[u]);
+        for (int64_t u = n; u < padded(n); ++u) score[u] = m;   // lanes past the last key (unused)
+        const __m256 mv = _mm256_set1_ps(m);
+        for (int64_t u = 0; u < n; u += 8)         // softmax numerators, 8 keys at a time
+          _mm256_storeu_ps(&score[u], exp8(_mm256_sub_ps(_mm256_loadu_ps(&score[u]), mv)));
+        float total = 0.f;                         // and their sum, in order
+        for (int64_t u = 0; u < n; ++u) total += score[u];
+        const __m256 inv = _mm256_set1_ps(1.f / total);
+        int64_t d = 0;
+        for (; d + 32 <= D; d += 32) {             // value sums over the keys in order, 32 lanes at a time
+          __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+          for (int64_t u = 0; u < n; ++u) {
+            const __m256 p = _mm256_set1_ps(score[u]);
+            const uint16_t* vr = vb + base + keys[u] * D + d;
+            s0 = _mm256_fmadd_ps(p, load8(vr), s0);
+            s1 = _mm256_fmadd_ps(p, load8(vr + 8), s1);
+            s2 = _mm256_fmadd_ps(p, load8(vr + 16), s2);
+            s3 = _mm256_fmadd_ps(p, load8(vr + 24), s3);
+          }
+          store8(orow + d, _mm256_mul_ps(s0, inv));
+          store8(orow + d + 8, _mm256_mul_ps(s1, inv));
+          store8(orow + d + 16, _mm256_mul_ps(s2, inv));
+          store8(orow + d + 24, _mm256_mul_ps(s3, inv));
+        }
+        for (; d < D; d += 8) {
+          __m256 s0 = _mm256_setzero_ps();
+          for (int64_t u = 0; u < n; ++u)
+            s0 = _mm256_fmadd_ps(_mm256_set1_ps(score[u]), load8(vb + base + keys[u] * D + d), s0);
+          store8(orow + d, _mm256_mul_ps(s0, inv));
+        }
       }
-      uint16_t* orow = ob + (i * H + h) * D;
-      if (n == 0) {                                // sees nothing (never for a real token): zeros, not NaN
-        for (int64_t d = 0; d < D; ++d) orow[d] = 0;
-        continue;
-      }
-      float total = 0.f;                           // softmax numerators and their sum, in order
-      for (int64_t t = 0; t < n; ++t) total += (score[t] = std::exp(score[t] - m));
-      for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-      for (int64_t t = 0; t < n; ++t) {            // value sum, in the same order
-        const __m256 p = _mm256_set1_ps(score[t]);
-        const uint16_t* vr = vb + base + keys[t] * D;
-        for (int64_t d = 0; d < D; d += 8)
-          _mm256_storeu_ps(&acc[d], _mm256_fmadd_ps(p, widen8(vr + d), _mm256_loadu_ps(&acc[d])));
-      }
-      const float inv = 1.f / total;
-      for (int64_t d = 0; d < D; ++d) orow[d] = onspec::float_to_bf16(acc[d] * inv);
     }
   });
   return out;
