@@ -180,7 +180,6 @@ def adopt_bf16_kernel(module: nn.Module) -> int:
     return n
 
 
-
 def build_and_report() -> bool:
     """Build (first time) or load the kernels and say so on stdout; ``make test`` runs this before the
     tests, so a build problem shows by name in a log instead of inside the first test that loads a model."""

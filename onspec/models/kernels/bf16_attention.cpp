@@ -1,4 +1,4 @@
-// Attention of packed bfloat16 queries against the K/V cache, one (token, head) at a time, for the CPU.
+// Attention of packed bfloat16 queries against the K/V cache, one token at a time, for the CPU.
 //
 // Why this exists: PyTorch's attention gives a token a result that depends on the shape of the forward it
 // sits in. A token verified as a node of a draft tree attends in a [B, T] grid with a mask; the same
@@ -39,7 +39,6 @@ inline float hsum8(__m256 v) {
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));     // (0+4+2+6, 1+5+3+7)
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
-
 
 }  // namespace
 

@@ -39,8 +39,6 @@ void check_bf16(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.dim() == 0 || t.stride(-1) == 1, what, ": the last dimension must be contiguous");
 }
 
-
-
 // rows per parallel task: enough work (~64 K elements) that small decode steps stay on one thread
 int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, width)); }
 

@@ -31,7 +31,7 @@ inline void store8(uint16_t* p, __m256 f) {
                    _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 
-// exp(x) for 8 floats, for silu: Cephes' expf (range reduction by ln 2 in two parts, degree-5
+// exp(x) for 8 floats (silu, attention's softmax): Cephes' expf (range reduction by ln 2 in two parts, degree-5
 // polynomial), within about 1 ulp of fp32, so after rounding to bf16 it agrees with PyTorch's (SLEEF) exp
 // except in the rare case that the fp32 value lies within an ulp of a bf16 rounding boundary. Above
 // ln(FLT_MAX) it is +inf, as PyTorch's (silu(-100) must be -0, not a tiny negative). Below -87 it returns
