@@ -29,7 +29,8 @@ class Measurement:
     name: str
     tokens: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)   # e.g. acceptance length, drafted/accepted counts
+    extra: dict = field(default_factory=dict)   # e.g. acceptance length, drafted/accepted counts (last repeat)
+    extras: list[dict] = field(default_factory=list)  # the same, one per repeat
 
     @property
     def rates(self) -> list[float]:
@@ -67,6 +68,7 @@ def measure(name: str, fn: Callable[..., int | tuple[int, dict]], repeats: int, 
             m.tokens.append(int(tokens))
             m.seconds.append(dt)
             m.extra = extra
+            m.extras.append(extra)
     return m
 
 
@@ -92,6 +94,7 @@ def measure_interleaved(configs: dict[str, tuple[Callable, Callable[[], object] 
                 m.tokens.append(int(tokens))
                 m.seconds.append(dt)
                 m.extra = extra
+                m.extras.append(extra)
     return out
 
 

@@ -13,8 +13,12 @@ repeat drafts from the suffix store an earlier repeat of the same prompts filled
 (e) batch sizes 1, 8, 32, 64 of mixed chat and HumanEval prompts, greedy: the controller must never make
     things slower (it turns speculation off where verification does not pay).
 
-Speedup = tokens/s with speculation / tokens/s without. Acceptance length = tokens committed per target
-forward while decoding (bonus token included). Transformers plain and prompt-lookup
+Speedup = tokens/s with speculation / tokens/s without, whole requests (prefill included). Decode
+speedup: the same for the decoding phase alone, i.e. without the seconds of the steps that prefilled prompts
+(``EngineCounters.prefill_seconds``) and without each request's first token, which comes out of its
+prefill. Prefill costs the same in both arms, so it caps the whole-request figure: when a third of the
+speculative arm's time is prefill, no drafter lifts the speedup past 3x. Acceptance length = tokens
+committed per target forward while decoding (bonus token included). Transformers plain and prompt-lookup
 (``prompt_lookup_num_tokens=10``) run on the same prompts for (a)-(c).
 
 Targets (issue 3): (c) >= 2.5x; (d) group drafting >= 1.2x per-request drafting; (e) no batch size
@@ -22,11 +26,13 @@ below 0.97x.
 
     python bench/speculation.py --quick       # 1 prompt per workload, 64 tokens, 1 repeat
     python bench/speculation.py --repeats 3
+    python bench/speculation.py --skip hf,a,b,group,batches --attention pytorch   # (c) with PyTorch's attention
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated max_draft_tokens to run beside the default in (a)-(c), e.g. 16")
     p.add_argument("--skip", default="", help="comma-separated: hf, group, batches, a, b, c")
     p.add_argument("--name", default="speculation", help="results file stem under bench/results/")
+    p.add_argument("--attention", choices=("kernel", "pytorch"), default="kernel",
+                   help="where onspec's row-local bf16 attention kernel applies (AVX2 CPUs without a native bf16 "
+                        "product), 'pytorch' uses PyTorch's attention instead: what bit-exact bf16 speculation "
+                        "costs or saves (bench/verify_cost.py times single forwards the same way)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.max_tokens, args.prompts, args.group_prompts, args.edit_prompts = 1, 64, 1, 1, 1
@@ -112,10 +122,24 @@ def spec_figures(llm) -> dict:
         "acceptance_length": (c.accepted + c.decode_steps_seq) / steps,
         "drafted_per_seq_step": c.drafted / steps,
         "accepted": c.accepted, "drafted": c.drafted, "decode_seq_steps": c.decode_steps_seq,
-        "forward_steps": c.steps, "forward_seconds": c.forward_seconds,
+        "forward_steps": c.steps, "forward_seconds": c.forward_seconds, "prefill_seconds": c.prefill_seconds,
         "draft_seconds": getattr(spec, "draft_seconds", 0.0) if spec else 0.0,
         "by_strategy": {k: list(v) for k, v in c.by_strategy.items()},
     }
+
+
+def decode_rate(m: Measurement, requests: int) -> float:
+    """Median tokens/s of the decoding phase: each repeat's tokens after the first of each request, over
+    its seconds outside the steps that prefilled (``prefill_seconds`` of that repeat's fresh engine)."""
+    rates = [(t - requests) / (s - ex["prefill_seconds"]) for t, s, ex in zip(m.tokens, m.seconds, m.extras)
+             if "prefill_seconds" in ex and s > ex["prefill_seconds"]]
+    return statistics.median(rates) if rates else float("nan")
+
+
+def prefill_share(m: Measurement) -> float:
+    """Median fraction of a repeat's wall time spent in steps that prefilled."""
+    shares = [ex["prefill_seconds"] / s for s, ex in zip(m.seconds, m.extras) if "prefill_seconds" in ex and s > 0]
+    return statistics.median(shares) if shares else float("nan")
 
 
 def one_at_a_time(prompts: list[str], params):
@@ -139,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_threads(args.threads)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.attention == "pytorch":
+        from onspec.models import llama
+
+        llama.attention_kernel_applies = lambda *tensors: False   # every layer then takes PyTorch's SDPA path
     from onspec import SamplingParams
     from onspec.config import SpecConfig
     from onspec.data import chat_prompts, code_edit_prompts, humaneval_prompts, math_prompts
@@ -178,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         res = measure_interleaved(configs, R)
         results[label] = res
         ex = res["auto"].extra
+        decode_speedup = ratio(decode_rate(res["auto"], len(prompts)), decode_rate(res["off"], len(prompts)))
         rows.append([label, res["off"].tps, res["auto"].tps, ratio(res["auto"].tps, res["off"].tps),
+                     decode_speedup, prefill_share(res["auto"]),
                      ex.get("acceptance_length", float("nan")), ex.get("drafted_per_seq_step", float("nan")),
                      res["hf plain"].tps if "hf plain" in res else float("nan"),
                      res["hf prompt-lookup"].tps if "hf prompt-lookup" in res else float("nan"),
@@ -187,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print_table(f"Speculation (auto) vs off, one request at a time, greedy, {N} tokens max, {args.threads} threads, "
                     f"median of {R}",
-                    ["workload", "off tok/s", "spec tok/s", "speedup", "accept len", "drafted/step",
+                    ["workload", "off tok/s", "spec tok/s", "speedup", "decode speedup", "spec prefill share",
+                     "accept len", "drafted/step",
                      "HF plain", "HF PLD", "HF PLD speedup", "spec / HF PLD"], rows)
     budget_rows = [[label, name, m.tps, ratio(m.tps, results[label]["off"].tps),
                     m.extra.get("acceptance_length", float("nan")), m.extra.get("drafted_per_seq_step", float("nan"))]
@@ -252,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if "(c) code edit" in results:
         r = results["(c) code edit"]
         targets["code_edit_speedup"] = ratio(r["auto"].tps, r["off"].tps)
+        targets["code_edit_decode_speedup"] = next(row[4] for row in rows if row[0] == "(c) code edit")
     if "(d) group of 8" in results:
         g = results["(d) group of 8"]
         targets["group_vs_per_request"] = ratio(g["group"].tps, g["per-request"].tps)

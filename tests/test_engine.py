@@ -687,3 +687,19 @@ def test_add_siblings_abort_the_prefilling_sibling(tiny) -> None:
     assert [s.output_ids for s in seqs[1:]] == [ref] * 3
     assert eng.counters.shared_prompt_tokens == 2 * (len(prompt) - 1)
     assert eng.kv.num_free == eng.kv.num_slots and not eng.scheduler.waiting
+
+
+def test_prefill_seconds_count_only_steps_with_prompt_rows(tiny) -> None:
+    """``prefill_seconds`` (what the benches subtract to report the decoding phase alone) grows on steps
+    with prompt rows and stays put on decoding-only steps."""
+    llm = make_llm(tiny, max_num_batched_tokens=16)        # a 40-token prompt takes 3 chunked prefill steps
+    eng = llm.engine
+    eng.add_request("r", token_prompts(tiny.arch.vocab_size, lengths=(40,))[0],
+                    SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    seen = []
+    while eng.has_unfinished():
+        before = eng.counters.prefill_seconds
+        eng.step()
+        seen.append(eng.counters.prefill_seconds > before)
+    assert seen == [True, True, True] + [False] * 5        # 3 prefill steps (the last yields token 1), 5 decodes
+    assert 0 < eng.counters.prefill_seconds < eng.counters.forward_seconds

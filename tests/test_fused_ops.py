@@ -225,3 +225,29 @@ def test_real_model_bf16_speculative_greedy_equals_plain_greedy() -> None:
         assert got.token_ids == want.token_ids
         accepted.append(got.acceptance_length)
     assert min(accepted) > 1.5                 # every request went through verified draft trees
+
+
+@needs_kernel
+def test_real_model_bf16_seeded_sampling_is_the_same_with_speculation_on_or_off() -> None:
+    """A seeded request draws each token by a race on noise keyed by (seed, position), so its text depends
+    only on the logits. With every op row-local in bf16, the logits of a verified tree node are the plain
+    step's logits, and the seeded text must not change when speculation is on (docs/guide.md, "Seeds and
+    exactness")."""
+    from onspec import LLM, SamplingParams
+    from onspec.data import code_edit_prompts
+
+    plain = LLM(model="default", dtype="bfloat16", speculation="off")
+    spec = LLM(model="default", dtype="bfloat16", speculation="suffix")
+    asks = ["Repeat this list exactly three times: apple, banana, cherry, date, elderberry, fig, grape.",
+            *code_edit_prompts(3)]
+    prompts = [plain.apply_chat_template([{"role": "user", "content": a}]) for a in asks]
+    accepted = []
+    # With PyTorch's attention monkeypatched back in, all four requests parted from the plain run (within
+    # 11, 67, 9 and 26 tokens): checked when this test was written.
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=0.7, top_p=0.95, seed=11 + i, max_tokens=160)
+        want = plain.generate([prompt], params)[0].outputs[0]
+        got = spec.generate([prompt], params)[0].outputs[0]
+        assert got.token_ids == want.token_ids
+        accepted.append(got.acceptance_length)
+    assert max(accepted) > 1.3                 # speculation verified trees, not single tokens

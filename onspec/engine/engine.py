@@ -66,6 +66,7 @@ class SeqDelta:
 class EngineCounters:
     steps: int = 0
     forward_seconds: float = 0.0
+    prefill_seconds: float = 0.0   # of forward_seconds, steps with prompt rows (a mixed step counts whole)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_steps_seq: int = 0      # (sequence, step) pairs that decoded
@@ -255,6 +256,8 @@ class Engine:
         num_tokens = sum(len(r.tokens) for r in rows)
         self.counters.steps += 1
         self.counters.forward_seconds += seconds
+        if batch.prefill:
+            self.counters.prefill_seconds += seconds
 
         deltas: list[SeqDelta] = []
         for i, (seq, n) in enumerate(batch.prefill):

@@ -13,6 +13,7 @@ where each sequence's cache lives.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -142,6 +143,15 @@ class AttnBatch:
     # in a step with 61 decoding rows padded those rows to 178 queries each (see engine/runner.py).
     groups: list[tuple[torch.Tensor, AttnBatch]] | None = None
 
+    @functools.cached_property
+    def packed_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For the row-local attention kernel: each packed token's cache slot [N] and the key positions it
+        may see [N, key_len] (None: all of them). Built once per forward and shared by every layer (it was
+        rebuilt in each of the default model's 30 layers: four small ops each)."""
+        cells = self.token_index if self.token_index is not None else torch.arange(self.B * self.T)
+        allowed = None if self.mask is None else self.mask.view(self.B * self.T, -1)[cells].contiguous()
+        return self.slots[cells // self.T].contiguous(), allowed
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -195,9 +205,8 @@ class DecoderLayer(nn.Module):
         a, B, T = self.a, batch.B, batch.T
         if attention_kernel_applies(q, k_cache, v_cache):
             # row-local attention (fused.py): a token's result does not depend on the grid around it
-            cells = batch.token_index if batch.token_index is not None else torch.arange(q.shape[0])
-            allowed = None if batch.mask is None else batch.mask.view(B * T, -1)[cells]
-            return attend_rows(q, k_cache, v_cache, batch.slots[cells // T], allowed, batch.key_len)
+            slot, allowed = batch.packed_rows
+            return attend_rows(q, k_cache, v_cache, slot, allowed, batch.key_len)
         if batch.token_index is not None:  # unpack into the padded [B, T] grid
             full = q.new_zeros(B * T, *q.shape[1:])
             full[batch.token_index] = q

@@ -61,6 +61,7 @@ class EngineSnapshot:
     time: float = 0.0
     steps: int = 0
     forward_seconds: float = 0.0
+    prefill_seconds: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_steps_seq: int = 0
@@ -309,7 +310,8 @@ class EngineWorker:
         e = self.engine
         c = e.counters
         snap = EngineSnapshot(
-            time=time.time(), steps=c.steps, forward_seconds=c.forward_seconds, prompt_tokens=c.prompt_tokens,
+            time=time.time(), steps=c.steps, forward_seconds=c.forward_seconds, prefill_seconds=c.prefill_seconds,
+            prompt_tokens=c.prompt_tokens,
             generated_tokens=c.generated_tokens, decode_steps_seq=c.decode_steps_seq, drafted=c.drafted,
             accepted=c.accepted, requests_finished=c.requests_finished,
             by_strategy={k: (v[0], v[1]) for k, v in c.by_strategy.items()},

@@ -204,6 +204,8 @@ class _EngineCollector:
         yield counter("onspec_generation_tokens", "Tokens generated (committed)", snap.generated_tokens)
         yield counter("onspec_engine_steps", "Target forwards", snap.steps)
         yield counter("onspec_engine_forward_seconds", "Seconds spent in target forwards", snap.forward_seconds)
+        yield counter("onspec_engine_prefill_seconds", "Seconds of target forwards that prefilled prompt rows",
+                      snap.prefill_seconds)
         yield counter("onspec_draft_tokens", "Draft tokens sent to verification", snap.drafted)
         yield counter("onspec_accepted_draft_tokens", "Draft tokens accepted", snap.accepted)
         yield counter("onspec_preemptions", "Sequences preempted (recomputed later)", snap.preemptions)
