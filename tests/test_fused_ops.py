@@ -252,3 +252,39 @@ def test_real_model_bf16_seeded_sampling_is_the_same_with_speculation_on_or_off(
         assert got.token_ids == want.token_ids
         accepted.append(got.acceptance_length)
     assert max(accepted) > 1.3                 # speculation verified trees, not single tokens
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])     # qwen2: q/k/v bias; qwen3: q/k norms
+def test_the_direct_kernel_path_gives_the_module_path_bits(tiny_model_dirs, family: str, monkeypatch) -> None:
+    """``CausalLM.forward`` calls the kernels directly (``DecoderLayer.forward_kernels``) once it has checked
+    that they all apply; the module path (``DecoderLayer.forward``) calls the same kernels one module at a
+    time. A prefill, a draft tree beside a decoding row and a split grid must give the same bits."""
+    from onspec.engine.kv_cache import KVCache
+    from onspec.engine.runner import ModelRunner, RowSpec
+    from onspec.models.llama import CausalLM
+    from onspec.models.loader import load_model
+
+    loaded = load_model(str(tiny_model_dirs[family]), "bfloat16")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, loaded.arch.vocab_size, (n,), generator=g).tolist() for n in (23, 9)]
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+
+    def run(direct: bool) -> list[torch.Tensor]:
+        took = []
+        kernels_for = CausalLM.kernels_for
+
+        def spy(self, *args):
+            took.append(kernels_for(self, *args) if direct else None)
+            return took[-1]
+
+        monkeypatch.setattr(CausalLM, "kernels_for", spy)
+        runner = ModelRunner(loaded.model, KVCache(loaded.arch, 2, 64, torch.bfloat16))
+        out = runner.run([RowSpec(s, 0, p, logits_from=0) for s, p in enumerate(prompts)]).logits
+        out += runner.run([RowSpec(0, 23, [5, 6, 7, 8], depths=[0, 1, 1, 2], tree_mask=tree, logits_from=0),
+                           RowSpec(1, 9, [4], logits_from=0)]).logits
+        assert all(k is not None for k in took) == direct          # which path ran
+        return out
+
+    direct, modules = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(direct, modules))

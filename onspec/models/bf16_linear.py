@@ -156,16 +156,21 @@ class Bf16Linear(nn.Linear):
     _packed: tuple[int, int, torch.Tensor] | None = None     # (weight data_ptr, weight _version, panels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernel_handles(x, self.weight):
+            y = self.kernel_product(x.reshape(-1, x.shape[-1]))
+            return y.view(*x.shape[:-1], self.weight.shape[0])
+        return F.linear(x, self.weight, self.bias)
+
+    def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [M, K] bf16 times the weight through the kernel (+ bias); the caller has checked that the
+        kernel applies (``kernel_handles``)."""
         w = self.weight
-        if kernel_handles(x, w):
-            key = (w.data_ptr(), w._version)
-            if self._packed is None or self._packed[:2] != key:
-                with torch.no_grad():
-                    self._packed = (*key, pack_weight(w.detach()))
-            y = load_kernel().linear_bf16(x.reshape(-1, x.shape[-1]), self._packed[2], w.shape[0])
-            y = y.view(*x.shape[:-1], w.shape[0])
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, w, self.bias)
+        key = (w.data_ptr(), w._version)
+        if self._packed is None or self._packed[:2] != key:
+            with torch.no_grad():
+                self._packed = (*key, pack_weight(w.detach()))
+        y = load_kernel().linear_bf16(x, self._packed[2], w.shape[0])
+        return y if self.bias is None else y + self.bias
 
 
 def adopt_bf16_kernel(module: nn.Module) -> int:

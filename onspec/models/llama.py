@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+from .bf16_linear import Bf16Linear, load_kernel
 from .fused import attend_rows, attention_kernel_applies, rms_norm, rope_and_cache, silu_mul
 
 SUPPORTED_ARCHITECTURES = {
@@ -194,6 +196,33 @@ class DecoderLayer(nn.Module):
         x = x + self.o_proj(self._attend(q, k_cache, v_cache, batch))
         return x + self.down_proj(silu_mul(self.gate_up_proj(self.post_attention_layernorm(x))))
 
+    def forward_kernels(self, kern, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        """``forward`` as direct calls into onspec's CPU kernels (``kern``), for when ``CausalLM.forward`` has
+        checked once that every one of them applies: the same kernels on the same tensors in the same order,
+        so the same bits, without the module dispatch and the per-call checks of ``forward``. Those cost
+        about 5 ms of an 18 ms decoding step of the default model on 2 threads (30 layers x 8 module calls
+        and 9 checks); bench/verify_cost.py measures the step. ``cos``, ``sin``: [N, D]."""
+        a = self.a
+        N, D = x.shape[0], a.head_dim
+        h = kern.rms_norm_bf16(x, self.input_layernorm.weight, a.rms_norm_eps)
+        q, k, v = self.qkv_proj.kernel_product(h).split([a.num_heads * D, a.num_kv_heads * D, a.num_kv_heads * D],
+                                                         dim=-1)
+        if a.qk_norm:
+            q = kern.rms_norm_bf16(q.reshape(-1, D), self.q_norm.weight, a.rms_norm_eps)
+            k = kern.rms_norm_bf16(k.reshape(-1, D), self.k_norm.weight, a.rms_norm_eps)
+        q = kern.rope_cache_bf16(q.view(N, a.num_heads, D), k.view(N, a.num_kv_heads, D),
+                                 v.view(N, a.num_kv_heads, D), cos, sin, k_cache, v_cache,
+                                 batch.write_slot, batch.write_pos)
+        if batch.groups is None:
+            slot, allowed = batch.packed_rows
+            o = attend_rows(q, k_cache, v_cache, slot, allowed, batch.key_len)
+        else:
+            o = self._attend(q, k_cache, v_cache, batch)
+        x = x + self.o_proj.kernel_product(o)
+        h = kern.rms_norm_bf16(x, self.post_attention_layernorm.weight, a.rms_norm_eps)
+        return x + self.down_proj.kernel_product(kern.silu_mul_bf16(self.gate_up_proj.kernel_product(h)))
+
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 batch: AttnBatch) -> torch.Tensor:
         """Packed queries [N, h, D] against the cache -> packed attention output [N, heads * D]."""
@@ -267,14 +296,41 @@ class CausalLM(nn.Module):
         """
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
+        kern = self.kernels_for(x, kv_k, kv_v)
+        if kern is not None:
+            cos, sin = cos.view(x.shape[0], -1), sin.view(x.shape[0], -1)
         aux: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             if i in aux_layers:
                 aux.append(x)
-            x = layer(x, cos, sin, kv_k[i], kv_v[i], batch)
+            if kern is not None:
+                x = layer.forward_kernels(kern, x, cos, sin, kv_k[i], kv_v[i], batch)
+            else:
+                x = layer(x, cos, sin, kv_k[i], kv_v[i], batch)
         if self.arch.num_layers in aux_layers:
             aux.append(x)
         return self.norm(x), aux
+
+    def kernels_for(self, x: torch.Tensor, kv_k: list[torch.Tensor], kv_v: list[torch.Tensor]):
+        """onspec's CPU kernels if every step of every layer would take its kernel path in this forward
+        (bf16 on the CPU, no gradient, kernels built, linear layers adopted, caches contiguous), else None:
+        one check per forward for ``DecoderLayer.forward_kernels`` instead of one per call."""
+        if torch.is_grad_enabled() or x.shape[0] == 0 or not self.layers or load_kernel() is None:
+            return None
+        for layer in self.layers:       # a bench or a test may hand some layers back to nn.Linear
+            for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                if type(m) is not Bf16Linear or m.weight.is_inference():
+                    return None
+        # dtypes and cache layout are the same in every layer: the first one speaks for all
+        a, first = self.arch, self.layers[0]
+        weights = [first.qkv_proj.weight, first.input_layernorm.weight]
+        if a.qk_norm:
+            weights.append(first.q_norm.weight)
+        probe = x.new_empty(0, a.num_heads, a.head_dim)
+        if not (fused.kernel_applies(x, kv_k[0], kv_v[0], *weights)
+                and attention_kernel_applies(probe, kv_k[0], kv_v[0])):
+            return None
+        return load_kernel()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
