@@ -925,3 +925,38 @@ def test_step_cost_is_read_at_the_sizes_a_bucket_actually_saw() -> None:
     # the old reading (bucket 8's seconds at 8 tokens) put 6 tokens well below their cost
     old_reading = 0.5 * cost.tables["masked"][4] + 0.5 * cost.tables["masked"][8]
     assert old_reading < 0.95 * linear(6)
+
+
+def test_drafters_are_asked_less_where_their_nodes_keep_not_paying(tiny) -> None:
+    """When a step's trees hold nodes and the plan keeps none (verification would cost more than the nodes
+    are expected to return), the next asks at that batch size back off (1, 2, 4, then 8 steps skipped);
+    where nodes pay, the drafter is asked every step."""
+    class Counting(StubProposer):
+        name = "suffix"
+
+        def __init__(self) -> None:
+            self.asked = []
+
+        def propose(self, seqs, budgets):
+            self.asked.append(self.step)
+            return {s.seq_id: scored_chain(4, 0.9, "suffix") for s in seqs}
+
+    def asks(cost: StepCostModel) -> tuple[list[int], Engine]:
+        eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32", max_model_len=256,
+                                  spec=SpecConfig(mode="suffix", profile_at_start=False)), loaded=tiny)
+        drafter = Counting()
+        spec = attach_speculation(eng, eng.cfg.spec, {"suffix": drafter})
+        spec.controller.cost = cost
+        eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+        step = 0
+        while eng.has_unfinished():
+            drafter.step = step = step + 1
+            eng.step()
+        return drafter.asked, eng
+
+    losing, eng = asks(STEEP)                  # every verified token costs 10x a step: no node pays
+    gaps = [b - a for a, b in zip(losing, losing[1:])]
+    assert gaps[:4] == [2, 3, 5, 9] and set(gaps[4:]) <= {9}
+    assert eng.spec.skipped["unpaid"] == eng.spec.steps - len(losing)    # every decoding step not asked
+    paying, _ = asks(FREE)                      # nodes cost nothing: asked at every decoding step
+    assert paying == list(range(paying[0], paying[0] + len(paying)))
