@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -196,7 +197,7 @@ class DecoderLayer(nn.Module):
         x = x + self.o_proj(self._attend(q, k_cache, v_cache, batch))
         return x + self.down_proj(silu_mul(self.gate_up_proj(self.post_attention_layernorm(x))))
 
-    def forward_kernels(self, kern, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward_kernels(self, kern: ModuleType, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         """``forward`` as direct calls into onspec's CPU kernels (``kern``), for when ``CausalLM.forward`` has
         checked once that every one of them applies: the same kernels on the same tensors in the same order,
@@ -307,7 +308,8 @@ class CausalLM(nn.Module):
             aux.append(x)
         return self.norm(x), aux
 
-    def kernels_for(self, x: torch.Tensor, kv_k: list[torch.Tensor], kv_v: list[torch.Tensor]):
+    def kernels_for(self, x: torch.Tensor, kv_k: list[torch.Tensor],
+                    kv_v: list[torch.Tensor]) -> ModuleType | None:
         """onspec's CPU kernels if every linear and elementwise step of every layer would take its kernel
         path in this forward (bf16 on the CPU, no gradient, kernels built, linear layers adopted, caches
         contiguous), else None: one check per forward for ``DecoderLayer.forward_kernels`` instead of one per
