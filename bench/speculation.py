@@ -27,6 +27,7 @@ below 0.97x.
     python bench/speculation.py --quick       # 1 prompt per workload, 64 tokens, 1 repeat
     python bench/speculation.py --repeats 3
     python bench/speculation.py --skip hf,a,b,group,batches --attention pytorch   # (c) with PyTorch's attention
+    python bench/speculation.py --skip hf,group,batches --variant "raw ratios:suffix_calibrate=false"
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=64, help="new tokens per request in (e)")
     p.add_argument("--budgets", default="",
                    help="comma-separated max_draft_tokens to run beside the default in (a)-(c), e.g. 16")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
+                   help="an extra auto engine in (a)-(c) with these SpecConfig fields changed, e.g. "
+                        "'raw ratios:suffix_calibrate=false' (repeatable)")
     p.add_argument("--skip", default="", help="comma-separated: hf, group, batches, a, b, c")
     p.add_argument("--name", default="speculation", help="results file stem under bench/results/")
     p.add_argument("--attention", choices=("kernel", "pytorch"), default="kernel",
@@ -72,7 +76,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batches, args.batch_tokens = "1,8,32", 32
     if min(args.repeats, args.max_tokens, args.prompts, args.edit_prompts, args.threads, args.batch_tokens) < 1:
         p.error("--repeats, --max-tokens, --prompts, --edit-prompts, --threads and --batch-tokens must be >= 1")
+    try:
+        args.variants = dict(parse_variant(v) for v in args.variant)
+        args.variants.update({f"auto, {b} nodes": {"max_draft_tokens": int(b)}
+                              for b in args.budgets.split(",") if b.strip()})
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME:field=value,field=value' -> (NAME, SpecConfig overrides), values typed like the field's default."""
+    import dataclasses
+
+    from onspec.config import SpecConfig
+
+    name, sep, body = text.partition(":")
+    if not sep or not name.strip() or not body.strip():
+        raise ValueError(f"--variant {text!r}: expected NAME:FIELD=VALUE[,FIELD=VALUE]")
+    defaults = {f.name: getattr(SpecConfig(), f.name) for f in dataclasses.fields(SpecConfig)}
+    out: dict = {}
+    for item in body.split(","):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or key not in defaults:
+            raise ValueError(f"--variant {text!r}: {key!r} is not a SpecConfig field (FIELD=VALUE)")
+        kind = type(defaults[key])
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--variant {text!r}: {key} takes true or false, got {value!r}")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"--variant {text!r}: {key} takes a {kind.__name__}, got {value!r}") from None
+    return f"auto, {name.strip()}", out
 
 
 # ---- engines ---------------------------------------------------------------------------------------
@@ -91,14 +129,14 @@ def sources_adapter(spec, sources: tuple[str, ...]):
 
 
 def make_llm(loaded, mode: str, threads: int, sources: tuple[str, ...] | None = None, max_num_seqs: int = 64,
-             max_draft_tokens: int | None = None):
+             spec_overrides: dict | None = None):
     """A fresh engine over the shared loaded weights (cheap), with speculation ``mode``."""
     from onspec import LLM
     from onspec.config import EngineConfig, SpecConfig
     from onspec.engine.engine import Engine
     from onspec.spec.controller import Controller, attach_speculation, profile_costs
 
-    spec = SpecConfig(mode=mode) if max_draft_tokens is None else SpecConfig(mode=mode, max_draft_tokens=max_draft_tokens)
+    spec = SpecConfig(mode=mode, **(spec_overrides or {}))
     cfg = EngineConfig(model="default", dtype="bfloat16", num_threads=threads, max_num_seqs=max_num_seqs,
                        max_model_len=2048, spec=spec)
     eng = Engine(cfg, loaded=loaded)
@@ -168,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
 
         llama.attention_kernel_applies = lambda *tensors: False   # every layer then takes PyTorch's SDPA path
     from onspec import SamplingParams
-    from onspec.config import SpecConfig
     from onspec.data import chat_prompts, code_edit_prompts, humaneval_prompts, math_prompts
     from onspec.models.loader import load_model
 
@@ -185,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
 
     workloads = {"a": ("(a) chat", chat_prompts(k)), "b": ("(b) HumanEval", humaneval_prompts(k)),
                  "c": ("(c) code edit", code_edit_prompts(args.edit_prompts))}
-    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     if "hf" not in skip:
         from onspec.models.loader import resolve_model_dir
         hf_make = hf_generate(resolve_model_dir("default"), "bfloat16", tok, N)
@@ -197,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = chat_texts(tok, msgs)
         configs = {mode: (one_at_a_time(prompts, greedy), lambda mode=mode: make_llm(loaded, mode, args.threads))
                    for mode in ("off", "auto")}
-        for b in budgets:
-            configs[f"auto, {b} nodes"] = (one_at_a_time(prompts, greedy),
-                                           lambda b=b: make_llm(loaded, "auto", args.threads, max_draft_tokens=b))
+        for name, overrides in args.variants.items():
+            configs[name] = (one_at_a_time(prompts, greedy),
+                             lambda o=overrides: make_llm(loaded, "auto", args.threads, spec_overrides=o))
         if "hf" not in skip:
             configs["hf plain"] = (hf_make(prompts, 0), None)
             configs["hf prompt-lookup"] = (hf_make(prompts, 10), None)
@@ -223,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     budget_rows = [[label, name, m.tps, ratio(m.tps, results[label]["off"].tps),
                     m.extra.get("acceptance_length", float("nan")), m.extra.get("drafted_per_seq_step", float("nan"))]
                    for label in results for name, m in results[label].items() if name.startswith("auto")]
-    if budgets and budget_rows:
-        print_table(f"Draft budgets: max_draft_tokens {SpecConfig().max_draft_tokens} (auto) against "
-                    f"{', '.join(map(str, budgets))}, same run",
+    if args.variants and budget_rows:
+        print_table("Variants of the auto engine (SpecConfig fields changed: "
+                    + "; ".join(f"{n}: {o}" for n, o in args.variants.items()) + "), same run",
                     ["workload", "engine", "tok/s", "speedup", "accept len", "drafted/step"], budget_rows)
 
     # (d) a group of 8 sampled responses: group vs per-request drafting.

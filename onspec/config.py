@@ -38,6 +38,7 @@ class SpecConfig:
     suffix_max_depth: int = 32          # deepest suffix kept in a suffix tree
     suffix_min_prob: float = 0.1        # stop expanding a path below this probability (SuffixDecoding)
     suffix_alpha: float = 4.0           # draft length cap = alpha * match length
+    suffix_calibrate: bool = True       # learn acceptance by match length online (spec/suffix_calibration.py)
     global_store_requests: int = 256    # recent responses kept in the global suffix store (FIFO)
     off_batch_size: int = 64            # speculation is never tried at or above this batch size
     hybrid_suffix_confident: float = 1.0  # hybrid: rows whose suffix tree expects >= this many accepted

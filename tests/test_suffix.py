@@ -10,6 +10,7 @@ import pytest
 
 from onspec.config import SpecConfig
 from onspec.spec.suffix import SuffixProposer, SuffixTree
+from onspec.spec.suffix_calibration import MatchCalibration
 from onspec.spec.tree import DraftTree
 
 
@@ -221,7 +222,7 @@ def test_long_match_falls_back_to_a_match_with_room_to_draft() -> None:
 
 def test_repetitive_text_yields_long_drafts() -> None:
     phrase = list(range(100, 112))
-    sp = make(suffix_max_depth=32, suffix_alpha=4.0)
+    sp = make(suffix_max_depth=32, suffix_alpha=4.0, suffix_calibrate=False)  # raw count ratios
     sp.add_request(0, [1, 2, 3] + phrase * 4 + phrase[:3])
     d = sp.propose(0, 16)
     assert_valid(d, phrase[2], 16)
@@ -414,3 +415,81 @@ def test_group_ceiling_replay_credits_sibling_text_only_to_group_drafting() -> N
     assert figures["per-request"][2] == 0
     assert acc["group, sequential"] > 2.0  # sibling 0 alone at 1.0, the others far above
     assert acc["group, lockstep"] > 2.0
+
+
+# ---- acceptance calibration by match length (spec/suffix_calibration.py) ----------------------------
+def test_calibration_credits_only_the_nodes_verification_tested() -> None:
+    # root -> 1 (len 2, ratio 1) -> 3 (len 3) -> 4 (len 4); root -> 2 (len 2, ratio 0.5) -> 5 (len 3)
+    tree = DraftTree([5, 7, 8, 9, 10, 11], [-1, 0, 0, 1, 3, 2],
+                     match_evidence=[(0, 1.0), (2, 1.0), (2, 0.5), (3, 1.0), (4, 1.0), (3, 1.0)])
+    cal = MatchCalibration()
+    cal.observe(tree, [0, 1])  # node 1 accepted, then node 3 rejected: 4 and 5 were never tested
+    tested = {c: (h, r) for c, (h, r) in enumerate(zip(cal.hits, cal.ratios)) if r}
+    assert tested == {cal.cell(2, 1.0): (1.0, 1.0), cal.cell(2, 0.5): (0.0, 0.5), cal.cell(3, 1.0): (0.0, 1.0)}
+    assert cal.cell(4, 1.0) != cal.cell(3, 1.0)  # so node 4 left its own cell untouched
+    cal.observe(DraftTree([5, 7], [-1, 0]), [0, 1])  # a tree without evidence (another drafter) teaches nothing
+    assert sum(cal.ratios) == 2.5
+
+
+def test_calibration_shrinks_drafts_after_short_matches_and_keeps_long_chains() -> None:
+    cal = MatchCalibration()
+    short = DraftTree([5, 6, 7], [-1, 0, 1], match_evidence=[(0, 1.0), (1, 1.0), (2, 1.0)])
+    long = DraftTree([5, 6, 7], [-1, 0, 1], match_evidence=[(0, 1.0), (12, 1.0), (13, 1.0)])
+    for _ in range(30):
+        cal.observe(short, [0])          # 1-token matches: the first draft is always rejected
+        cal.observe(long, [0, 1, 2])     # 12-token matches: always accepted
+    assert cal.estimate(1, 1.0) < 0.1 < 0.95 < cal.estimate(12, 1.0) <= cal.cap
+    # Raw count ratios say 1.0 for both continuations below; the calibrated tree drops the 1-token match.
+    rng = random.Random(5)
+    text = [rng.randrange(1000, 2000) for _ in range(40)]
+    t = SuffixTree(32)
+    t.extend(0, [7, 3, 4] + text)
+    assert t.speculate([9, 7], 8, 0.1, 4.0).num_draft == 4                  # match [7]: depth cap 4
+    assert t.speculate([9, 7], 8, 0.1, 4.0, estimate=cal.estimate).num_draft == 0
+    chain = t.speculate(text[:12], 8, 0.1, 4.0, estimate=cal.estimate)     # a 12-token match
+    assert chain.tokens[1:] == text[12:20]
+    # lengths 12-15 share the learned cell; from 16 on (another cell, no evidence yet) the prior takes over
+    assert min(chain.path_scores()[:5]) > 0.9 > chain.scores[5] == pytest.approx(cal.prior)
+    assert chain.match_evidence[1:] == [(12 + d, 1.0) for d in range(8)]
+
+
+def test_the_suffix_drafter_learns_from_verdicts_and_its_evidence_survives_merge_and_prune() -> None:
+    from onspec.spec.controller import SuffixAdapter
+
+    adapter = SuffixAdapter(SpecConfig(global_store_requests=4))
+    sp = adapter.inner
+    sp.add_request(0, [1])
+    sp.on_commit(0, [5, 6, 7, 8, 9])
+    sp.finish(0)
+    sp.add_request(1, [5, 6, 70, 71, 72, 1, 5])
+    both = sp.propose(1, 8)  # request and global trees merged
+    assert len(both.match_evidence) == len(both.tokens) and both.match_evidence[0] == (0, 1.0)
+    pruned = both.prune(3)
+    assert [pruned.match_evidence[i] for i in range(len(pruned))] == \
+        [both.match_evidence[both.tokens.index(tok)] for tok in pruned.tokens]
+    before = sp.calibration.estimate(1, 1.0)
+
+    class Seq:
+        seq_id = 1
+
+    adapter.observe([(Seq(), pruned, [0], 3, None, None)])  # its first node rejected
+    assert sp.calibration.estimate(1, 1.0) < before
+    assert SuffixProposer(SpecConfig(suffix_calibrate=False)).calibration is None
+
+
+def test_speculation_bench_variants_parse_typed_spec_fields() -> None:
+    """bench/speculation.py --variant builds extra auto engines from SpecConfig overrides (A/B in one run)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "speculation.py"
+    spec = importlib.util.spec_from_file_location("speculation_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--variant", "raw:suffix_calibrate=false,suffix_alpha=2", "--budgets", "32"])
+    assert args.variants == {"auto, raw": {"suffix_calibrate": False, "suffix_alpha": 2.0},
+                             "auto, 32 nodes": {"max_draft_tokens": 32}}
+    for bad in ("nocolon", "x:bogus=1", "x:suffix_calibrate=maybe", "x:max_draft_tokens=many"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--variant", bad])

@@ -630,7 +630,9 @@ class SuffixAdapter:
         pass
 
     def observe(self, verdicts: list) -> None:
-        pass
+        for _seq, tree, accepted, *_ in verdicts:
+            if tree.source == "suffix":
+                self.inner.observe(tree, accepted)
 
     def propose(self, seqs: list, budgets: dict[int, int]) -> dict[int, DraftTree]:
         return {s.seq_id: self.inner.propose(s.seq_id, budgets[s.seq_id]) for s in seqs}

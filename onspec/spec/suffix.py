@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from onspec.config import SpecConfig
+from onspec.spec.suffix_calibration import MatchCalibration
 from onspec.spec.tree import DraftTree
 
 SOURCES: tuple[str, ...] = ("request", "group", "global")
@@ -65,6 +66,8 @@ class _Node:
 # A position in the trie: (node, p). p == -1: at the explicit node itself (or at a leaf's own token);
 # p >= 0: inside leaf ``node``'s implicit tail, the next token being node.seq[p].
 _Locus = tuple[_Node, int]
+# (effective match length, count ratio) -> probability that the drafted token is accepted
+Estimate = Callable[[int, float], float]
 
 
 class _SeqState:
@@ -267,13 +270,16 @@ class SuffixTree:
         return best, lo
 
     def speculate(self, context: Sequence[int], max_nodes: int, min_prob: float, alpha: float,
-                  self_len: int = 0, source: str = "suffix") -> DraftTree:
+                  self_len: int = 0, source: str = "suffix", estimate: Estimate | None = None) -> DraftTree:
         """Draft tree rooted at ``context[-1]``, grown best-first from a matching suffix of ``context``.
 
         Nodes are taken in order of path probability (product of ``child.count / parent.count`` along the
         path); expansion stops below ``min_prob``, at ``max_nodes`` drafted nodes, and at depth
         ``alpha * match_len``. ``scores[i]`` is node i's count ratio, so ``path_scores()`` gives the path
-        probability. ``self_len`` as in ``match``.
+        probability. ``self_len`` as in ``match``. ``estimate(match_len, ratio)``, when given, turns a count
+        ratio into the probability of acceptance (``MatchCalibration.estimate``): the scores, the best-first
+        order and the ``min_prob`` cut then use it. Every node records its (effective match length, ratio)
+        in ``match_evidence``.
 
         The trie holds paths of at most max_depth tokens, so a match of length m leaves only
         ``max_depth - m`` tokens to draft: a 31-token match in a depth-32 trie drafts one token. So
@@ -289,13 +295,13 @@ class SuffixTree:
         loc, m = self.match(context, self_len)
         if m == 0 or max_nodes <= 0:
             return DraftTree([root], [-1], [1.0], source=source)
-        best, best_score = self._grow(root, loc, m, self_len, max_nodes, min_prob, alpha, source)
+        best, best_score = self._grow(root, loc, m, self_len, max_nodes, min_prob, alpha, source, estimate)
         m2 = self._roomiest_len(m, max_nodes, alpha)
         if m2 < m:
             n = len(context)
             loc2 = self._locate(context, n - m2, n)
             assert loc2 is not None  # a suffix of a match is a match
-            cand, score = self._grow(root, loc2, m2, self_len, max_nodes, min_prob, alpha, source)
+            cand, score = self._grow(root, loc2, m2, self_len, max_nodes, min_prob, alpha, source, estimate)
             if score > best_score:
                 best = cand
         return best
@@ -315,52 +321,58 @@ class SuffixTree:
         return best_m
 
     def _grow(self, root: int, loc: _Locus, m: int, self_len: int, max_nodes: int, min_prob: float,
-              alpha: float, source: str) -> tuple[DraftTree, float]:
+              alpha: float, source: str, estimate: Estimate | None = None) -> tuple[DraftTree, float]:
         """Best-first draft from the locus of a length-``m`` match: (tree, sum of path probabilities)."""
-        tokens, parents, scores = [root], [-1], [1.0]
+        tokens, parents, scores, evidence = [root], [-1], [1.0], [(0, 1.0)]
         total = 0.0
         depth_cap = min(int(alpha * m), self.max_depth - m)
         if depth_cap <= 0:
-            return DraftTree(tokens, parents, scores, source=source), total
+            return DraftTree(tokens, parents, scores, source=source, match_evidence=evidence), total
         node, p = loc
         # Node counts include occurrences that end right there (sequence ends), so children may sum to
         # less than the parent: divide by the node count anyway; the missing mass is "stop here".
         # At the match itself the live request's own occurrence has no continuation: discount it.
         denom = node.count - (1 if m <= self_len else 0)
-        heap: list[tuple[float, int, int, float, int, int, _Node, int]] = []
+        heap: list[tuple[float, int, int, float, float, int, int, _Node, int]] = []
         seq_no = 0  # tie-break: equal probabilities pop in push order (shallower, earlier first)
 
         def push_children(nd: _Node, q: int, prob: float, parent: int, depth: int, den: int) -> None:
+            # A node at ``depth`` below the match is predicted from m + depth - 1 tokens of context, if its
+            # ancestors are accepted: its effective match length.
             nonlocal seq_no
             if q >= 0:  # inside a leaf tail: one continuation, ratio 1/1
                 seq = nd.seq
                 assert seq is not None
                 if q < len(seq) and q < nd.end:
-                    seq_no += 1
-                    heapq.heappush(heap, (-prob, seq_no, seq[q], 1.0, parent, depth, nd, q + 1))
+                    cond = estimate(m + depth - 1, 1.0) if estimate is not None else 1.0
+                    if prob * cond >= min_prob:
+                        seq_no += 1
+                        heapq.heappush(heap, (-prob * cond, seq_no, seq[q], cond, 1.0, parent, depth, nd, q + 1))
                 return
             ch = nd.children
             if ch is None:
                 return
             for tok, c in ch.items():
-                cond = c.count / den
+                ratio = c.count / den
+                cond = estimate(m + depth - 1, ratio) if estimate is not None else ratio
                 pp = prob * cond
                 if pp >= min_prob:
                     seq_no += 1
-                    heapq.heappush(heap, (-pp, seq_no, tok, cond, parent, depth, c,
+                    heapq.heappush(heap, (-pp, seq_no, tok, cond, ratio, parent, depth, c,
                                           c.pos if c.seq is not None else -1))
 
         push_children(node, p, 1.0, 0, 1, denom)
         while heap and len(tokens) <= max_nodes:
-            negp, _, tok, cond, parent, depth, nd, q = heapq.heappop(heap)
+            negp, _, tok, cond, ratio, parent, depth, nd, q = heapq.heappop(heap)
             idx = len(tokens)
             tokens.append(tok)
             parents.append(parent)
             scores.append(cond)
+            evidence.append((m + depth - 1, ratio))
             total -= negp
             if depth < depth_cap:
                 push_children(nd, q, -negp, idx, depth + 1, nd.count)
-        return DraftTree(tokens, parents, scores, source=source), total
+        return DraftTree(tokens, parents, scores, source=source, match_evidence=evidence), total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,6 +405,8 @@ class SuffixProposer:
         self._num_proposals = 0
         self._num_draft_tokens = 0
         self._expected_accepted = 0.0
+        # Count ratios made acceptance probabilities by what verification accepted so far (None: raw ratios).
+        self.calibration: MatchCalibration | None = MatchCalibration() if cfg.suffix_calibrate else None
 
     # ---- request lifecycle --------------------------------------------------------------------
     def add_request(self, seq_id: int, prompt: list[int], group: str | None = None) -> None:
@@ -447,23 +461,25 @@ class SuffixProposer:
         if max_nodes is None:
             max_nodes = self.cfg.max_draft_tokens
         cfg = self.cfg
+        est = self.calibration.estimate if self.calibration is not None else None
         cands: list[DraftTree] = []
         if max_nodes > 0:
             for src in sources:
                 if src == "request":
                     # The whole context is this tree's sequence: discount its own (live) occurrence.
                     t = req.tree.speculate(ctx, max_nodes, cfg.suffix_min_prob, cfg.suffix_alpha,
-                                           self_len=len(ctx))
+                                           self_len=len(ctx), estimate=est)
                 elif src == "group":
                     if req.group is None:
                         continue
                     # The group tree holds this request's output too (that is how siblings see it).
                     t = self._groups[req.group].tree.speculate(
-                        ctx, max_nodes, cfg.suffix_min_prob, cfg.suffix_alpha, self_len=len(req.output))
+                        ctx, max_nodes, cfg.suffix_min_prob, cfg.suffix_alpha, self_len=len(req.output),
+                        estimate=est)
                 elif src == "global":
                     if not len(self._global):
                         continue
-                    t = self._global.speculate(ctx, max_nodes, cfg.suffix_min_prob, cfg.suffix_alpha)
+                    t = self._global.speculate(ctx, max_nodes, cfg.suffix_min_prob, cfg.suffix_alpha, estimate=est)
                 else:
                     raise ValueError(f"unknown suffix source {src!r}; expected a subset of {SOURCES}")
                 if t.num_draft:
@@ -479,6 +495,12 @@ class SuffixProposer:
         self._num_draft_tokens += out.num_draft
         self._expected_accepted += sum(out.path_scores()[1:])
         return out
+
+    def observe(self, tree: DraftTree, accepted: list[int]) -> None:
+        """Verification accepted the nodes ``accepted`` (indices, root first) of ``tree``, a tree this drafter
+        proposed: learn how its count ratios translate into acceptance."""
+        if self.calibration is not None and tree.match_evidence:
+            self.calibration.observe(tree, accepted)
 
     # ---- accessors ----------------------------------------------------------------------------
     def group_tree(self, group: str) -> SuffixTree | None:
@@ -513,6 +535,8 @@ def _merge(trees: list[DraftTree], max_nodes: int) -> DraftTree:
     """
     root = trees[0].tokens[0]
     tokens, parents, path = [root], [-1], [1.0]
+    keep_evidence = all(len(t.match_evidence) == len(t.tokens) for t in trees)
+    evidence: list[tuple[int, float]] = [(0, 1.0)]
     index: dict[tuple[int, int], int] = {}
     for tree in trees:
         ps = tree.path_scores()
@@ -521,13 +545,17 @@ def _merge(trees: list[DraftTree], max_nodes: int) -> DraftTree:
             par = remap[tree.parents[i]]
             key = (par, tree.tokens[i])
             j = index.get(key)
+            ev = tree.match_evidence[i] if keep_evidence else (0, 1.0)
             if j is None:
                 j = index[key] = len(tokens)
                 tokens.append(tree.tokens[i])
                 parents.append(par)
                 path.append(ps[i])
+                evidence.append(ev)
             elif ps[i] > path[j]:
                 path[j] = ps[i]
+                evidence[j] = ev
             remap[i] = j
     scores = [1.0] + [path[i] / path[parents[i]] for i in range(1, len(tokens))]
-    return DraftTree(tokens, parents, scores, source="suffix").prune(max_nodes + 1)
+    return DraftTree(tokens, parents, scores, source="suffix",
+                     match_evidence=evidence if keep_evidence else []).prune(max_nodes + 1)

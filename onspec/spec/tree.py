@@ -29,6 +29,9 @@ class DraftTree:
     scores: list[float] = field(default_factory=list)
     child_dists: dict[int, torch.Tensor] = field(default_factory=dict)
     source: str = "none"
+    # Suffix drafting: per node, (effective match length, count ratio) its probability came from, so the
+    # drafter can learn from the verdict (spec/suffix_calibration.py); empty for other drafters.
+    match_evidence: list[tuple[int, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents) or not self.tokens:
@@ -135,4 +138,5 @@ class DraftTree:
             scores=[self.scores[i] for i in kept],
             child_dists={remap[i]: d for i, d in self.child_dists.items() if i in remap},
             source=self.source,
+            match_evidence=[self.match_evidence[i] for i in kept] if self.match_evidence else [],
         )
