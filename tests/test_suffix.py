@@ -269,7 +269,8 @@ def test_global_store_drafts_and_fifo_eviction() -> None:
         sp.add_request(i, [1])
         sp.on_commit(i, out)
         sp.finish(i)
-    g = sp._global
+    assert len(sp._global) == 0  # finished outputs join the store when a draft (or a reader) needs it
+    g = sp.global_tree()
     assert sp.stats()["global_requests"] == 2
     assert g.count([10, 11]) == 0 and g.count([20, 21]) == 1 and g.count([30, 31]) == 1
     ref = SuffixTree(g.max_depth)
@@ -493,3 +494,34 @@ def test_speculation_bench_variants_parse_typed_spec_fields() -> None:
     for bad in ("nocolon", "x:bogus=1", "x:suffix_calibrate=maybe", "x:max_draft_tokens=many"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--variant", bad])
+
+
+def test_tries_catch_up_lazily_and_draft_as_if_updated_eagerly() -> None:
+    """A request's trie and the global store take committed tokens and finished outputs when a draft reads
+    them; the drafts are those of a proposer whose tries were brought up to date after every commit."""
+    rng = random.Random(7)
+    phrases = [[rng.randrange(50) for _ in range(6)] for _ in range(5)]
+    lazy, eager = make(global_store_requests=3), make(global_store_requests=3)
+    for i in range(6):
+        prompt = [t for _ in range(3) for t in rng.choice(phrases)]
+        for sp in (lazy, eager):
+            sp.add_request(i, prompt)
+        for _ in range(8):
+            chunk = rng.choice(phrases)[: rng.randint(1, 6)]
+            for sp in (lazy, eager):
+                sp.on_commit(i, chunk)
+            eager.propose(i, 8)                      # reads (so updates) its tries after every commit
+        assert lazy._reqs[i].tree.num_tokens == 0   # nothing read the lazy one's trie yet
+        d_lazy, d_eager = lazy.propose(i, 8), eager.propose(i, 8)
+        assert d_eager.num_draft > 0
+        assert (d_lazy.tokens, d_lazy.parents, d_lazy.scores) == (d_eager.tokens, d_eager.parents, d_eager.scores)
+        for sp in (lazy, eager):
+            sp.finish(i)
+        eager.global_tree()
+    assert len(lazy._global_pending) == 1 and not eager._global_pending   # the last finish waits for a reader
+    for length in (1, 2, 3):
+        for path in itertools.product(range(50), repeat=1) if length == 1 else \
+                [tuple(p[j:j + length]) for p in phrases for j in range(len(p) - length + 1)]:
+            assert lazy.global_tree().count(list(path)) == eager.global_tree().count(list(path))
+    keys = ("requests", "global_requests", "global_nodes")
+    assert [lazy.stats()[k] for k in keys] == [eager.stats()[k] for k in keys] == [0, 3, eager._global.num_nodes]

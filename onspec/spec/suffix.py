@@ -378,10 +378,12 @@ class SuffixTree:
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class _Request:
-    tree: SuffixTree                    # prompt + output of this request, under its seq_id
+    tree: SuffixTree                    # prompt + output of this request, under its seq_id (caught up lazily)
     group: str | None
     key: int                            # unique per registration: its key in the group and global trees
+    prompt: list[int]
     output: list[int] = field(default_factory=list)
+    in_tree: int = 0                    # tokens of prompt + output already in ``tree``
 
 
 @dataclass
@@ -391,7 +393,16 @@ class _Group:
 
 
 class SuffixProposer:
-    """Model-free drafter over per-request, per-group and global suffix trees (see module docstring)."""
+    """Model-free drafter over per-request, per-group and global suffix trees (see module docstring).
+
+    A request's own trie and the global store are brought up to date lazily, when a draft reads them
+    (``propose``, ``global_tree``), not on every committed token and every finish. Why: where the controller
+    drafts nothing (large batches, ``off_batch_size``; the back-off of ``Speculation.draft``) those eager
+    updates were speculation's whole overhead: at batch 32 the global store's insertions alone took 0.2 s of
+    a 10 s run (cProfile, session 18), for a store no draft read before the run ended. Catching up later
+    makes the same updates in the same order, so the tries and the drafts are the same. Group trees stay
+    eager: their members' tokens interleave, and the order of insertion breaks ties between equally
+    frequent continuations, so a lazy group tree would draft differently (and siblings are few)."""
 
     def __init__(self, cfg: SpecConfig) -> None:
         self.cfg = cfg
@@ -399,6 +410,9 @@ class SuffixProposer:
         self._groups: dict[str, _Group] = {}
         self._global = SuffixTree(cfg.suffix_max_depth)
         self._global_fifo: deque[int] = deque()
+        # Finished outputs not yet in the global tree, newest last. Bounded like the store: an output more
+        # than ``global_store_requests`` finishes old would be evicted the moment it went in.
+        self._global_pending: deque[tuple[int, list[int]]] = deque(maxlen=max(1, cfg.global_store_requests))
         # Group/global tree keys are internal and never reused: an engine may reuse a seq_id while the
         # finished request's output still sits in its group's tree.
         self._next_key = 0
@@ -414,9 +428,8 @@ class SuffixProposer:
             raise ValueError(f"request {seq_id} is already registered")
         if not prompt:
             raise ValueError("prompt must not be empty (its last token roots the first draft)")
-        tree = SuffixTree(self.cfg.suffix_max_depth)
-        tree.extend(seq_id, prompt)
-        self._reqs[seq_id] = _Request(tree=tree, group=group, key=self._next_key)
+        self._reqs[seq_id] = _Request(tree=SuffixTree(self.cfg.suffix_max_depth), group=group, key=self._next_key,
+                                      prompt=list(prompt))
         self._next_key += 1
         if group is not None:
             g = self._groups.get(group)
@@ -429,7 +442,6 @@ class SuffixProposer:
         if not tokens:
             return
         req = self._reqs[seq_id]
-        req.tree.extend(seq_id, tokens)
         req.output.extend(tokens)
         if req.group is not None:
             self._groups[req.group].tree.extend(req.key, tokens)
@@ -445,10 +457,26 @@ class SuffixProposer:
             g.members.discard(seq_id)
             if not g.members:
                 del self._groups[req.group]
+        if keep_output and self.cfg.global_store_requests > 0 and req.output:
+            self._global_pending.append((req.key, req.output))
+
+    # ---- catching the tries up ----------------------------------------------------------------
+    @staticmethod
+    def _catch_up(req: _Request, seq_id: int) -> None:
+        n_prompt = len(req.prompt)
+        if req.in_tree < n_prompt:
+            req.tree.extend(seq_id, req.prompt[req.in_tree:])
+            req.in_tree = n_prompt
+        if req.in_tree < n_prompt + len(req.output):
+            req.tree.extend(seq_id, req.output[req.in_tree - n_prompt:])
+            req.in_tree = n_prompt + len(req.output)
+
+    def _catch_up_global(self) -> None:
         cap = self.cfg.global_store_requests
-        if keep_output and cap > 0 and req.output:
-            self._global.extend(req.key, req.output)
-            self._global_fifo.append(req.key)
+        while self._global_pending:
+            key, output = self._global_pending.popleft()
+            self._global.extend(key, output)
+            self._global_fifo.append(key)
             while len(self._global_fifo) > cap:
                 self._global.remove(self._global_fifo.popleft())
 
@@ -457,6 +485,7 @@ class SuffixProposer:
                 sources: tuple[str, ...] = SOURCES) -> DraftTree:
         """Draft tree for ``seq_id`` rooted at its last context token (root only when nothing matches)."""
         req = self._reqs[seq_id]
+        self._catch_up(req, seq_id)
         ctx = req.tree.sequence(seq_id)
         if max_nodes is None:
             max_nodes = self.cfg.max_draft_tokens
@@ -477,6 +506,7 @@ class SuffixProposer:
                         ctx, max_nodes, cfg.suffix_min_prob, cfg.suffix_alpha, self_len=len(req.output),
                         estimate=est)
                 elif src == "global":
+                    self._catch_up_global()
                     if not len(self._global):
                         continue
                     t = self._global.speculate(ctx, max_nodes, cfg.suffix_min_prob, cfg.suffix_alpha, estimate=est)
@@ -509,12 +539,17 @@ class SuffixProposer:
         g = self._groups.get(group)
         return None if g is None else g.tree
 
+    def global_tree(self) -> SuffixTree:
+        """The store of recently finished outputs, brought up to date."""
+        self._catch_up_global()
+        return self._global
+
     def stats(self) -> dict[str, float]:
         n = self._num_proposals
         return {
             "requests": len(self._reqs),
             "groups": len(self._groups),
-            "global_requests": len(self._global_fifo),
+            "global_requests": len(self.global_tree()),
             "global_nodes": self._global.num_nodes,
             "proposals": n,
             "mean_draft_tokens": self._num_draft_tokens / n if n else 0.0,
