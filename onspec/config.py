@@ -77,6 +77,7 @@ class EngineConfig:
     num_threads: int = 0                # torch intra-op threads; 0 leaves torch's default
     cache_dir: str = ""                 # where dequantized GGUF weights are cached ("" = ~/.cache/onspec)
     seed: int = 0                       # of the generator unseeded requests draw from (a request's seed wins)
+    prefix_reuse: bool = True           # a prompt starts from the cache rows a freed slot holds (scheduler.py)
     spec: SpecConfig = field(default_factory=SpecConfig)
 
     def __post_init__(self) -> None:

@@ -42,7 +42,8 @@ def test_two_local_workers_match_one(tiny_llama, single_worker_reference, chunk)
         assert res.moves > 0 and res.reprefill_tokens > 0   # chunks rebalanced across workers
     # a group's responses sent to a worker together prefill their prompt once there
     assert res.shared_prompt_tokens > 0
-    assert res.prefill_tokens + res.shared_prompt_tokens == sum(
+    # every context token was computed, copied from a sibling, or found in a freed slot (prefix reuse)
+    assert res.prefill_tokens + res.shared_prompt_tokens + res.reused_prefix_tokens == sum(
         len(PROMPTS[it.group]) for it in res.items) + res.reprefill_tokens
 
 

@@ -499,7 +499,7 @@ def test_n_samples_prefill_the_prompt_once_greedy(tiny, budget: int) -> None:
 
 
 def test_n_samples_prefill_once_real_model(default_model_f32) -> None:
-    llm = make_llm(default_model_f32)
+    llm = make_llm(default_model_f32, prefix_reuse=False)  # counts copies alone (reuse: its own tests)
     text = chat_texts(default_model_f32, ["List three colors."])[0]
     n_prompt = len(llm.engine.encode(text))
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=3)
@@ -652,7 +652,7 @@ def test_add_siblings_join_a_running_sibling(tiny) -> None:
     prompt = token_prompts(tiny.arch.vocab_size, lengths=(19,))[0]
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=m, ignore_eos=True)
               for s, m in ((1, 3), (2, 30), (3, 12))]
-    eng = make_llm(tiny).engine
+    eng = make_llm(tiny, prefix_reuse=False).engine   # the freed slot of "a" would give "c" its rows
     first = eng.add_siblings(["a", "b"], prompt, params[:2])
     while not first[0].finished:
         eng.step()
@@ -703,3 +703,58 @@ def test_prefill_seconds_count_only_steps_with_prompt_rows(tiny) -> None:
         seen.append(eng.counters.prefill_seconds > before)
     assert seen == [True, True, True] + [False] * 5        # 3 prefill steps (the last yields token 1), 5 decodes
     assert 0 < eng.counters.prefill_seconds < eng.counters.forward_seconds
+
+
+# ---- prefix reuse: a prompt starts from the rows a freed slot still holds -----------------------------
+
+
+def test_prefix_reuse_starts_from_a_freed_slots_rows_and_changes_no_token(tiny) -> None:
+    vocab = tiny.arch.vocab_size
+    sys_a, sys_b, sys_c = token_prompts(vocab, lengths=(30, 26, 21))
+    tails = token_prompts(vocab, lengths=(5, 9, 3, 7, 4, 6))
+    # two system prompts on two slots; a third one that matches nothing; then A's and B's again
+    prompts = [sys_a + tails[0], sys_b + tails[1], sys_a + tails[2], sys_b + tails[3], sys_c + tails[4],
+               sys_b + tails[5], sys_a[:12] + [7, 8, 9]]
+    llm = make_llm(tiny, max_num_seqs=2)
+    got, reused = [], []
+    for p in prompts:
+        before = llm.engine.counters.reused_prefix_tokens
+        got.append(outputs(llm, [p], GREEDY)[0])
+        reused.append(llm.engine.counters.reused_prefix_tokens - before)
+    # sys_c matches nothing and takes the slot released longest ago (A's), so B's rows survive it
+    assert reused == [0, 0, 30, 26, 0, 26, 0]
+    assert got == [outputs(make_llm(tiny, prefix_reuse=False), [p], GREEDY)[0] for p in prompts]
+    c = llm.engine.counters
+    assert c.prompt_tokens == sum(map(len, prompts)) - sum(reused)
+    # the same prompt again reuses all but its last token, which must run to give the first logits
+    again = outputs(llm, [prompts[-1]], GREEDY)[0]
+    assert again == got[-1] and c.reused_prefix_tokens - sum(reused) == len(prompts[-1]) - 1
+    assert llm.engine.kv.num_free == llm.engine.kv.num_slots
+
+
+def test_prefix_reuse_forgets_rows_computed_with_other_weights(tiny) -> None:
+    """RL copies the trained policy into the engine in place: rows from before are not the policy's any more."""
+    prompt = token_prompts(tiny.arch.vocab_size, lengths=(40,))[0]
+    llm = make_llm(tiny)
+    first = outputs(llm, [prompt], GREEDY)[0]
+    with torch.no_grad():
+        llm.engine.loaded.model.norm.weight.mul_(1.0)   # an in-place write (same values): a weight sync
+    assert outputs(llm, [prompt], GREEDY)[0] == first
+    assert llm.engine.counters.reused_prefix_tokens == 0
+    outputs(llm, [prompt], GREEDY)                      # unchanged since: reused
+    assert llm.engine.counters.reused_prefix_tokens == len(prompt) - 1
+
+
+def test_prefix_reuse_is_off_where_a_drafter_reads_every_prompt_position(tiny) -> None:
+    """A learned drafter needs the aux hidden states of every prompt position; reused rows do not give them."""
+    from types import SimpleNamespace
+
+    llm = make_llm(tiny)
+    eng = llm.engine
+    eng._check_retained_rows()
+    assert eng.scheduler.reuse_prefixes
+    eng.spec = SimpleNamespace(wants_aux=True)
+    eng._check_retained_rows()
+    assert not eng.scheduler.reuse_prefixes
+    eng.spec = None
+    assert not make_llm(tiny, prefix_reuse=False).engine.scheduler.reuse_prefixes

@@ -212,8 +212,13 @@ def test_real_model_bf16_speculative_greedy_equals_plain_greedy() -> None:
     from onspec import LLM, SamplingParams
     from onspec.data import code_edit_prompts
 
+    from test_speculation import FORCE
+
     plain = LLM(model="default", dtype="bfloat16", speculation="off")
     spec = LLM(model="default", dtype="bfloat16", speculation="suffix")
+    # Costs injected so that the plan keeps every drafted node whatever this machine's timings (with live
+    # costs the calibrated suffix trees at temperature 0.7 were sometimes trimmed to almost nothing).
+    spec.engine.spec.controller.cost = FORCE
     asks = ["Repeat this list exactly three times: apple, banana, cherry, date, elderberry, fig, grape.",
             *code_edit_prompts(3)]
     prompts = [plain.apply_chat_template([{"role": "user", "content": a}]) for a in asks]
@@ -237,8 +242,13 @@ def test_real_model_bf16_seeded_sampling_is_the_same_with_speculation_on_or_off(
     from onspec import LLM, SamplingParams
     from onspec.data import code_edit_prompts
 
+    from test_speculation import FORCE
+
     plain = LLM(model="default", dtype="bfloat16", speculation="off")
     spec = LLM(model="default", dtype="bfloat16", speculation="suffix")
+    # Costs injected so that the plan keeps every drafted node whatever this machine's timings (with live
+    # costs the calibrated suffix trees at temperature 0.7 were sometimes trimmed to almost nothing).
+    spec.engine.spec.controller.cost = FORCE
     asks = ["Repeat this list exactly three times: apple, banana, cherry, date, elderberry, fig, grape.",
             *code_edit_prompts(3)]
     prompts = [plain.apply_chat_template([{"role": "user", "content": a}]) for a in asks]

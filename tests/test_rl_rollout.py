@@ -109,13 +109,14 @@ def test_rollout_config_errors():
 
 
 # ---- on a tiny engine ----------------------------------------------------------------------------------
-def _engine(path, spec: str, max_num_seqs: int = 4):
+def _engine(path, spec: str, max_num_seqs: int = 4, prefix_reuse: bool = False):
     from onspec.config import EngineConfig, SpecConfig
     from onspec.engine.engine import Engine
     from onspec.spec.controller import attach_speculation
 
+    # prefix_reuse off: these tests count prefill and sibling sharing exactly (reuse has its own test)
     e = Engine(EngineConfig(model=str(path), dtype="float32", max_num_seqs=max_num_seqs, max_model_len=128,
-                            spec=SpecConfig(mode=spec, profile_at_start=False)))
+                            spec=SpecConfig(mode=spec, profile_at_start=False), prefix_reuse=prefix_reuse))
     if spec != "off":
         from test_speculation import FREE
 
@@ -147,6 +148,22 @@ def test_divided_and_scheduled_rollout_equals_undivided_greedy(tiny_llama, greed
         assert res.chunks > len(res.items) and res.reprefill_tokens > 0
     else:
         assert res.chunks == len(res.items) and res.reprefill_tokens == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_prefix_reuse_spares_divided_rollout_its_reprefills(tiny_llama, temperature):
+    """A chunk that comes back to its engine finds its context's rows in a freed slot (prefix reuse) instead
+    of prefilling them again; same tokens, greedy and seeded."""
+    cfg = RolloutConfig(group_size=3, max_tokens=20, temperature=temperature, chunk_tokens=4, seed=2)
+    runs = {reuse: run_rollout(ChunkRunner(_engine(tiny_llama, "off", 4, prefix_reuse=reuse), cfg), PROMPTS, cfg)
+            for reuse in (False, True)}
+    off, on = runs[False], runs[True]
+    assert [it.generated for it in on.items] == [it.generated for it in off.items]
+    assert off.reused_prefix_tokens == 0 < on.reused_prefix_tokens <= on.reprefill_tokens
+    # the same contexts went in; reuse takes over some of what sibling copies did, and computes less
+    assert (on.prefill_tokens + on.reused_prefix_tokens + on.shared_prompt_tokens
+            == off.prefill_tokens + off.shared_prompt_tokens)
+    assert on.prefill_tokens < 0.8 * off.prefill_tokens
 
 
 def test_probe_runs_first_on_the_engine(tiny_llama):

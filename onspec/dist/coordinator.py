@@ -108,8 +108,10 @@ def run_distributed_rollout(pool: WorkerPool, prompts: list[list[int]], cfg: Rol
             acc[0] += v[0]
             acc[1] += v[1]
     shared = sum(s.shared_prompt_tokens for s in stats)  # counted in coord.prefill_tokens, not computed
+    reused = sum(s.reused_prefix_tokens for s in stats)  # the same
     return RolloutResult(items=coord.items, seconds=seconds, tail_seconds=coord.tail_seconds(seconds),
                          generated_tokens=sum(s.generated_tokens for s in stats),
-                         prefill_tokens=coord.prefill_tokens - shared, reprefill_tokens=coord.reprefill_tokens,
-                         chunks=coord.chunks, moves=coord.moves, by_strategy=by_strategy,
-                         finish_order=list(coord.finish_order), shared_prompt_tokens=shared)
+                         prefill_tokens=coord.prefill_tokens - shared - reused,
+                         reprefill_tokens=coord.reprefill_tokens, chunks=coord.chunks, moves=coord.moves,
+                         by_strategy=by_strategy, finish_order=list(coord.finish_order),
+                         shared_prompt_tokens=shared, reused_prefix_tokens=reused)

@@ -27,6 +27,7 @@ class RolloutStats:
     by_strategy: dict[str, list[int]] = field(default_factory=dict)
     steps: int = 0
     shared_prompt_tokens: int = 0    # prompt cache rows copied from a sibling instead of prefilled
+    reused_prefix_tokens: int = 0    # context cache rows a chunk found in its slot instead of prefilling
 
 
 class RolloutWorker:
@@ -52,6 +53,7 @@ class RolloutWorker:
         self._tokens0 = self.engine.counters.generated_tokens
         self._steps0 = self.engine.counters.steps
         self._shared0 = self.engine.counters.shared_prompt_tokens
+        self._reused0 = self.engine.counters.reused_prefix_tokens
 
     def tick(self, work: list[WorkItem], shares: list[tuple[str, object, list[int]]],
              max_steps: int = 8) -> TickResult:
@@ -69,7 +71,8 @@ class RolloutWorker:
         return RolloutStats(generated_tokens=self.engine.counters.generated_tokens - self._tokens0,
                             by_strategy=strategy_delta(self._before, self.runner.counters()),
                             steps=self.engine.counters.steps - self._steps0,
-                            shared_prompt_tokens=self.engine.counters.shared_prompt_tokens - self._shared0)
+                            shared_prompt_tokens=self.engine.counters.shared_prompt_tokens - self._shared0,
+                            reused_prefix_tokens=self.engine.counters.reused_prefix_tokens - self._reused0)
 
     def load_weights(self, state: dict) -> int:
         from ..rl.grpo import load_broadcast

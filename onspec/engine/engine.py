@@ -74,6 +74,7 @@ class EngineCounters:
     accepted: int = 0
     requests_finished: int = 0
     shared_prompt_tokens: int = 0  # prompt cache rows copied from a sibling instead of prefilled
+    reused_prefix_tokens: int = 0  # cache rows a sequence found in its slot instead of prefilling (prefix reuse)
     by_strategy: dict[str, list[int]] = field(default_factory=dict)  # strategy -> [seq-steps, committed]
 
 
@@ -121,6 +122,7 @@ class Engine:
         # value tokens by how much they shorten the batch (SpecConfig.objective).
         self.closed_batch = False
         self.step_listeners: list = []  # callables(engine, step_info) for metrics, traces, controllers
+        self._weights_seen = self._weights_key()  # what the rows that freed slots retain were computed with
 
     # ---- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -224,7 +226,24 @@ class Engine:
         return self.scheduler.has_work()
 
     # ---- the step ----------------------------------------------------------------------------
+    def _weights_key(self) -> int:
+        """Changes whenever a parameter is written in place (RL weight sync, a loaded state) or replaced."""
+        return hash(tuple((p.data_ptr(), p._version) for p in self.loaded.model.parameters()))
+
+    def _check_retained_rows(self) -> None:
+        """Prefix reuse is lossless only if the retained rows are what the model would compute now: the same
+        weights, and nothing else reading the prompt's positions (a learned drafter wants every prompt
+        position's aux hidden states, which reused rows do not give)."""
+        sched = self.scheduler
+        sched.reuse_prefixes = self.cfg.prefix_reuse and not (self.spec is not None and self.spec.wants_aux)
+        if sched.retained and sched.waiting:
+            key = self._weights_key()
+            if key != self._weights_seen:
+                self._weights_seen = key
+                sched.forget_retained()
+
     def step(self) -> list[SeqDelta]:
+        self._check_retained_rows()
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
@@ -236,6 +255,10 @@ class Engine:
             self.counters.shared_prompt_tokens += n_rows
             if self.spec is not None:
                 self.spec.observe_prefill(dst, n_rows, self._shared_aux(dst, n_rows))
+        for seq, n_rows in batch.reused:
+            self.counters.reused_prefix_tokens += n_rows
+            if self.spec is not None:
+                self.spec.observe_prefill(seq, n_rows, None)
         rows: list[RowSpec] = []
         for seq, n in batch.prefill:
             final = seq.cache_len + n == len(seq.tokens)

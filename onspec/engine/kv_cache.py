@@ -54,10 +54,20 @@ class KVCache:
     def num_free(self) -> int:
         return len(self._free)
 
-    def allocate(self) -> int:
+    @property
+    def free_slots(self) -> list[int]:
+        return list(self._free)
+
+    def allocate(self, slot: int | None = None) -> int:
+        """A free slot: ``slot`` if given (the scheduler's choice, e.g. one whose rows a prompt reuses), else
+        the lowest, so a batch's slots tend to be a contiguous run (a view, not a gather)."""
         if not self._free:
             raise KVCacheFull("no free KV cache slot")
-        # Lowest free slot first, so a batch's slots tend to be a contiguous run (a view, not a gather).
+        if slot is not None:
+            if slot not in self._free:
+                raise ValueError(f"slot {slot} is not free")
+            self._free.remove(slot)
+            return slot
         self._free.sort(reverse=True)
         return self._free.pop()
 

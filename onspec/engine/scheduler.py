@@ -20,6 +20,14 @@ rows and recomputes otherwise. The sample that prefills for the others is the fi
 it finishes without sharing (e.g. ``max_num_seqs = 1``) or is aborted, the next one prefills and the rest
 wait for it. Separate requests can be siblings too (``Engine.add_siblings``: RL responses, each with its own
 seed); a request joining later copies the rows from any running sibling.
+
+Prefix reuse (``reuse_prefixes``): a freed slot keeps its cache rows until it is allocated again, and the
+scheduler remembers which tokens they hold (``retained``). A new (or preempted) sequence is given the free
+slot whose rows share the longest prefix with its tokens and starts with ``cache_len`` at that length, so
+a shared system prompt, a chat's earlier turns or a preempted sequence's own context are not computed again
+(the idea of vLLM's automatic prefix caching, here without copies: the rows are used where they lie). Free
+slots whose rows match nothing are handed out least recently released first, so the freshest prefixes last
+longest. The engine decides when rows may be reused (same weights; see ``Engine.step``).
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ from .sequence import Sequence, Status
 
 class SlotAllocator(Protocol):
     num_free: int
+    free_slots: list[int]
 
-    def allocate(self) -> int: ...
+    def allocate(self, slot: int | None = None) -> int: ...
 
     def free(self, slot: int) -> None: ...
 
@@ -43,6 +52,7 @@ class ScheduledBatch:
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
     decode: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    reused: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, cache rows it found in its slot)
     # (source, target, rows): copy the first ``rows`` cache rows of source's slot into target's slot
     # before the forward (n > 1 siblings sharing the prompt's prefill)
     shared: list[tuple[Sequence, Sequence, int]] = field(default_factory=list)
@@ -71,6 +81,10 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.reuse_prefixes = False
+        self.retained: dict[int, list[int]] = {}   # free slot -> the tokens whose cache rows it still holds
+        self._released: dict[int, int] = {}        # free slot -> when it was released (a counter)
+        self._releases = 0
 
     # ---- queue -------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -105,8 +119,43 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.slot >= 0:
             self.slots.free(seq.slot)
+            if self.reuse_prefixes and seq.cache_len > 0:
+                self.retained[seq.slot] = seq.tokens[:seq.cache_len]
+            self._releases += 1
+            self._released[seq.slot] = self._releases
         seq.slot = -1
         seq.cache_len = 0
+
+    def _pick_slot(self, seq: Sequence) -> tuple[int | None, int]:
+        """(free slot to allocate, cache rows of it that ``seq`` can reuse); (None, 0): the allocator's choice.
+
+        At most ``len(tokens) - 1`` rows are reused: the last token must run through the model to give
+        the logits of the next one."""
+        if not self.reuse_prefixes or not self.retained:
+            return None, 0
+        tokens, cap = seq.tokens, len(seq.tokens) - 1
+        best, best_len = None, 0
+        for slot in self.slots.free_slots:
+            held = self.retained.get(slot)
+            if not held or held[0] != tokens[0]:
+                continue
+            n, limit = 0, min(len(held), cap)
+            while n < limit and held[n] == tokens[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = slot, n
+        if best is not None:
+            return best, best_len
+        # Nothing to reuse: spare the retained rows, the least recently released first.
+        free = self.slots.free_slots
+        blank = [s for s in free if s not in self.retained]
+        if blank:
+            return min(blank), 0
+        return min(free, key=lambda s: self._released.get(s, 0)), 0
+
+    def forget_retained(self) -> None:
+        """The rows of free slots are no longer valid (the weights changed, or something wrote them)."""
+        self.retained.clear()
 
     def _preempt(self, out: ScheduledBatch) -> None:
         victim = max(self.running, key=_order)
@@ -167,11 +216,15 @@ class Scheduler:
             if self.running and used_kv + need > self.kv_token_budget:
                 break
             self.waiting.pop(i)
-            seq.slot = self.slots.allocate()
-            seq.cache_len = 0
-            if source is not None:
+            slot, reuse = self._pick_slot(seq)
+            seq.slot = self.slots.allocate(slot)
+            self.retained.pop(seq.slot, None)
+            seq.cache_len = reuse
+            if source is not None and seq.num_prompt - 1 > reuse:
                 seq.cache_len = seq.num_prompt - 1
                 out.shared.append((source, seq, seq.cache_len))
+            elif reuse:
+                out.reused.append((seq, reuse))
             seq.status = Status.RUNNING
             self.running.append(seq)
             used_kv += need

@@ -115,6 +115,7 @@ class StepMetrics:
     step_seconds: float
     drafter: dict = field(default_factory=dict)
     shared_prompt_tokens: int = 0        # prompt cache rows copied between siblings instead of prefilled
+    reused_prefix_tokens: int = 0        # context cache rows found in a freed slot instead of prefilled
     truncated: float = 0.0               # fraction of responses cut at max_tokens (a cap flattens the tail)
 
 
@@ -232,7 +233,7 @@ class RLRunner:
             chunks=result.chunks, moves=result.moves,
             train_seconds=upd.seconds, loss=upd.loss, grad_norm=upd.grad_norm, clip_frac=upd.clip_frac,
             kl=upd.kl, trained_sequences=upd.trained_sequences, step_seconds=seconds, drafter=drafter,
-            shared_prompt_tokens=result.shared_prompt_tokens,
+            shared_prompt_tokens=result.shared_prompt_tokens, reused_prefix_tokens=result.reused_prefix_tokens,
             truncated=sum(it.finish_reason == "length" for it in result.items) / n)
 
     def run(self, progress_bar: bool = True) -> list[StepMetrics]:

@@ -143,6 +143,7 @@ class RolloutResult:
     by_strategy: dict[str, list[int]]   # strategy -> [sequence-steps, committed tokens]
     finish_order: list[tuple[int, int]]
     shared_prompt_tokens: int = 0       # context cache rows copied from a sibling (not in prefill_tokens)
+    reused_prefix_tokens: int = 0       # context cache rows found in the slot (prefix reuse; not in prefill_tokens)
 
     @property
     def tokens_per_second(self) -> float:
@@ -441,6 +442,7 @@ def run_rollout(runner: ChunkRunner, prompts: list[list[int]], cfg: RolloutConfi
     before = runner.counters()
     tokens0 = runner.engine.counters.generated_tokens
     shared0 = runner.engine.counters.shared_prompt_tokens
+    reused0 = runner.engine.counters.reused_prefix_tokens
     try:
         while not coord.done:
             for w, work in coord.assign().items():
@@ -461,9 +463,11 @@ def run_rollout(runner: ChunkRunner, prompts: list[list[int]], cfg: RolloutConfi
         runner.unpin_all()
     seconds = time.perf_counter() - coord.t0
     shared = runner.engine.counters.shared_prompt_tokens - shared0
+    reused = runner.engine.counters.reused_prefix_tokens - reused0
     return RolloutResult(items=coord.items, seconds=seconds, tail_seconds=coord.tail_seconds(seconds),
                          generated_tokens=runner.engine.counters.generated_tokens - tokens0,
-                         prefill_tokens=coord.prefill_tokens - shared, reprefill_tokens=coord.reprefill_tokens,
-                         chunks=coord.chunks, moves=coord.moves,
+                         prefill_tokens=coord.prefill_tokens - shared - reused,
+                         reprefill_tokens=coord.reprefill_tokens, chunks=coord.chunks, moves=coord.moves,
                          by_strategy=strategy_delta(before, runner.counters()),
-                         finish_order=list(coord.finish_order), shared_prompt_tokens=shared)
+                         finish_order=list(coord.finish_order), shared_prompt_tokens=shared,
+                         reused_prefix_tokens=reused)

@@ -63,6 +63,7 @@ class EngineSnapshot:
     forward_seconds: float = 0.0
     prefill_seconds: float = 0.0
     prompt_tokens: int = 0
+    reused_prefix_tokens: int = 0
     generated_tokens: int = 0
     decode_steps_seq: int = 0
     drafted: int = 0
@@ -311,7 +312,7 @@ class EngineWorker:
         c = e.counters
         snap = EngineSnapshot(
             time=time.time(), steps=c.steps, forward_seconds=c.forward_seconds, prefill_seconds=c.prefill_seconds,
-            prompt_tokens=c.prompt_tokens,
+            prompt_tokens=c.prompt_tokens, reused_prefix_tokens=c.reused_prefix_tokens,
             generated_tokens=c.generated_tokens, decode_steps_seq=c.decode_steps_seq, drafted=c.drafted,
             accepted=c.accepted, requests_finished=c.requests_finished,
             by_strategy={k: (v[0], v[1]) for k, v in c.by_strategy.items()},

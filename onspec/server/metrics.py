@@ -201,6 +201,8 @@ class _EngineCollector:
             return c
 
         yield counter("onspec_prompt_tokens", "Prompt tokens prefilled", snap.prompt_tokens)
+        yield counter("onspec_reused_prefix_tokens", "Prompt tokens whose cache rows a freed slot still held "
+                      "(prefix reuse: not prefilled)", snap.reused_prefix_tokens)
         yield counter("onspec_generation_tokens", "Tokens generated (committed)", snap.generated_tokens)
         yield counter("onspec_engine_steps", "Target forwards", snap.steps)
         yield counter("onspec_engine_forward_seconds", "Seconds spent in target forwards", snap.forward_seconds)

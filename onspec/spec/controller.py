@@ -668,6 +668,7 @@ def profile_costs(engine, controller: Controller, rows: tuple[int, ...] = (1, 2,
     finally:
         for slot in slots:
             engine.kv.free(slot)
+        engine.scheduler.forget_retained()  # the scratch rows overwrote whatever freed slots held
 
 
 def attach_speculation(engine, cfg: SpecConfig, extra: dict[str, Proposer] | None = None) -> Speculation:
