@@ -745,6 +745,26 @@ def test_prefix_reuse_forgets_rows_computed_with_other_weights(tiny) -> None:
     assert llm.engine.counters.reused_prefix_tokens == len(prompt) - 1
 
 
+def test_prefix_reuse_never_retains_rows_computed_across_a_weight_change(tiny) -> None:
+    """A sequence running when the weights change holds rows of both: its slot is not retained."""
+    a, b = token_prompts(tiny.arch.vocab_size, lengths=(24, 18))
+    llm = make_llm(tiny, max_num_seqs=2)
+    eng = llm.engine
+    outputs(llm, [a], GREEDY)                               # a's rows retained in slot 0
+    eng.add_request("b", b, GREEDY)                         # b runs on the other slot
+    eng.step()
+    with torch.no_grad():
+        eng.loaded.model.norm.weight.mul_(1.0)             # the weights change while b runs
+    eng.add_request("c", a, GREEDY)                         # a waiting sequence: the change is noticed
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.counters.reused_prefix_tokens == 0          # c recomputed a's prompt
+    outputs(llm, [b], GREEDY)                               # b's slot held rows of both weights: not reused
+    assert eng.counters.reused_prefix_tokens == 0
+    outputs(llm, [a], GREEDY)                               # c's rows are all new: reused
+    assert eng.counters.reused_prefix_tokens == len(a) - 1
+
+
 def test_prefix_reuse_is_off_where_a_drafter_reads_every_prompt_position(tiny) -> None:
     """A learned drafter needs the aux hidden states of every prompt position; reused rows do not give them."""
     from types import SimpleNamespace

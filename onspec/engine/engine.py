@@ -240,7 +240,7 @@ class Engine:
             key = self._weights_key()
             if key != self._weights_seen:
                 self._weights_seen = key
-                sched.forget_retained()
+                sched.forget_retained(running_too=True)
 
     def step(self) -> list[SeqDelta]:
         self._check_retained_rows()

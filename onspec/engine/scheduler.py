@@ -27,7 +27,7 @@ slot whose rows share the longest prefix with its tokens and starts with ``cache
 a shared system prompt, a chat's earlier turns or a preempted sequence's own context are not computed again
 (the idea of vLLM's automatic prefix caching, here without copies: the rows are used where they lie). Free
 slots whose rows match nothing are handed out least recently released first, so the freshest prefixes last
-longest. The engine decides when rows may be reused (same weights; see ``Engine.step``).
+longest. The engine decides when rows may be reused (same weights; ``Engine._check_retained_rows``).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class Scheduler:
         self.retained: dict[int, list[int]] = {}   # free slot -> the tokens whose cache rows it still holds
         self._released: dict[int, int] = {}        # free slot -> when it was released (a counter)
         self._releases = 0
+        self._tainted: set[int] = set()            # running slots whose rows must not be retained (forget_retained)
 
     # ---- queue -------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -119,8 +120,9 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.slot >= 0:
             self.slots.free(seq.slot)
-            if self.reuse_prefixes and seq.cache_len > 0:
+            if self.reuse_prefixes and seq.cache_len > 0 and seq.slot not in self._tainted:
                 self.retained[seq.slot] = seq.tokens[:seq.cache_len]
+            self._tainted.discard(seq.slot)
             self._releases += 1
             self._released[seq.slot] = self._releases
         seq.slot = -1
@@ -153,9 +155,13 @@ class Scheduler:
             return min(blank), 0
         return min(free, key=lambda s: self._released.get(s, 0)), 0
 
-    def forget_retained(self) -> None:
-        """The rows of free slots are no longer valid (the weights changed, or something wrote them)."""
+    def forget_retained(self, running_too: bool = False) -> None:
+        """The rows of free slots are no longer valid (the weights changed, or something wrote them).
+        ``running_too``: nor are the rows running sequences computed so far (the weights changed under them),
+        so their slots are not retained when they are released."""
         self.retained.clear()
+        if running_too:
+            self._tainted.update(s.slot for s in self.running if s.slot >= 0)
 
     def _preempt(self, out: ScheduledBatch) -> None:
         victim = max(self.running, key=_order)
