@@ -77,3 +77,21 @@ def test_server_config_validation_names_fields():
         ServerConfig(train="sometimes")
     assert ServerConfig(max_concurrency=4, max_queue=2).capacity == 6
     assert ServerConfig(api_key="a").effective_admin_key == "a"
+
+
+def test_serve_flag_turns_prefix_reuse_off_in_the_engine(tiny_llama):
+    import argparse
+
+    from onspec.server.app import build_engine
+    from onspec.server.commands import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert config_from_args(p.parse_args([])).prefix_reuse
+    cfg = config_from_args(p.parse_args(["--model", str(tiny_llama), "--dtype", "float32", "--speculation", "off",
+                                         "--max-concurrency", "2", "--no-prefix-reuse"]))
+    assert not cfg.prefix_reuse
+    engine = build_engine(cfg)
+    assert not engine.cfg.prefix_reuse
+    engine.step()
+    assert not engine.scheduler.reuse_prefixes

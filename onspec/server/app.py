@@ -48,7 +48,7 @@ def build_engine(cfg: ServerConfig):
     spec = SpecConfig(mode=cfg.speculation)
     engine = Engine(EngineConfig(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                                  max_num_seqs=cfg.max_concurrency, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                 num_threads=cfg.num_threads, spec=spec))
+                                 num_threads=cfg.num_threads, prefix_reuse=cfg.prefix_reuse, spec=spec))
     if cfg.train == "online":
         # The online learner attaches the learned drafter itself (cfg.speculator becomes its first version).
         from ..spec.controller import attach_speculation

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "serve") -> None:
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="sequences waiting beyond --max-concurrency before new requests get 503")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context length per sequence")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="prefill every prompt in full, even where a freed cache slot still holds its prefix's rows")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -54,7 +56,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         speculation=args.speculation, train=args.train, speculator_dir=args.speculator_dir,
                         speculator=args.speculator,
                         max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                        max_model_len=args.max_model_len, shutdown_timeout=args.shutdown_timeout,
+                        max_model_len=args.max_model_len, prefix_reuse=not args.no_prefix_reuse,
+                        shutdown_timeout=args.shutdown_timeout,
                         num_threads=args.threads, log_level=args.log_level, online_hook=args.online_hook)
 
 

@@ -33,6 +33,7 @@ class ServerConfig:
     max_queue: int = 128              # sequences admitted beyond max_concurrency before answering 503
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512
+    prefix_reuse: bool = True         # prompts start from the rows freed slots still hold (engine/scheduler.py)
     served_model_name: str = ""       # "" = the loaded model's name; "default" is always accepted too
     shutdown_timeout: float = 30.0    # seconds in-flight requests get to finish on SIGTERM
     retry_after: int = 1              # seconds, sent with 503 when the queue is full
