@@ -82,9 +82,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.reuse_prefixes = False
-        self.retained: dict[int, list[int]] = {}   # free slot -> the tokens whose cache rows it still holds
-        self._released: dict[int, int] = {}        # free slot -> when it was released (a counter)
-        self._releases = 0
+        # free slot -> the tokens whose cache rows it still holds, in release order (an entry leaves when its
+        # slot is allocated and comes back at the end when it is released: the first is the oldest)
+        self.retained: dict[int, list[int]] = {}
         self._tainted: set[int] = set()            # running slots whose rows must not be retained (forget_retained)
 
     # ---- queue -------------------------------------------------------------------------------
@@ -123,8 +123,6 @@ class Scheduler:
             if self.reuse_prefixes and seq.cache_len > 0 and seq.slot not in self._tainted:
                 self.retained[seq.slot] = seq.tokens[:seq.cache_len]
             self._tainted.discard(seq.slot)
-            self._releases += 1
-            self._released[seq.slot] = self._releases
         seq.slot = -1
         seq.cache_len = 0
 
@@ -136,8 +134,9 @@ class Scheduler:
         if not self.reuse_prefixes or not self.retained:
             return None, 0
         tokens, cap = seq.tokens, len(seq.tokens) - 1
+        free = self.slots.free_slots
         best, best_len = None, 0
-        for slot in self.slots.free_slots:
+        for slot in free:
             held = self.retained.get(slot)
             if not held or held[0] != tokens[0]:
                 continue
@@ -148,12 +147,10 @@ class Scheduler:
                 best, best_len = slot, n
         if best is not None:
             return best, best_len
-        # Nothing to reuse: spare the retained rows, the least recently released first.
-        free = self.slots.free_slots
+        # Nothing to reuse: spare the retained rows; if every free slot holds some, take the least recently
+        # released (retained slots are all free, so the first entry is one)
         blank = [s for s in free if s not in self.retained]
-        if blank:
-            return min(blank), 0
-        return min(free, key=lambda s: self._released.get(s, 0)), 0
+        return (min(blank) if blank else next(iter(self.retained))), 0
 
     def forget_retained(self, running_too: bool = False) -> None:
         """The rows of free slots are no longer valid (the weights changed, or something wrote them).

@@ -70,6 +70,11 @@ _Locus = tuple[_Node, int]
 Estimate = Callable[[int, float], float]
 
 
+def _raw_ratio(match_len: int, ratio: float) -> float:
+    """The uncalibrated estimate: the count ratio itself."""
+    return ratio
+
+
 class _SeqState:
     """One stored sequence: its tokens and a cursor for each suffix shorter than max_depth.
 
@@ -323,6 +328,8 @@ class SuffixTree:
     def _grow(self, root: int, loc: _Locus, m: int, self_len: int, max_nodes: int, min_prob: float,
               alpha: float, source: str, estimate: Estimate | None = None) -> tuple[DraftTree, float]:
         """Best-first draft from the locus of a length-``m`` match: (tree, sum of path probabilities)."""
+        if estimate is None:
+            estimate = _raw_ratio
         tokens, parents, scores, evidence = [root], [-1], [1.0], [(0, 1.0)]
         total = 0.0
         depth_cap = min(int(alpha * m), self.max_depth - m)
@@ -344,7 +351,7 @@ class SuffixTree:
                 seq = nd.seq
                 assert seq is not None
                 if q < len(seq) and q < nd.end:
-                    cond = estimate(m + depth - 1, 1.0) if estimate is not None else 1.0
+                    cond = estimate(m + depth - 1, 1.0)
                     if prob * cond >= min_prob:
                         seq_no += 1
                         heapq.heappush(heap, (-prob * cond, seq_no, seq[q], cond, 1.0, parent, depth, nd, q + 1))
@@ -354,7 +361,7 @@ class SuffixTree:
                 return
             for tok, c in ch.items():
                 ratio = c.count / den
-                cond = estimate(m + depth - 1, ratio) if estimate is not None else ratio
+                cond = estimate(m + depth - 1, ratio)
                 pp = prob * cond
                 if pp >= min_prob:
                     seq_no += 1

@@ -32,6 +32,7 @@ from onspec.spec.tree import DraftTree
 # tokens of context is large, between 20 and 24 small.
 LENGTH_EDGES: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24)
 RATIO_CLASSES = 3   # ratio 1 (a single continuation seen), [0.5, 1), below 0.5
+NUM_CELLS = len(LENGTH_EDGES) * RATIO_CLASSES
 
 
 def ratio_class(ratio: float) -> int:
@@ -45,13 +46,8 @@ class MatchCalibration:
     prior: float = 1.0           # a cell with no evidence: trust the count ratios as they are
     prior_weight: float = 4.0    # tested nodes' worth of belief in the prior
     cap: float = 0.99            # no drafted token is certain
-    hits: list[float] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        n = (len(LENGTH_EDGES)) * RATIO_CLASSES
-        self.hits = self.hits or [0.0] * n
-        self.ratios = self.ratios or [0.0] * n
+    hits: list[float] = field(default_factory=lambda: [0.0] * NUM_CELLS)    # accepted tested nodes per cell
+    ratios: list[float] = field(default_factory=lambda: [0.0] * NUM_CELLS)  # their summed count ratios
 
     @staticmethod
     def cell(match_len: int, ratio: float) -> int:
