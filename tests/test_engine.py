@@ -765,16 +765,61 @@ def test_prefix_reuse_never_retains_rows_computed_across_a_weight_change(tiny) -
     assert eng.counters.reused_prefix_tokens == len(a) - 1
 
 
-def test_prefix_reuse_is_off_where_a_drafter_reads_every_prompt_position(tiny) -> None:
-    """A learned drafter needs the aux hidden states of every prompt position; reused rows do not give them."""
+def test_prefix_reuse_is_off_where_a_drafter_reads_aux_states_it_cannot_recall(tiny) -> None:
+    """A drafter that reads every processed position's aux hidden states must get them for reused rows too."""
     from types import SimpleNamespace
 
     llm = make_llm(tiny)
     eng = llm.engine
     eng._check_retained_rows()
     assert eng.scheduler.reuse_prefixes
-    eng.spec = SimpleNamespace(wants_aux=True)
+    eng.spec = SimpleNamespace(wants_aux=True, recalls_aux=False)
     eng._check_retained_rows()
     assert not eng.scheduler.reuse_prefixes
     eng.spec = None
     assert not make_llm(tiny, prefix_reuse=False).engine.scheduler.reuse_prefixes
+
+
+def test_prefix_reuse_gives_the_learned_drafter_the_reused_rows_aux_states(tiny) -> None:
+    """A prompt that starts from a freed slot's rows gets their aux rows from the learned proposer, which kept
+    them with the slot (including the finishing step's rows: a conversation's next turn reuses the whole
+    previous sequence), so it drafts for that prompt; tokens and aux rows equal a run that prefills all."""
+    from onspec.config import SpecConfig
+    from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
+
+    vocab = tiny.arch.vocab_size
+    system = token_prompts(vocab, lengths=(30,))[0]
+    tails = token_prompts(vocab, lengths=(5, 9, 3))
+    drafter = init_drafter(tiny, EagleConfig.for_target(tiny.arch, draft_vocab_size=200))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    runs = {}
+    for reuse in (True, False):
+        spec = SpecConfig(mode="learned", max_draft_tokens=4, profile_at_start=False)
+        eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32", num_threads=1, max_model_len=256,
+                                  max_num_seqs=2, spec=spec, prefix_reuse=reuse), loaded=tiny)
+        s = attach_learned(eng, spec, drafter)
+        learned = s.proposers["learned"]
+        s.controller.worth_drafting = lambda *args, **kwargs: True   # a random head's drafts are not worth it
+        got, aux, reused, drafted = [], [], [], []
+        for i in range(4):
+            # the first chat, the same chat's next turn, then two others sharing the system prompt
+            prompt = system + tails[0] if i == 0 else (got[0][0] + got[0][1] + tails[1] if i == 1 else
+                                                        system + tails[i - 1])
+            before = eng.counters.reused_prefix_tokens
+            seq = eng.add_request(str(i), prompt, params)[0]
+            while len(seq.tokens) == len(prompt):
+                eng.step()
+            aux.append(learned.states[seq.seq_id].aux[:len(prompt)].clone())
+            while eng.has_unfinished():
+                eng.step()
+            got.append((prompt, seq.output_ids))
+            reused.append(eng.counters.reused_prefix_tokens - before)
+            drafted.append(seq.stats.by_strategy.get("learned", [0])[0])
+        runs[reuse] = got, aux, reused, drafted
+    (got, aux, reused, drafted), (ref, ref_aux, none, _) = runs[True], runs[False]
+    assert got == ref and none == [0, 0, 0, 0]
+    first = len(system) + len(tails[0])
+    assert reused == [0, first + params.max_tokens - 1, len(system), len(system)]
+    for a, b in zip(aux, ref_aux):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # rows of other batch shapes
+    assert all(d > 0 for d in drafted)

@@ -12,6 +12,9 @@ The samples of an ``n > 1`` request prefill the prompt once: the scheduler admit
 sibling has processed the whole prompt; ``step`` copies its first ``P - 1`` cache rows into their slots and
 each runs only the last prompt token (its own logits row, so its first token is its own draw). A learned drafter
 gets the copied rows' aux states through the usual ``observe_prefill``, from the sibling that computed them.
+
+Prefix reuse (scheduler.py): a sequence may start from the rows a freed slot still holds. A learned drafter
+gets their aux states from the proposer that kept them with the slot (``Speculation.recall_aux``).
 """
 
 from __future__ import annotations
@@ -232,15 +235,17 @@ class Engine:
 
     def _check_retained_rows(self) -> None:
         """Prefix reuse is lossless only if the retained rows are what the model would compute now: the same
-        weights, and nothing else reading the prompt's positions (a learned drafter wants every prompt
-        position's aux hidden states, which reused rows do not give)."""
+        weights. A drafter that reads every prompt position's aux hidden states must also keep them with the
+        rows (``Speculation.recalls_aux``), or reuse stays off."""
         sched = self.scheduler
-        sched.reuse_prefixes = self.cfg.prefix_reuse and not (self.spec is not None and self.spec.wants_aux)
+        sched.reuse_prefixes = self.cfg.prefix_reuse and (self.spec is None or self.spec.recalls_aux)
         if sched.retained and sched.waiting:
             key = self._weights_key()
             if key != self._weights_seen:
                 self._weights_seen = key
                 sched.forget_retained(running_too=True)
+                if self.spec is not None:
+                    self.spec.forget_retained()
 
     def step(self) -> list[SeqDelta]:
         self._check_retained_rows()
@@ -258,7 +263,8 @@ class Engine:
         for seq, n_rows in batch.reused:
             self.counters.reused_prefix_tokens += n_rows
             if self.spec is not None:
-                self.spec.observe_prefill(seq, n_rows, None)
+                aux = self.spec.recall_aux(seq, n_rows) if self.spec.wants_aux else None
+                self.spec.observe_prefill(seq, n_rows, aux)
         rows: list[RowSpec] = []
         for seq, n in batch.prefill:
             final = seq.cache_len + n == len(seq.tokens)

@@ -428,6 +428,23 @@ class Speculation:
         for p in self.proposers.values():
             p.observe_prefill(seq, n, aux)
 
+    # ---- prefix reuse: the aux rows of reused cache rows (proposers with ``recall_aux``, eagle.py) ----------
+    @property
+    def recalls_aux(self) -> bool:
+        """Prefix reuse can serve every drafter: none reads aux states, or one keeps them with the rows."""
+        return not self.wants_aux or any(hasattr(p, "recall_aux") for p in self.proposers.values())
+
+    def recall_aux(self, seq, n: int) -> torch.Tensor | None:
+        for p in self.proposers.values():
+            if hasattr(p, "recall_aux"):
+                return p.recall_aux(seq, n)
+        return None
+
+    def forget_retained(self) -> None:
+        for p in self.proposers.values():
+            if hasattr(p, "forget_retained"):
+                p.forget_retained()
+
     # ---- per step ----------------------------------------------------------------------------
     def draft(self, decode_seqs: list, step_tokens: int) -> dict[int, DraftTree]:
         self._step_started = time.perf_counter()

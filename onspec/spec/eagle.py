@@ -23,6 +23,11 @@ Children are deterministic top-k choices, so the tree carries no ``child_dists``
 as point masses, which is lossless for any drafter, trained or not. ``scores`` are the drafter's
 conditional probabilities (the controller calibrates them against measured acceptance).
 
+Prefix reuse (``Engine``/``Scheduler``): a finished sequence's aux rows stay with its cache slot, as its KV rows
+do, until the slot is taken again. A sequence that starts from those KV rows gets their aux rows from
+``recall_aux`` (checked against the tokens they were computed for), so prefix reuse serves the learned
+drafter too: without them it could not draft for that sequence (it needs the aux of every processed token).
+
 ``swap(drafter)`` replaces the model between steps; each sequence's drafter cache is rebuilt lazily from
 its stored aux rows at its next ``propose`` (one batched catch-up forward).
 
@@ -130,6 +135,9 @@ class EagleProposer:
         self.drafter = self._prepare(drafter)
         self.engine = None
         self.states: dict[int, _SeqState] = {}
+        # cache slot -> (seq id, tokens, state) of the sequence that last finished in it: the aux rows of the
+        # KV rows the scheduler retains there (``recall_aux``)
+        self.released: dict[int, tuple[int, list[int], _SeqState]] = {}
         self.stats = ProposerStats()
         # Tokens per verification the serving drafter is expected to reach, as measured on held-out traces
         # (its version's gate figure, or a resumed version's manifest figure; 1.0 for a random day-0 head);
@@ -190,6 +198,8 @@ class EagleProposer:
             st.k = st.v = None      # head counts or dtype may differ
             if layers_changed:
                 st.n_aux = 0
+        if layers_changed:
+            self.released.clear()
         self.expected_acceptance = expected_acceptance
         self.stats.swaps += 1
         self._epoch += 1
@@ -205,7 +215,27 @@ class EagleProposer:
         pass  # tokens are read from the sequence when drafting
 
     def finish(self, seq) -> None:
-        self.states.pop(seq.seq_id, None)
+        st = self.states.pop(seq.seq_id, None)
+        # The engine finishes a sequence while it still holds its slot (an abort releases it first). Its last
+        # step's aux rows arrive in the same step's ``observe``, which looks here too.
+        if st is not None and getattr(seq, "slot", -1) >= 0:
+            st.k = st.v = None
+            self.released[seq.slot] = (seq.seq_id, seq.tokens, st)
+
+    def recall_aux(self, seq, n: int) -> torch.Tensor | None:
+        """Aux rows of ``seq``'s first ``n`` tokens, which it reuses from its slot's retained KV rows: those of
+        the sequence that finished in the slot (or ``seq``'s own, when it was preempted and comes back), if
+        they cover the same tokens; else None (the sequence then drafts from the other sources)."""
+        st = self.states.get(seq.seq_id)
+        if st is None or st.n_aux < n:
+            _, tokens, st = self.released.get(seq.slot, (None, None, None))
+            if st is None or st.n_aux < n or tokens[:n] != seq.tokens[:n]:
+                return None
+        return st.aux[:n]
+
+    def forget_retained(self) -> None:
+        """The target's weights changed: the kept aux rows are not what it would compute now."""
+        self.released.clear()
 
     def _write_aux(self, st: _SeqState, start: int, rows: torch.Tensor) -> None:
         if start > st.n_aux:
@@ -227,6 +257,8 @@ class EagleProposer:
     def observe(self, verdicts: list) -> None:
         for seq, _t, accepted, _next, aux, _hidden in verdicts:
             st = self.states.get(seq.seq_id)
+            if st is None and seq.slot in self.released and self.released[seq.slot][0] == seq.seq_id:
+                st = self.released[seq.slot][2]     # finished this step: its final rows, for prefix reuse
             if st is None or aux is None:
                 continue
             start = seq.cache_len - len(accepted)   # the engine already advanced cache_len
