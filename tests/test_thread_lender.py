@@ -90,3 +90,45 @@ def test_borrow_does_not_wait_for_an_engine_that_is_not_stepping():
     with lease.borrow(lambda: True) as granted:
         assert granted is False and lease.want.value == 1
     assert lease.want.value == 0 and time.monotonic() - t0 < 0.5
+
+
+def test_steps_run_with_lent_threads_are_not_cost_samples() -> None:
+    """A step slowed by threads lent to the trainer says nothing about drafting: it stays out of the step-cost
+    curves and the measured utility, or a burst of them prices drafts out for good (a masked bucket is
+    measured only by steps that draft)."""
+    from onspec.config import SpecConfig
+    from onspec.spec.controller import Speculation
+
+    spec = Speculation(None, SpecConfig(mode="auto"), {})
+    spec._pure_decode = True
+    spec.threads_lent = True
+    spec.observe_step([], batch_rows=2, num_tokens=6, seconds=0.05)
+    spec.observe_step([], batch_rows=2, num_tokens=2, seconds=0.05)
+    assert spec.controller.cost.table == {}
+    spec.threads_lent = False
+    spec.observe_step([], batch_rows=2, num_tokens=6, seconds=0.02)
+    spec.observe_step([], batch_rows=2, num_tokens=2, seconds=0.01)
+    assert spec.controller.cost.tables["masked"] == {8: 0.02} and spec.controller.cost.tables["plain"] == {2: 0.01}
+
+
+def test_online_learning_tells_speculation_when_the_next_step_runs_lent(two_threads, tiny_llama, tmp_path) -> None:
+    from onspec.config import EngineConfig, SpecConfig, TrainerConfig
+    from onspec.engine.engine import Engine
+    from onspec.train.online import OnlineLearning
+
+    engine = Engine(EngineConfig(model=str(tiny_llama), dtype="float32", num_threads=2, max_model_len=128,
+                                 spec=SpecConfig(mode="auto", profile_at_start=False)))
+    ol = OnlineLearning(engine, TrainerConfig(versions_dir=str(tmp_path / "v")), start_trainer=False)
+    try:
+        info = {"batch": 1, "tokens": 1, "seconds": 0.01, "decode": 0, "prefill": 1}
+        ol._on_step(engine, info)
+        assert not engine.spec.threads_lent
+        ol.poll_lease.want.value = 1                 # someone computes beside the engine
+        ol._on_step(engine, info)
+        assert engine.spec.threads_lent and torch.get_num_threads() == 1
+        ol.poll_lease.want.value = 0
+        ol._on_step(engine, info)
+        assert not engine.spec.threads_lent and torch.get_num_threads() == 2
+    finally:
+        ol.stop(save=False)
+    assert not engine.spec.threads_lent

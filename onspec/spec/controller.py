@@ -390,6 +390,9 @@ class Speculation:
         # proposed nodes and ``plan`` kept none (see ``draft``)
         self._unpaid: dict[int, tuple[int, int]] = {}
         self.listeners: list = []  # callables(verdicts) e.g. the trace recorder of the online trainer
+        # Set by online learning (train/online.py) while the engine has lent threads to the trainer
+        # (train/channel.py ThreadLender): steps then run slower for a reason drafting does not change.
+        self.threads_lent = False
 
     @property
     def wants_aux(self) -> bool:
@@ -580,13 +583,18 @@ class Speculation:
         # masked step read 43.6 ms against 35.0 ms for 8).
         model_seconds = sum(dt for name, dt in self._asked.items() if self.proposers[name].wants_aux)
         step_seconds = max(1e-6, seconds - model_seconds)
-        if num_tokens > batch_rows:  # a masked step: it ran at its padded size
+        # A step run with threads lent to the trainer is left out of the step-cost curves and the measured
+        # utility. Why: a masked bucket is measured only by steps that draft, so a burst of slow lent steps
+        # priced drafts out, and with nothing drafted the bucket was never measured again: in one day-0 run
+        # the auto arm drafted on 552 steps against suffix-only's 2607, in the next on 2621 (session 19).
+        timed = not self.threads_lent
+        if timed and num_tokens > batch_rows:  # a masked step: it ran at its padded size
             self.controller.cost.observe(self.controller.padded(num_tokens), step_seconds, "masked")
-        else:
+        elif timed:
             self.controller.cost.observe(num_tokens, step_seconds, "plain")
         for seq, tree, accepted, _next, _aux, _hidden in verdicts:
             self.controller.observe(tree, len(accepted) - 1)
-        if self._pure_decode and batch_rows == len(verdicts) and verdicts:
+        if timed and self._pure_decode and batch_rows == len(verdicts) and verdicts:
             committed = sum(len(accepted) for _, _, accepted, *_ in verdicts)
             nodes: dict[str, int] = {}
             for _, tree, *_ in verdicts:

@@ -218,7 +218,8 @@ class EagleProposer:
         st = self.states.pop(seq.seq_id, None)
         # The engine finishes a sequence while it still holds its slot (an abort releases it first). Its last
         # step's aux rows arrive in the same step's ``observe``, which looks here too.
-        if st is not None and getattr(seq, "slot", -1) >= 0:
+        reuse = self.engine is not None and self.engine.scheduler.reuse_prefixes
+        if st is not None and reuse and getattr(seq, "slot", -1) >= 0:
             st.k = st.v = None
             self.released[seq.slot] = (seq.seq_id, seq.tokens, st)
 

@@ -219,6 +219,7 @@ class OnlineLearning:
             self.trainer.clock.tick()
         self._last_step_t = time.monotonic()
         self.lender.between_steps()
+        self.spec.threads_lent = self.lender.lent  # the next step runs with fewer threads: not a cost sample
         self._steps += 1
         if self._stopped:
             return
@@ -358,6 +359,7 @@ class OnlineLearning:
         if self._on_step in self.engine.step_listeners:
             self.engine.step_listeners.remove(self._on_step)
         self.lender.release()
+        self.spec.threads_lent = False
         self.manager.state.save(self.root)
 
 
