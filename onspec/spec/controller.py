@@ -79,7 +79,7 @@ class StepCostModel:
         # bucket holds every size up to its power of two (bucket 8: 5-8 tokens), so reading its seconds as
         # the cost of 8 tokens made every size inside it look cheaper than it is, and the budget rule
         # overdrafted. Seen on an AVX2-only CPU, where a forward's cost grows steeply with its tokens:
-        # forced suffix drafting ran 0.88x of off (bench/results/online_day1_s12.json).
+        # forced suffix drafting ran 0.88x of off (docs/decisions.md, 'Step cost curve').
         self.sizes: dict[str, dict[int, float]] = {k: {} for k in self.KINDS}
         # Live observations per bucket. The EMA weight of the n-th is max(1 - decay, 1 / n), a running mean
         # that turns into the EMA after 1 / (1 - decay) steps, so the first live step replaces the start-up
@@ -87,7 +87,7 @@ class StepCostModel:
         # pays for drafting, verification, cache compaction and real contexts; at batch 8 on an AVX2-only
         # CPU the profile put a 16-token masked step at 45 ms and live steps took 55-65 ms, and at weight
         # 0.1 per step the controller drafted on that optimistic figure for ~20 steps (a 64-step batch ran
-        # 0.81x of speculation off, bench/results/speculation_s13.json).
+        # 0.81x of speculation off; docs/decisions.md, 'Step cost curve').
         self.live: dict[str, dict[int, int]] = {k: {} for k in self.KINDS}
         # Live seconds over profiled seconds, measured where a live step lands in a profiled bucket and
         # applied to the buckets only the profile has measured yet. Why: a live step at batch 32 took
@@ -176,7 +176,7 @@ class MakespanValue:
     steps a little sooner. On an AVX2-only CPU (default model, batch 8, 64 tokens each) steps that drafted
     committed 44 tokens in 146 ms against 8 in 37 ms, yet the batch took longer than with speculation off:
     the accepted tokens went to the rows copying from their prompts, which then waited for the others
-    (bench/speculation.py (e): 0.81x at batch 8, session 13).
+    (bench/speculation.py (e): 0.81x at batch 8; docs/decisions.md, 'Closed batches').
 
     Model: a decoding step of B rows costs T(B) = F + c B (F: the part every step pays, weights streamed
     once; c: per row), so the time left is about F * S + c * sum(s_r), where s_r is row r's steps left and
@@ -316,7 +316,7 @@ class Controller:
         verified node, so it reads as losing whenever cheap padding nodes dilute it, and each skip doubled
         its back-off (``should_try``); in day-0 serving with the learned drafter attached, the suffix drafter
         was skipped in 771 of 1755 steps of one 40-request run and 162 of another (a one-off profile around
-        bench/online.py's day-0 loop, session 7; 22 without the learned drafter).
+        bench/online.py's day-0 loop; 22 without the learned drafter; docs/decisions.md, 'Cheap drafters').
 
         An expensive drafter is priced by its record: rate with speculation = B * (1 + accepted per step) /
         (T(base + B * nodes per step) + drafting); rate without = B / T(base). Until it has a record
@@ -555,8 +555,9 @@ class Speculation:
         A drafter whose measured held-out acceptance length (``expected_acceptance``: the gate's figure for
         its version, or a resumed version's manifest figure) fails that is not asked at all: exploring it
         live costs d every time and cannot win. Day-0 heads on this CPU measure 1.00-1.06 and a warm start
-        on 4 answers per warm-up prompt 1.47-1.50 (bench/online.py day1, session 9), while the suffix
-        drafter commits ~1.6 per row at batch 2 and d / T was ~0.4 in a one-off profile: ~1.64 needed.
+        on 4 answers per warm-up prompt 1.47-1.50 (bench/online.py day 1), while the suffix drafter
+        commits ~1.6 per row at batch 2 and d / T was ~0.4 in a one-off profile: ~1.64 needed
+        (docs/decisions.md, 'Drafter acceptance gate').
         Unknown estimate or proposal time (never asked): allowed."""
         expected = _expected_acceptance(self.proposers[name])
         d = self.draft_cost.get(name)
@@ -586,7 +587,7 @@ class Speculation:
         # A step run with threads lent to the trainer is left out of the step-cost curves and the measured
         # utility. Why: a masked bucket is measured only by steps that draft, so a burst of slow lent steps
         # priced drafts out, and with nothing drafted the bucket was never measured again: in one day-0 run
-        # the auto arm drafted on 552 steps against suffix-only's 2607, in the next on 2621 (session 19).
+        # the auto arm drafted on 552 steps against suffix-only's 2607 (docs/decisions.md, 'Lent steps').
         timed = not self.threads_lent
         if timed and num_tokens > batch_rows:  # a masked step: it ran at its padded size
             self.controller.cost.observe(self.controller.padded(num_tokens), step_seconds, "masked")

@@ -406,10 +406,11 @@ class SuffixProposer:
     (``propose``, ``global_tree``), not on every committed token and every finish. Why: where the controller
     drafts nothing (large batches, ``off_batch_size``; the back-off of ``Speculation.draft``) those eager
     updates were speculation's whole overhead: at batch 32 the global store's insertions alone took 0.2 s of
-    a 10 s run (cProfile, session 18), for a store no draft read before the run ended. Catching up later
-    makes the same updates in the same order, so the tries and the drafts are the same. Group trees stay
-    eager: their members' tokens interleave, and the order of insertion breaks ties between equally
-    frequent continuations, so a lazy group tree would draft differently (and siblings are few)."""
+    a 10 s run (cProfile), for a store no draft read before the run ended. Catching up later makes the same
+    updates in the same order, so the tries and the drafts are the same. Group trees stay eager: their
+    members' tokens interleave, and the order of insertion breaks ties between equally frequent
+    continuations, so a lazy group tree would draft differently (and siblings are few). See
+    docs/decisions.md, 'Lazy suffix tries'."""
 
     def __init__(self, cfg: SpecConfig) -> None:
         self.cfg = cfg

@@ -2,10 +2,11 @@
 
 Why: a suffix trie scores a continuation by its count ratio (SuffixDecoding, arXiv 2411.04975), and
 a continuation seen once scores 1.0 whether it follows a 1-token match or a 30-token one. Verification
-disagrees. On the code-editing workload (bench/speculation.py (c), a one-off log of 142 steps,
-session 18) the first drafted token was accepted after half of the 1-token matches but after 34 of 35
-matches of 8 tokens or more. Raw ratios made every 1-token match draft a deep chain that was thrown
-away, and the controller's single per-strategy calibration could only scale all of them alike.
+disagrees. On the code-editing workload (bench/speculation.py (c), a one-off log of 142 steps) the
+first drafted token was accepted after half of the 1-token matches but after 34 of 35 matches of 8
+tokens or more. Raw ratios made every 1-token match draft a deep chain that was thrown away, and the
+controller's single per-strategy calibration could only scale all of them alike. See docs/decisions.md,
+'Suffix calibration'.
 
 What: ``MatchCalibration`` keeps, per cell (effective match length bucket x count-ratio class), the
 accepted drafts and the summed count ratios of every drafted node whose parent was accepted (the
@@ -13,7 +14,7 @@ nodes verification actually tested). A node's probability is then ``ratio * a(ce
 ``a = (hits + w * prior) / (sum of ratios + w)``, a shrunk estimate of how far that cell's ratios
 overstate acceptance. The prior is 1: a cell without evidence drafts as the raw ratios do (a prior of
 0.75 made code-editing drafts too short until evidence came in: 1.88x against 1.97x with raw ratios in
-one A/B run, ``speculation_code_edit_s18``). The effective match length of a node at depth d below a match of m tokens is
+one A/B run). The effective match length of a node at depth d below a match of m tokens is
 m + d - 1: if its ancestors are accepted, that is the suffix the trie matched when predicting it.
 Chains from a long match therefore stay confident deep down, and chains from a short one fade fast,
 so the best-first tree (``SuffixTree.speculate``) and the controller's budget spend nodes where they

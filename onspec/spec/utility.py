@@ -27,7 +27,7 @@ proposer). For it the question is not "does it beat plain decoding?" but "does i
 arms do without it?". A hybrid tree is a superset of the suffix tree, so when both are asked the
 controller picks the hybrid one, and a drafter that adds nothing to the suffix tree still wins every
 request while its forward slows every step: judged against plain it looked fine (1.05x) while the suffix
-drafter alone ran 1.11x (bench/online.py day-1, session 4). So:
+drafter alone ran 1.11x (bench/online.py day 1; docs/decisions.md, 'Measured utility'). So:
 
 * a step in which an expensive arm was asked is that arm's, whole (its rate is the rate of the policy
   "ask it": the drafter forward, the suffix proposals a hybrid tree needs, and whatever was chosen);
