@@ -1,4 +1,4 @@
-"""``onspec``: serve | generate | chat | bench | rl | warmup | export-speculator.
+"""``onspec``: serve | generate | chat | bench | rl | simulate-rollout | warmup | export-speculator.
 
 Each subcommand lives with the code it drives (``onspec/<room>/commands.py`` exposes ``add_arguments`` and
 ``run``); this module only assembles the parser and turns bad input into a one-line message with exit
@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "chat": ("onspec.commands", "interactive chat with the model"),
     "bench": ("onspec.commands", "quick speed check: speculation against plain decoding on a few prompts"),
     "rl": ("onspec.rl.commands", "GRPO on a task with verifiable rewards, rollouts through the engine"),
+    "simulate-rollout": ("onspec.rl.simulate.commands",
+                         "rollout scheduling at cluster scale: the real scheduler against simulated workers"),
     "warmup": ("onspec.train.commands", "day-1 warm start: train the drafter offline on the model's own answers"),
     "export-speculator": ("onspec.train.commands", "write a drafter version in the EAGLE-3 layout"),
 }

@@ -1,0 +1,154 @@
+"""What one engine step costs in the rollout simulator: seconds as a function of rows and tokens.
+
+A step of a worker runs ``rows`` sequences through the target model and computes ``tokens`` tokens in all
+(one per decoding row, ``1 + draft`` per drafting row, a prompt's share for a prefilling row). Two models:
+
+* ``TableCost``: a measured table read through onspec's own ``StepCostModel`` (``onspec/spec/controller.py``),
+  the curve the speculation controller budgets drafts with, so the simulator prices a step exactly as the
+  controller does: a ``plain`` curve (every row one token) and a ``masked`` one (draft trees or prefill).
+  It comes from a cost table file (JSON, with a ``source`` line saying where the figures come from, e.g.
+  a GPU's measured step times) or from ``measure_cost``, which runs onspec's start-up profile
+  (``profile_costs``) on this machine.
+* ``LinearCost``: ``fixed + per_row * rows + per_token * tokens``, stated in the command line; for hand
+  checks and for "what if" questions (a GPU step is nearly flat in tokens: small ``per_token``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+KINDS = ("plain", "masked")
+
+
+class StepCost(Protocol):
+    """Seconds per engine step; ``source`` says where the figures come from (printed and saved)."""
+
+    source: str
+
+    def seconds(self, rows: int, tokens: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    fixed: float = 0.02
+    per_row: float = 0.0
+    per_token: float = 0.001
+    source: str = "linear model given on the command line"
+
+    def __post_init__(self) -> None:
+        if min(self.fixed, self.per_row, self.per_token) < 0 or self.fixed + self.per_row + self.per_token <= 0:
+            raise ValueError("cost: linear terms must be >= 0 and not all 0")
+
+    def seconds(self, rows: int, tokens: int) -> float:
+        return self.fixed + self.per_row * rows + self.per_token * tokens
+
+
+@dataclass
+class TableCost:
+    """Measured seconds per forward by tokens in the forward, one curve per kind (see ``StepCostModel``)."""
+
+    tables: dict[str, dict[int, float]]
+    source: str
+    _model: object = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from ...spec.controller import StepCostModel
+
+        if not any(self.tables.get(k) for k in KINDS):
+            raise ValueError("cost table: no figures (need a 'plain' or 'masked' table of tokens -> seconds)")
+        model = StepCostModel()
+        for kind in KINDS:
+            for tokens, secs in sorted(self.tables.get(kind, {}).items()):
+                model.observe(int(tokens), float(secs), kind, prior=True)
+        self._model = model
+
+    def seconds(self, rows: int, tokens: int) -> float:
+        return self._model.cost(tokens, "plain" if tokens <= rows else "masked")
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, **{k: {str(t): s for t, s in sorted(v.items())} for k, v in self.tables.items()}}
+
+
+def load_cost_table(path: str | Path) -> TableCost:
+    """A cost table file: ``{"source": "...", "plain": {"1": s, "8": s}, "masked": {"16": s}}`` (tokens in
+    the forward -> seconds). ``source`` is required: a figure without its origin cannot be judged."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"cost table {p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cost table {p}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"cost table {p}: not JSON ({exc})") from None
+    if not isinstance(raw, dict) or not str(raw.get("source", "")).strip():
+        raise ValueError(f"cost table {p}: needs a JSON object with a non-empty 'source' saying where the "
+                         f"figures come from")
+    tables: dict[str, dict[int, float]] = {}
+    for kind in KINDS:
+        entries = raw.get(kind, {})
+        if not isinstance(entries, dict):
+            raise ValueError(f"cost table {p}: '{kind}' must map tokens to seconds")
+        try:
+            tables[kind] = {int(t): float(s) for t, s in entries.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"cost table {p}: '{kind}' must map whole token counts to seconds") from None
+        if any(t < 1 or s <= 0 for t, s in tables[kind].items()):
+            raise ValueError(f"cost table {p}: '{kind}' needs tokens >= 1 and seconds > 0")
+    return TableCost(tables=tables, source=str(raw["source"]))
+
+
+def measure_cost(model: str = "default", dtype: str = "float32", threads: int = 0,
+                 max_num_seqs: int = 64) -> TableCost:
+    """onspec's start-up cost profile (``profile_costs``) on this machine: an engine with speculation
+    attached times decoding and verification forwards of 1..32 rows."""
+    import os
+    import platform
+
+    import torch
+
+    from ...config import EngineConfig, SpecConfig
+    from ...engine.engine import Engine
+    from ...spec.controller import attach_speculation
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = EngineConfig(model=model, dtype=dtype, max_num_seqs=max_num_seqs, num_threads=threads,
+                       spec=SpecConfig(mode="auto"))
+    engine = Engine(cfg)
+    spec = attach_speculation(engine, cfg.spec)
+    cost = spec.controller.cost
+    tables = {k: {b: cost.tables[k][b] for b in sorted(cost.tables[k])} for k in KINDS}
+    source = (f"onspec profile_costs on this machine: model {model}, {dtype}, {torch.get_num_threads()} threads, "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    return TableCost(tables=tables, source=source)
+
+
+def parse_cost(spec: str, model: str = "default", dtype: str = "float32", threads: int = 0) -> StepCost:
+    """``measure`` | ``linear:fixed=F,per_row=R,per_token=T`` | a cost table file path."""
+    if spec == "measure":
+        return measure_cost(model, dtype, threads)
+    if spec.startswith("linear"):
+        name, _, params = spec.partition(":")
+        if name != "linear":
+            raise ValueError(f"cost: unknown model {name!r} (use 'measure', 'linear:...' or a file)")
+        values = parse_params(params, {"fixed", "per_row", "per_token"}, "cost linear")
+        return LinearCost(**values, source=f"linear model: {spec}")
+    return load_cost_table(spec)
+
+
+def parse_params(text: str, allowed: set[str], what: str) -> dict[str, float]:
+    """``a=1,b=2`` -> {"a": 1.0, "b": 2.0}, only keys in ``allowed``."""
+    out: dict[str, float] = {}
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key not in allowed:
+            raise ValueError(f"{what}: bad parameter {part!r} (expected KEY=VALUE with KEY in {sorted(allowed)})")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"{what}: {key}={value!r} is not a number") from None
+    return out
