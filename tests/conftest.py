@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from onspec.models.loader import load_model, resolve_model_dir
+from onspec.spec.proposer import Proposer
 
 # Tiny models gain nothing from a second thread, and on a busy 2-core machine (servers, trainer processes
 # and pytest side by side) spinning OpenMP threads slow such work down many times over.
@@ -46,17 +47,11 @@ FAMILIES = {
 }
 
 
-class StubProposer:
-    """A learned-drafter stand-in for controller tests: the Proposer protocol's lifecycle hooks do nothing
-    and ``propose`` drafts nothing; tests override what they need."""
+class StubProposer(Proposer):
+    """A learned-drafter stand-in for controller tests: the Proposer base's events do nothing and
+    ``propose`` drafts nothing; tests override what they need."""
 
     name, wants_aux = "learned", False
-
-    def add_request(self, seq): ...
-    def on_commit(self, seq, tokens): ...
-    def finish(self, seq): ...
-    def observe_prefill(self, seq, n, aux): ...
-    def observe(self, verdicts): ...
 
     def propose(self, seqs, budgets):
         return {}

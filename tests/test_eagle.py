@@ -22,6 +22,7 @@ from onspec.engine.engine import Engine
 from onspec.engine.kv_cache import KVCache
 from onspec.engine.runner import ModelRunner, RowSpec
 from onspec.engine.sampler import SamplingParams, process_logits
+from onspec.engine.step import Prefill
 from onspec.models.loader import load_model
 from onspec.spec.controller import Plan
 from onspec.spec.eagle import (
@@ -432,6 +433,7 @@ def test_expected_shapes_cover_the_state(tiny, cfg) -> None:
 class FakeSeq:
     def __init__(self, seq_id: int, tokens: list[int]) -> None:
         self.seq_id, self.tokens, self.cache_len = seq_id, list(tokens), 0
+        self.slot, self.siblings = -1, None
 
 
 def prefilled(proposer: EagleProposer, lm, seq_id: int, tokens: list[int]) -> FakeSeq:
@@ -440,7 +442,7 @@ def prefilled(proposer: EagleProposer, lm, seq_id: int, tokens: list[int]) -> Fa
     proposer.add_request(seq)
     _, aux = target_pass(lm, tokens[:-1], proposer.drafter.cfg.aux_layers)
     seq.cache_len = len(tokens) - 1
-    proposer.observe_prefill(seq, len(tokens) - 1, aux)
+    proposer.on_prefill(Prefill(seq, len(tokens) - 1, "computed", aux))
     return seq
 
 
@@ -785,6 +787,8 @@ def test_swap_mid_run_keeps_output_and_drafting(tiny, cfg, trained) -> None:
     assert eng.counters.drafted > drafted                  # drafting resumed after the lazy cache rebuild
     other_layers = EagleConfig(**{**cfg.__dict__, "aux_layers": (0, 1, 3)})
     learned.swap(init_drafter(tiny, other_layers, seed=4))
+    assert eng.spec.aux_layers() == (0, 1, 3)               # the runner returns those from the next step on
+    eng.step()
     assert eng.runner.aux_layers == (0, 1, 3)
     while eng.has_unfinished():
         eng.step()

@@ -495,7 +495,7 @@ def test_n_samples_prefill_the_prompt_once_greedy(tiny, budget: int) -> None:
     assert c.shared_prompt_tokens == sum(3 * (len(p) - 1) for p in prompts)
     if budget == 512:  # prompt prefilled once + the last prompt token of each other sample
         assert c.prompt_tokens == sum(len(p) + 3 if len(p) > 1 else 4 for p in prompts)
-    assert llm.engine.kv.num_free == llm.engine.kv.num_slots and not llm.engine._prompt_aux
+    assert llm.engine.kv.num_free == llm.engine.kv.num_slots
 
 
 def test_n_samples_prefill_once_real_model(default_model_f32) -> None:
@@ -611,7 +611,7 @@ def test_n_samples_share_the_learned_drafters_prompt_aux(tiny) -> None:
     ref = outputs(make_llm(tiny), [prompt], replace(params, n=1))[0]
     assert [sq.output_ids for sq in seqs] == [ref] * 3
     assert all(sq.stats.by_strategy.get("learned", [0])[0] > 0 for sq in seqs)
-    assert eng.counters.shared_prompt_tokens == 2 * (len(prompt) - 1) and not eng._prompt_aux
+    assert eng.counters.shared_prompt_tokens == 2 * (len(prompt) - 1) and not learned._prompt_aux
 
 
 # ---- add_siblings: separate requests (RL responses) that prefill one prompt once --------------------------
@@ -643,7 +643,7 @@ def test_add_siblings_equals_separate_requests(tiny, temperature: float) -> None
         assert len({tuple(r) for r in ref}) == 3
     for rid in "abc":
         eng.release_request(rid)
-    assert not eng.requests and not eng.seqs and not eng._prompt_aux
+    assert not eng.requests and not eng.seqs
     assert eng.kv.num_free == eng.kv.num_slots
 
 

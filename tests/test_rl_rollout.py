@@ -247,4 +247,4 @@ def test_shared_prefill_joins_later_chunks(tiny_llama):
     res = run_rollout(ChunkRunner(engine, cfg), PROMPTS[:1], cfg)
     # responses 0 and 1 start together, response 2 when one of them finishes (its sibling still runs)
     assert res.shared_prompt_tokens == 2 * (len(PROMPTS[0]) - 1)
-    assert engine.kv.num_free == engine.kv.num_slots and not engine._prompt_aux and not engine.requests
+    assert engine.kv.num_free == engine.kv.num_slots and not engine.requests

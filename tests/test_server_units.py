@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from onspec.server.bridge import Chunk, EngineSnapshot, merge_by_index, stop_holdback
+from onspec.engine.step import StepResult
 from onspec.server.metrics import SeriesRecorder, SpeedupMeter
 from onspec.server.settings import ServerConfig
 
@@ -65,7 +66,7 @@ def test_speedup_meter_never_exceeds_acceptance_length():
     spec = SimpleNamespace(draft_seconds=0.0, controller=SimpleNamespace(cost=cost))
     engine = SimpleNamespace(counters=SimpleNamespace(drafted=8, accepted=6), spec=spec)
     meter = SpeedupMeter()
-    meter(engine, {"seconds": 0.03, "batch": 2, "tokens": 10, "decode": 2})
+    meter.observe(engine, StepResult(rows=2, tokens=10, seconds=0.03, num_decode=2))
     acceptance = (6 + 2) / 2
     assert meter.plain_seconds / meter.spec_seconds <= acceptance + 1e-9
 

@@ -29,10 +29,12 @@ from onspec.config import ConfigError, EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
 from onspec.engine.kv_cache import KVCache
 from onspec.engine.runner import RowSpec
+from onspec.engine.step import DraftInput
 from onspec.engine.sampler import process_logits
 from onspec.models.loader import DTYPES, LoadedModel, load_model
 from onspec.spec import verify as verify_mod
 from onspec.spec.controller import Controller, StepCostModel, attach_speculation
+from onspec.spec.proposer import Proposer
 from onspec.spec.tree import DraftTree
 
 
@@ -61,7 +63,7 @@ FORCE = FixedCost(lambda n: 1e6 / n)
 STEEP = FixedCost(lambda n: 0.001 + 0.01 * n)        # every verified token costs 10x the fixed cost
 
 
-class OracleProposer:
+class OracleProposer(Proposer):
     """Drafts the reference greedy continuation of each request, hidden among wrong branches.
 
     ``refs`` maps a prompt (tuple of ids) to its plain greedy output. Each step the tree holds the next
@@ -80,17 +82,9 @@ class OracleProposer:
         self.calls = 0
         self.verified: list[tuple[int, int]] = []  # (drafted nodes, accepted) per tree
 
-    def add_request(self, seq) -> None: ...
-
-    def on_commit(self, seq, tokens) -> None: ...
-
-    def finish(self, seq) -> None: ...
-
-    def observe_prefill(self, seq, n, aux) -> None: ...
-
-    def observe(self, verdicts) -> None:
-        for _seq, tree, accepted, _nxt, _aux, _hid in verdicts:
-            self.verified.append((tree.num_draft, len(accepted) - 1))
+    def on_step(self, result) -> None:
+        for v in result.verdicts:
+            self.verified.append((v.tree.num_draft, v.num_accepted))
 
     def wrong(self, tok: int, salt: int) -> int:
         return (tok + 1 + salt) % self.vocab
@@ -354,7 +348,7 @@ def target_tables(lm: LoadedModel, params: SamplingParams) -> dict[tuple[int, ..
     return tables
 
 
-class TableDrafter:
+class TableDrafter(Proposer):
     """Test drafters over the small vocabulary, given the exact target tables (so 'bad' and 'good'
     are meant literally). Kinds: point-mass trees of the least likely tokens (bad), a chain of the most
     likely tokens (good), i.i.d. children from a wrong q (bad) or from a q close to p (good)."""
@@ -368,16 +362,6 @@ class TableDrafter:
         g = torch.Generator().manual_seed(seed + 1)
         self.wrong_q = torch.softmax(2.0 * torch.randn(SMALL_V, generator=g, dtype=torch.float64), -1)
         self.drafted = 0
-
-    def add_request(self, seq) -> None: ...
-
-    def on_commit(self, seq, tokens) -> None: ...
-
-    def finish(self, seq) -> None: ...
-
-    def observe_prefill(self, seq, n, aux) -> None: ...
-
-    def observe(self, verdicts) -> None: ...
 
     def p(self, ctx: tuple[int, ...]) -> torch.Tensor:
         # Beyond the tables (past max_tokens, cut anyway) any distribution will do.
@@ -874,20 +858,16 @@ def test_a_drafter_model_must_pay_beside_what_the_free_drafter_commits(tiny) -> 
 
 def test_speculation_forgets_a_strategys_record_when_its_drafter_is_swapped(tiny) -> None:
     """A new drafter version must be judged afresh, not by the record of the one it replaced."""
-    class Learned(StubProposer):
-        def __init__(self) -> None:
-            self.stats = type("S", (), {"swaps": 0})()
-
-    learned = Learned()
+    learned = StubProposer()
     eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32", spec=SpecConfig(profile_at_start=False)),
                  loaded=tiny)
     spec = attach_speculation(eng, eng.cfg.spec, {"learned": learned})
     spec.controller.observe(scored_chain(4, 0.9, "learned"), 0)
     seqs = eng.add_request("r", [1, 2, 3], GREEDY)
-    spec.draft(seqs, 1)
+    spec.draft(DraftInput(seqs, 1))
     assert "learned" in spec.controller.stats              # same drafter: the record stays
-    learned.stats.swaps += 1
-    spec.draft(seqs, 1)
+    eng.events.drafter_swapped("learned")                  # what EagleProposer.swap emits
+    spec.draft(DraftInput(seqs, 1))
     assert "learned" not in spec.controller.stats          # swapped: forgotten
 
 

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from onspec.config import SpecConfig
+from onspec.engine.step import StepResult, Verdict
 from onspec.spec.suffix import SuffixProposer, SuffixTree
 from onspec.spec.suffix_calibration import MatchCalibration
 from onspec.spec.tree import DraftTree
@@ -474,7 +475,7 @@ def test_the_suffix_drafter_learns_from_verdicts_and_its_evidence_survives_merge
     class Seq:
         seq_id = 1
 
-    adapter.observe([(Seq(), pruned, [0], 3, None, None)])  # its first node rejected
+    adapter.on_step(StepResult([Verdict(Seq(), pruned, [0], 3, start=0)]))  # its first node rejected
     assert sp.calibration.estimate(1, 1.0) < before
     assert SuffixProposer(SpecConfig(suffix_calibrate=False)).calibration is None
 

@@ -97,17 +97,18 @@ def test_steps_run_with_lent_threads_are_not_cost_samples() -> None:
     curves and the measured utility, or a burst of them prices drafts out for good (a masked bucket is
     measured only by steps that draft)."""
     from onspec.config import SpecConfig
+    from onspec.engine.step import StepResult
     from onspec.spec.controller import Speculation
 
     spec = Speculation(None, SpecConfig(mode="auto"), {})
     spec._pure_decode = True
     spec.threads_lent = True
-    spec.observe_step([], batch_rows=2, num_tokens=6, seconds=0.05)
-    spec.observe_step([], batch_rows=2, num_tokens=2, seconds=0.05)
+    spec.on_step(StepResult(rows=2, tokens=6, seconds=0.05))
+    spec.on_step(StepResult(rows=2, tokens=2, seconds=0.05))
     assert spec.controller.cost.table == {}
     spec.threads_lent = False
-    spec.observe_step([], batch_rows=2, num_tokens=6, seconds=0.02)
-    spec.observe_step([], batch_rows=2, num_tokens=2, seconds=0.01)
+    spec.on_step(StepResult(rows=2, tokens=6, seconds=0.02))
+    spec.on_step(StepResult(rows=2, tokens=2, seconds=0.01))
     assert spec.controller.cost.tables["masked"] == {8: 0.02} and spec.controller.cost.tables["plain"] == {2: 0.01}
 
 
@@ -120,14 +121,16 @@ def test_online_learning_tells_speculation_when_the_next_step_runs_lent(two_thre
                                  spec=SpecConfig(mode="auto", profile_at_start=False)))
     ol = OnlineLearning(engine, TrainerConfig(versions_dir=str(tmp_path / "v")), start_trainer=False)
     try:
-        info = {"batch": 1, "tokens": 1, "seconds": 0.01, "decode": 0, "prefill": 1}
-        ol._on_step(engine, info)
+        from onspec.engine.step import StepResult
+
+        info = StepResult(rows=1, tokens=1, seconds=0.01, num_prefill=1)
+        engine.events.step(info)
         assert not engine.spec.threads_lent
         ol.poll_lease.want.value = 1                 # someone computes beside the engine
-        ol._on_step(engine, info)
+        engine.events.step(info)
         assert engine.spec.threads_lent and torch.get_num_threads() == 1
         ol.poll_lease.want.value = 0
-        ol._on_step(engine, info)
+        engine.events.step(info)
         assert not engine.spec.threads_lent and torch.get_num_threads() == 2
     finally:
         ol.stop(save=False)

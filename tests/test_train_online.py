@@ -376,7 +376,7 @@ def test_corpus_recording_keeps_every_position_of_each_reference_answer(tmp_path
     for chunk, ids in zip(sorted(rec.chunks, key=lambda c: int(c.key.split("/")[0].split("-")[1])), texts):
         assert chunk.start == 0 and not chunk.heldout
         assert chunk.tokens[:48].tolist() == ids and not chunk.generated[:48].any()
-    assert not engine.spec.listeners and engine.has_unfinished() is False   # recorder detached, nothing left
+    assert engine.events.subscribers == (engine.spec,) and engine.has_unfinished() is False   # recorder detached, nothing left
     trainer = Trainer(init_drafter(target), target, offline_config(cfg, rec.chunks))
     for c in list(rec.chunks):
         trainer.add(c)

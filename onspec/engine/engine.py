@@ -11,10 +11,16 @@ that could still grow into a stop string, so a stream never shows text that the 
 The samples of an ``n > 1`` request prefill the prompt once: the scheduler admits the others only once a
 sibling has processed the whole prompt; ``step`` copies its first ``P - 1`` cache rows into their slots and
 each runs only the last prompt token (its own logits row, so its first token is its own draw). A learned drafter
-gets the copied rows' aux states through the usual ``observe_prefill``, from the sibling that computed them.
+gets the copied rows' aux states from what it kept of the sibling that computed them (``Prefill`` of origin
+``shared``, ``Speculation.recall_aux``).
 
 Prefix reuse (scheduler.py): a sequence may start from the rows a freed slot still holds. A learned drafter
-gets their aux states from the proposer that kept them with the slot (``Speculation.recall_aux``).
+gets their aux states from the proposer that kept them with the slot (origin ``reused``).
+
+What crosses the step's phases is typed (``step.py``: ``Prefill``, ``DraftInput``, ``VerifyInput``,
+``Verdict``, ``StepResult``) and everything that learns from a step subscribes to the engine's events
+(``events.py``): the engine's ``Speculation`` first, then the trace recorder, the server's meter, the online
+learner.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from ..config import EngineConfig
 from ..models.loader import DTYPES, LoadedModel, load_model
 from ..spec.tree import DraftTree
 from ..spec.verify import verify_tree
+from .events import EngineEvents
 from .kv_cache import KVCache
 from .runner import ModelRunner, RowSpec
 from .sampler import SamplingParams, process_logits, race_noise, sample, seeded_sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
+from .step import DraftInput, Prefill, StepResult, Verdict, VerifyInput
 
 
 class PromptTooLongError(ValueError):
@@ -117,14 +125,11 @@ class Engine:
         # Unseeded requests draw from this engine's generator (seeded by cfg.seed), not torch's global one:
         # a run is reproducible from its config, and nothing else in the process shifts its draws.
         self.rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-        # n > 1 requests with a learned drafter: aux rows of the prompt's first P - 1 positions, by the first
-        # sample's seq_id, handed to the samples that copy those cache rows (dropped when all finished)
-        self._prompt_aux: dict[int, list[torch.Tensor]] = {}
         self.spec = None  # set by attach_speculation(); None means plain decoding
         # True while a caller waits for every running request at once (LLM.generate): speculation may then
         # value tokens by how much they shorten the batch (SpecConfig.objective).
         self.closed_batch = False
-        self.step_listeners: list = []  # callables(engine, step_info) for metrics, traces, controllers
+        self.events = EngineEvents()  # prefill, step, finish, weights changed, drafter swapped (events.py)
         self._weights_seen = self._weights_key()  # what the rows that freed slots retain were computed with
 
     # ---- requests ----------------------------------------------------------------------------
@@ -220,7 +225,6 @@ class Engine:
             if not seq.finished:
                 self.scheduler.abort(seq.seq_id)
                 self._retire(seq, "abort")
-            self._drop_prompt_aux(seq)
             self.seqs.pop(seq.seq_id, None)
             seq.siblings = None
         return True
@@ -244,8 +248,7 @@ class Engine:
             if key != self._weights_seen:
                 self._weights_seen = key
                 sched.forget_retained(running_too=True)
-                if self.spec is not None:
-                    self.spec.forget_retained()
+                self.events.weights_changed()
 
     def step(self) -> list[SeqDelta]:
         self._check_retained_rows()
@@ -254,17 +257,14 @@ class Engine:
             return []
         trees: dict[int, DraftTree] = {}
         if self.spec is not None and batch.decode:
-            trees = self.spec.draft(batch.decode, batch.num_tokens)
+            trees = self.spec.draft(DraftInput(batch.decode, batch.num_tokens))
         for src, dst, n_rows in batch.shared:
             self.kv.copy_prefix(src.slot, dst.slot, n_rows)
             self.counters.shared_prompt_tokens += n_rows
-            if self.spec is not None:
-                self.spec.observe_prefill(dst, n_rows, self._shared_aux(dst, n_rows))
+            self._emit_prefill(Prefill(dst, n_rows, "shared"))
         for seq, n_rows in batch.reused:
             self.counters.reused_prefix_tokens += n_rows
-            if self.spec is not None:
-                aux = self.spec.recall_aux(seq, n_rows) if self.spec.wants_aux else None
-                self.spec.observe_prefill(seq, n_rows, aux)
+            self._emit_prefill(Prefill(seq, n_rows, "reused"))
         rows: list[RowSpec] = []
         for seq, n in batch.prefill:
             final = seq.cache_len + n == len(seq.tokens)
@@ -279,6 +279,8 @@ class Engine:
                 rows.append(RowSpec(seq.slot, seq.cache_len, tree.tokens, depths=tree.depths(),
                                     tree_mask=tree.ancestor_mask(), logits_from=0))
         want_aux = self.spec is not None and self.spec.wants_aux
+        if want_aux and self.spec.aux_layers():
+            self.runner.aux_layers = self.spec.aux_layers()  # what the drafter reads (it may change on a swap)
         t0 = time.perf_counter()
         out = self.runner.run(rows, want_aux=want_aux)
         seconds = time.perf_counter() - t0
@@ -296,54 +298,39 @@ class Engine:
             if logits is not None:
                 token = self._sample_one(seq, logits[-1])
                 self._commit(seq, [token], [logits[-1]])
-            if self.spec is not None:
-                self.spec.observe_prefill(seq, n, out.aux[i])
-                if seq.siblings is not None and out.aux[i] is not None:
-                    self._keep_prompt_aux(seq, seq.cache_len - n, out.aux[i])
+            self._emit_prefill(Prefill(seq, n, "computed", out.aux[i]))
             deltas.append(self._delta(seq))
-        verdicts = []
+        verdicts: list[Verdict] = []
         for j, seq in enumerate(batch.decode):
             i = len(batch.prefill) + j
             tree = trees[seq.seq_id]
             logits = out.logits[i]
-            accepted, next_token = self._verify(seq, tree, logits)
+            start = seq.cache_len
+            accepted, next_token = self._verify(VerifyInput(seq, tree, logits))
             self.kv.compact(seq.slot, seq.cache_len, accepted)
             seq.cache_len += len(accepted)
             emitted = [tree.tokens[a] for a in accepted[1:]] + [next_token]
             committed = self._commit(seq, emitted, [logits[a] for a in accepted])
             self._count_decode(seq, tree, len(accepted) - 1, committed)
-            verdicts.append((seq, tree, accepted, next_token, out.aux[i], out.hidden[i]))
+            verdicts.append(Verdict(seq, tree, accepted, next_token, start, out.aux[i], out.hidden[i]))
             deltas.append(self._delta(seq))
-        if self.spec is not None:
-            self.spec.observe_step(verdicts, len(rows), num_tokens, seconds)
-        for listener in self.step_listeners:
-            listener(self, {"batch": len(rows), "tokens": num_tokens, "seconds": seconds,
-                            "decode": len(batch.decode), "prefill": len(batch.prefill)})
+        self.events.step(StepResult(verdicts, len(rows), num_tokens, seconds, len(batch.decode), len(batch.prefill)))
         for seq in list(batch.decode) + [s for s, _ in batch.prefill]:
             if seq.finished:
                 self.scheduler.finish(seq)
-                self._drop_prompt_aux(seq)
         return deltas
 
-    def _keep_prompt_aux(self, seq: Sequence, start: int, aux: torch.Tensor) -> None:
-        """Keep the aux rows of the prompt's first P - 1 positions for the siblings that will copy them."""
-        need = seq.num_prompt - 1
-        if start >= need:  # kept even with no sibling waiting: add_siblings(join=...) may bring one later
+    def _emit_prefill(self, prefill: Prefill) -> None:
+        """Tell the subscribers that rows entered a cache; rows this step did not compute get the aux rows a
+        proposer kept for them (``Speculation.recall_aux``)."""
+        if self.spec is None:
             return
-        chunks = self._prompt_aux.setdefault(seq.siblings[0].seq_id, [])
-        if start == 0:
-            chunks.clear()  # a recompute after preemption (or another sibling) starts over
-        if start != sum(c.shape[0] for c in chunks):
-            return
-        chunks.append(aux[:need - start].clone())
+        if prefill.origin != "computed" and self.spec.wants_aux:
+            prefill.aux = self.spec.recall_aux(prefill)
+        self.events.prefill(prefill)
 
-    def _shared_aux(self, seq: Sequence, n_rows: int) -> torch.Tensor | None:
-        chunks = self._prompt_aux.get(seq.siblings[0].seq_id) if seq.siblings is not None else None
-        if not chunks or sum(c.shape[0] for c in chunks) < n_rows:
-            return None  # no learned drafter, or attached mid-way: this sample drafts from the suffix tree only
-        return torch.cat(chunks)[:n_rows] if len(chunks) > 1 else chunks[0][:n_rows]
-
-    def _verify(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    def _verify(self, v: VerifyInput) -> tuple[list[int], int]:
+        seq, tree, logits = v.seq, v.tree, v.logits
         if seq.params.greedy:
             if len(tree) == 1:
                 return [0], int(logits[0].argmax())
@@ -416,8 +403,8 @@ class Engine:
             seq.text = self._decode(seq)
         if self.spec is not None:
             self.spec.on_commit(seq, seq.tokens[len(seq.tokens) - done:])
-            if seq.finished:
-                self.spec.finish(seq)
+        if seq.finished:
+            self.events.finish(seq)
         return done
 
     def _decode(self, seq: Sequence) -> str:
@@ -427,8 +414,8 @@ class Engine:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.counters.requests_finished += 1
-        if notify and self.spec is not None:
-            self.spec.finish(seq)
+        if notify:
+            self.events.finish(seq)
 
     def _delta(self, seq: Sequence) -> SeqDelta:
         text = seq.text
@@ -450,11 +437,5 @@ class Engine:
     def release_request(self, request_id: str) -> None:
         """Forget a finished request's bookkeeping (the API calls this once it has read the outputs)."""
         for seq in self.requests.pop(request_id, []):
-            self._drop_prompt_aux(seq)
             self.seqs.pop(seq.seq_id, None)
             seq.siblings = None  # no reference cycle left behind
-
-    def _drop_prompt_aux(self, seq: Sequence) -> None:
-        """Forget the kept prompt aux rows of ``seq``'s siblings once none of them is left unfinished."""
-        if seq.siblings and all(s.finished for s in seq.siblings):
-            self._prompt_aux.pop(seq.siblings[0].seq_id, None)

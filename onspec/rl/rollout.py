@@ -336,11 +336,8 @@ class ChunkRunner:
         return len(self._live)
 
     def _suffix(self):
-        spec = getattr(self.engine, "spec", None)
-        if spec is None:
-            return None
-        adapter = spec.proposers.get("suffix")
-        return getattr(adapter, "inner", None)
+        spec = self.engine.spec
+        return spec.suffix_drafter() if spec is not None else None
 
     def pin(self, group_id: str) -> None:
         """Keep ``group_id``'s suffix tree alive between chunks (a placeholder member; see docstring)."""

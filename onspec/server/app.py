@@ -97,7 +97,7 @@ def create_app(cfg: ServerConfig, engine=None, handle: OnlineLearner | None = No
     reason = "online learning is off (start the server with --train online)"
     if handle is None and start_learning:
         handle, reason = start_online_learning(engine, cfg)
-    meter = SpeedupMeter()
+    meter = SpeedupMeter(engine=engine)
     worker = EngineWorker(engine, meter=meter, trimmer=MemoryTrimmer())
     bridge = Bridge(worker, cfg.capacity, cfg.retry_after)
     series = SeriesRecorder(maxlen=cfg.series_seconds)
@@ -107,7 +107,7 @@ def create_app(cfg: ServerConfig, engine=None, handle: OnlineLearner | None = No
                             outstanding_fn=lambda: bridge.outstanding,
                             learning_fn=lambda: state_box["s"].handle is not None)
     meter.step_histogram = metrics.step_seconds
-    engine.step_listeners.append(meter)
+    engine.events.subscribe(meter)
     state = ServerState(cfg=cfg, engine=engine, worker=worker, bridge=bridge, metrics=metrics, series=series,
                         model_name=cfg.served_model_name or engine.loaded.name, handle=handle,
                         handle_reason="" if handle is not None else reason)

@@ -1,6 +1,6 @@
 """What the server measures: Prometheus metrics, a live speedup estimate, and the dashboard's time series.
 
-* ``SpeedupMeter`` (an engine step listener, runs on the engine thread) estimates, step by step, what plain
+* ``SpeedupMeter`` (an engine event subscriber, runs on the engine thread) estimates, step by step, what plain
   decoding would have spent to commit the same tokens, from that step's own measured time and the
   controller's measured cost model (TLT's adaptive-speculation accounting, arXiv 2511.16665):
   a step of ``t`` tokens with ``d`` draft nodes and ``B`` decoding rows that accepted ``a`` draft tokens
@@ -25,16 +25,19 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..engine.events import EngineObserver
+from ..engine.step import StepResult
 from .bridge import EngineSnapshot
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 
-class SpeedupMeter:
-    """Engine step listener: accumulates spent and plain-equivalent seconds, records the step size."""
+class SpeedupMeter(EngineObserver):
+    """Engine event subscriber: accumulates spent and plain-equivalent seconds, records the step size."""
 
-    def __init__(self, step_histogram: Histogram | None = None) -> None:
+    def __init__(self, step_histogram: Histogram | None = None, engine=None) -> None:
+        self.engine = engine  # whose counters and cost model a step's figures are read from
         self.step_histogram = step_histogram
         self.plain_seconds = 0.0
         self.spec_seconds = 0.0
@@ -42,9 +45,12 @@ class SpeedupMeter:
         self.last_tokens = 0
         self._prev = (0, 0, 0.0)   # counters.drafted, counters.accepted, spec.draft_seconds
 
-    def __call__(self, engine, info: dict) -> None:
-        seconds = float(info["seconds"])
-        self.last_batch, self.last_tokens = int(info["batch"]), int(info["tokens"])
+    def on_step(self, result: StepResult) -> None:
+        self.observe(self.engine, result)
+
+    def observe(self, engine, result: StepResult) -> None:
+        seconds = result.seconds
+        self.last_batch, self.last_tokens = result.rows, result.tokens
         if self.step_histogram is not None:
             self.step_histogram.observe(seconds)
         c = engine.counters
@@ -55,7 +61,7 @@ class SpeedupMeter:
         draft_dt = draft_s - self._prev[2]
         self._prev = (c.drafted, c.accepted, draft_s)
         spent = seconds + draft_dt
-        decode = int(info.get("decode", 0))
+        decode = result.num_decode
         if spec is None or drafted <= 0 or decode <= 0:
             plain = seconds
         else:

@@ -27,32 +27,15 @@ import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from ..config import SpecConfig
+from ..engine.events import EngineObserver
+from ..engine.step import DraftInput, Prefill, StepResult
+from .proposer import Proposer
 from .tree import DraftTree
 from .utility import MeasuredUtility, pow2_bucket
-
-
-class Proposer(Protocol):
-    """What a drafter implements. Proposers never mutate engine state: they return trees and observe."""
-
-    name: str
-    wants_aux: bool  # needs the target's auxiliary hidden states (learned drafters)
-
-    def add_request(self, seq) -> None: ...
-
-    def on_commit(self, seq, tokens: list[int]) -> None: ...
-
-    def finish(self, seq) -> None: ...
-
-    def observe_prefill(self, seq, n: int, aux: torch.Tensor | None) -> None: ...
-
-    def observe(self, verdicts: list) -> None: ...
-
-    def propose(self, seqs: list, budgets: dict[int, int]) -> dict[int, DraftTree]: ...
 
 
 class StepCostModel:
@@ -365,8 +348,9 @@ class Controller:
         st.steps += 1
 
 
-class Speculation:
-    """Glue between the engine and the proposers: lifecycle hooks, drafting, verdict feedback."""
+class Speculation(EngineObserver):
+    """Glue between the engine and the proposers: lifecycle hooks, drafting, verdict feedback. The engine's
+    first event subscriber; it hands every event on to its proposers."""
 
     UNPAID_MAX_INTERVAL = 8     # steps between asks where drafts keep not paying (``draft``)
 
@@ -384,12 +368,10 @@ class Speculation:
         self.skipped: dict[str, int] = {}        # steps a strategy was not even asked (did not pay)
         self.rows_asked: dict[str, int] = {}     # decoding rows each strategy was asked to draft for
         self.steps = 0
-        self._versions: dict[str, int | None] = {}  # drafter swaps seen per strategy
         self._step_started: float | None = None      # when the current step's drafting began
         # batch-size bucket -> (interval, step from which drafters are asked again), after steps where they
         # proposed nodes and ``plan`` kept none (see ``draft``)
         self._unpaid: dict[int, tuple[int, int]] = {}
-        self.listeners: list = []  # callables(verdicts) e.g. the trace recorder of the online trainer
         # Set by online learning (train/online.py) while the engine has lent threads to the trainer
         # (train/channel.py ThreadLender): steps then run slower for a reason drafting does not change.
         self.threads_lent = False
@@ -405,14 +387,22 @@ class Speculation:
         drafter."""
         mode = self.cfg.mode
         if mode == "auto":
-            wrapped = {id(p.learned) for p in self.proposers.values() if hasattr(p, "learned")}
+            wrapped = {id(p.wraps) for p in self.proposers.values() if p.wraps is not None}
             return [name for name, p in self.proposers.items() if id(p) not in wrapped]
         return [mode] if mode in self.proposers else []
 
     def arm(self, name: str) -> str:
         """The measured-utility record a strategy is judged in: its proposer's ``arm`` (the hybrid strategy
         shares the learned drafter's forward and so its record), else its name."""
-        return getattr(self.proposers.get(name), "arm", name)
+        p = self.proposers.get(name)
+        return p.arm if p is not None and p.arm else name
+
+    def aux_layers(self) -> tuple[int, ...]:
+        """The target layers whose inputs the proposers read (the runner returns those when asked)."""
+        for p in self.proposers.values():
+            if p.wants_aux and p.aux_layers():
+                return p.aux_layers()
+        return ()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def add_request(self, seq) -> None:
@@ -423,33 +413,52 @@ class Speculation:
         for p in self.proposers.values():
             p.on_commit(seq, tokens)
 
-    def finish(self, seq) -> None:
-        for p in self.proposers.values():
-            p.finish(seq)
+    def suffix_drafter(self):
+        """The suffix drafter behind strategy ``suffix`` (RL rollouts pin a group's tree in it); None without one."""
+        p = self.proposers.get("suffix")
+        return p.inner if isinstance(p, SuffixAdapter) else None
 
-    def observe_prefill(self, seq, n: int, aux) -> None:
-        for p in self.proposers.values():
-            p.observe_prefill(seq, n, aux)
+    def remove_strategies(self, *names: str) -> None:
+        """Stop drafting with ``names`` (the online learner falls back to suffix drafting when its trainer
+        is gone); once no proposer reads aux states, the engine stops asking the runner for them."""
+        for name in names:
+            self.proposers.pop(name, None)
 
-    # ---- prefix reuse: the aux rows of reused cache rows (proposers with ``recall_aux``, eagle.py) ----------
+    # ---- engine events, handed on to the proposers ----------------------------------------------
+    def on_finish(self, seq) -> None:
+        for p in self.proposers.values():
+            p.on_finish(seq)
+
+    def on_prefill(self, prefill: Prefill) -> None:
+        for p in self.proposers.values():
+            p.on_prefill(prefill)
+
+    def on_weights_changed(self) -> None:
+        for p in self.proposers.values():
+            p.on_weights_changed()
+
+    def on_drafter_swapped(self, name: str) -> None:
+        """A new drafter behind ``name``: its record, and the records of the strategies that wrap it, are moot."""
+        for strategy, p in self.proposers.items():
+            if strategy == name or (p.wraps is not None and p.wraps is self.proposers.get(name)):
+                self.controller.forget(strategy)
+                self.utility.forget(self.arm(strategy))
+
+    # ---- aux rows of cache rows a sequence did not compute (``Proposer.keeps_aux``) ------------------
     @property
     def recalls_aux(self) -> bool:
         """Prefix reuse can serve every drafter: none reads aux states, or one keeps them with the rows."""
-        return not self.wants_aux or any(hasattr(p, "recall_aux") for p in self.proposers.values())
+        return not self.wants_aux or any(p.keeps_aux for p in self.proposers.values())
 
-    def recall_aux(self, seq, n: int) -> torch.Tensor | None:
+    def recall_aux(self, prefill: Prefill) -> torch.Tensor | None:
         for p in self.proposers.values():
-            if hasattr(p, "recall_aux"):
-                return p.recall_aux(seq, n)
+            if p.keeps_aux:
+                return p.recall_aux(prefill)
         return None
 
-    def forget_retained(self) -> None:
-        for p in self.proposers.values():
-            if hasattr(p, "forget_retained"):
-                p.forget_retained()
-
     # ---- per step ----------------------------------------------------------------------------
-    def draft(self, decode_seqs: list, step_tokens: int) -> dict[int, DraftTree]:
+    def draft(self, inp: DraftInput) -> dict[int, DraftTree]:
+        decode_seqs, step_tokens = inp.decode, inp.step_tokens
         self._step_started = time.perf_counter()
         names = self.strategies()
         if not names or len(decode_seqs) >= self.cfg.off_batch_size or self.cfg.max_draft_tokens == 0:
@@ -482,11 +491,6 @@ class Speculation:
         budgets = {s.seq_id: self.cfg.max_draft_tokens for s in decode_seqs}
         candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in decode_seqs}
         for name in names:
-            version = _drafter_version(self.proposers[name])
-            if self._versions.setdefault(name, version) != version:  # a new drafter: its old record is moot
-                self._versions[name] = version
-                self.controller.forget(name)
-                self.utility.forget(self.arm(name))
             if auto and not self._estimate_allows(name, len(decode_seqs), step_tokens):
                 self.skipped[name] = self.skipped.get(name, 0) + 1
                 continue
@@ -519,11 +523,11 @@ class Speculation:
         objective (``SpecConfig.objective``, ``MakespanValue``); None where every token counts alike."""
         objective = self.cfg.objective
         if objective == "auto":
-            objective = "makespan" if getattr(self.engine, "closed_batch", False) else "throughput"
-        scheduler = getattr(self.engine, "scheduler", None)
-        if objective != "makespan" or scheduler is None or scheduler.num_waiting:
+            objective = "makespan" if self.engine.closed_batch else "throughput"
+        scheduler = self.engine.scheduler
+        if objective != "makespan" or scheduler.num_waiting:
             return None
-        max_len = getattr(self.engine, "max_model_len", None) or 1 << 30
+        max_len = self.engine.max_model_len
         rows = {s.seq_id: s for s in scheduler.running} | {s.seq_id: s for s in decode_seqs}
         return {sid: max(1, min(s.params.max_tokens - s.num_output, max_len - len(s.tokens)))
                 for sid, s in rows.items()}
@@ -533,12 +537,12 @@ class Speculation:
         sequential forward would cost more than it can add (``EagleProposer._depth_pays``): the step's
         committed tokens per second without it, B (1 + g) / T (g: the free drafters' accepted drafts per
         row), and its strategy's calibration of probabilities to measured acceptance."""
-        learned = _learned_part(self.proposers[name])
-        if not hasattr(learned, "tokens_per_second"):
+        proposer = self.proposers[name]
+        if not proposer.wants_aux:
             return
         base = self.controller.base_cost(step_tokens, num_decode)
-        learned.tokens_per_second = num_decode * (1.0 + self.free_gain()) / base if base > 0 else 0.0
-        learned.calibration = min(2.0, self.controller.stats.get(name, StrategyStats()).calibration())
+        proposer.price_depth(num_decode * (1.0 + self.free_gain()) / base if base > 0 else 0.0,
+                             min(2.0, self.controller.stats.get(name, StrategyStats()).calibration()))
 
     def _estimate_allows(self, name: str, num_decode: int, step_tokens: int) -> bool:
         """Hold a drafter model back while its held-out estimate cannot pay for its own proposals.
@@ -559,7 +563,7 @@ class Speculation:
         commits ~1.6 per row at batch 2 and d / T was ~0.4 in a one-off profile: ~1.64 needed
         (docs/decisions.md, 'Drafter acceptance gate').
         Unknown estimate or proposal time (never asked): allowed."""
-        expected = _expected_acceptance(self.proposers[name])
+        expected = self.proposers[name].estimate()
         d = self.draft_cost.get(name)
         if expected is None or d is None:
             return True
@@ -571,7 +575,8 @@ class Speculation:
                  if not p.wants_aux and self.rows_asked.get(n) and n in self.controller.stats]
         return max(gains, default=0.0)
 
-    def observe_step(self, verdicts: list, batch_rows: int, num_tokens: int, seconds: float) -> None:
+    def on_step(self, result: StepResult) -> None:
+        verdicts, batch_rows, num_tokens, seconds = result.verdicts, result.rows, result.tokens, result.seconds
         # Charge the whole step, not the forward alone (``seconds``): asking the drafters, verifying every
         # row's tree, compacting its cache rows and committing grow with the batch and the nodes too, and
         # leaving them out let the controller draft at batch 8 where it lost (0.86x of off).
@@ -593,14 +598,14 @@ class Speculation:
             self.controller.cost.observe(self.controller.padded(num_tokens), step_seconds, "masked")
         elif timed:
             self.controller.cost.observe(num_tokens, step_seconds, "plain")
-        for seq, tree, accepted, _next, _aux, _hidden in verdicts:
-            self.controller.observe(tree, len(accepted) - 1)
+        for v in verdicts:
+            self.controller.observe(v.tree, v.num_accepted)
         if timed and self._pure_decode and batch_rows == len(verdicts) and verdicts:
-            committed = sum(len(accepted) for _, _, accepted, *_ in verdicts)
+            committed = sum(len(v.accepted) for v in verdicts)
             nodes: dict[str, int] = {}
-            for _, tree, *_ in verdicts:
-                if tree.num_draft:
-                    nodes[tree.source] = nodes.get(tree.source, 0) + tree.num_draft
+            for v in verdicts:
+                if v.tree.num_draft:
+                    nodes[v.tree.source] = nodes.get(v.tree.source, 0) + v.tree.num_draft
             chosen = self.arm(max(nodes, key=nodes.get)) if nodes else None
             asked: dict[str, float] = {}
             for name, dt in self._asked.items():
@@ -609,33 +614,13 @@ class Speculation:
             self.utility.observe(batch_rows, committed, seconds, chosen, asked)
         self._pure_decode, self._asked = False, {}
         for p in self.proposers.values():
-            p.observe(verdicts)
-        for listener in self.listeners:
-            listener(verdicts)
+            p.on_step(result)
 
 
-def _learned_part(proposer):
-    """The learned proposer behind ``proposer``: itself, or the learned half of a hybrid one."""
-    return getattr(proposer, "learned", proposer)
-
-
-def _drafter_version(proposer) -> int | None:
-    """How many times a learned proposer (or the learned half of a hybrid one) swapped drafters; None for
-    model-free proposers."""
-    return getattr(getattr(_learned_part(proposer), "stats", None), "swaps", None)
-
-
-def _expected_acceptance(proposer) -> float | None:
-    """The held-out acceptance estimate of a learned proposer (or of a hybrid one's learned half); None
-    for model-free proposers and drafters not measured yet."""
-    return getattr(_learned_part(proposer), "expected_acceptance", None)
-
-
-class SuffixAdapter:
-    """Adapts ``SuffixProposer`` (keyed by ids, pure token bookkeeping) to the ``Proposer`` protocol."""
+class SuffixAdapter(Proposer):
+    """Adapts ``SuffixProposer`` (keyed by ids, pure token bookkeeping) to the ``Proposer`` base."""
 
     name = "suffix"
-    wants_aux = False
 
     def __init__(self, cfg: SpecConfig) -> None:
         from .suffix import SuffixProposer
@@ -648,17 +633,14 @@ class SuffixAdapter:
     def on_commit(self, seq, tokens: list[int]) -> None:
         self.inner.on_commit(seq.seq_id, tokens)
 
-    def finish(self, seq) -> None:
+    def on_finish(self, seq) -> None:
         # Aborted outputs are partial and unwanted: keep them out of the global store.
         self.inner.finish(seq.seq_id, keep_output=seq.finish_reason != "abort")
 
-    def observe_prefill(self, seq, n: int, aux) -> None:
-        pass
-
-    def observe(self, verdicts: list) -> None:
-        for _seq, tree, accepted, *_ in verdicts:
-            if tree.source == "suffix":
-                self.inner.observe(tree, accepted)
+    def on_step(self, result: StepResult) -> None:
+        for v in result.verdicts:
+            if v.tree.source == "suffix":
+                self.inner.observe(v.tree, v.accepted)
 
     def propose(self, seqs: list, budgets: dict[int, int]) -> dict[int, DraftTree]:
         return {s.seq_id: self.inner.propose(s.seq_id, budgets[s.seq_id]) for s in seqs}
@@ -702,11 +684,14 @@ def attach_speculation(engine, cfg: SpecConfig, extra: dict[str, Proposer] | Non
     proposers: dict[str, Proposer] = {"suffix": SuffixAdapter(cfg)}
     proposers.update(extra or {})
     spec = Speculation(engine, cfg, proposers)
-    if getattr(engine.runner, "bucket_shapes", False):
+    if engine.runner.bucket_shapes:
         from ..engine.runner import bucket_tokens
 
         spec.controller.pad = bucket_tokens
     if cfg.profile_at_start:
         profile_costs(engine, spec.controller)
+    if engine.spec is not None:
+        engine.events.unsubscribe(engine.spec)
     engine.spec = spec
+    engine.events.subscribe(spec, first=True)
     return spec

@@ -1,13 +1,18 @@
 """The learned drafter as a proposer: EAGLE-3 model (re-exported from ``eagle_model``) + EAGLE-2 tree drafting.
 
-``EagleProposer`` implements the controller's ``Proposer`` protocol (name ``"learned"``). What flows in:
+``EagleProposer`` is a ``Proposer`` (spec/proposer.py, name ``"learned"``) that reads aux states and keeps
+them. What flows in:
 
-* ``attach(engine)`` sets ``engine.runner.aux_layers = drafter.cfg.aux_layers``: the runner then returns,
-  for every token of every row of a step that wants aux (the engine asks when ``spec.wants_aux``), the
-  concatenated residual states entering those target layers, ``[n, 3 Ht]``.
-* ``observe_prefill(seq, n, aux)``: the aux rows of a prefill chunk (tokens ``cache_len - n .. cache_len``).
-* ``observe(verdicts)``: after verification, the aux rows of every tree node; only the accepted path's rows
-  are real context (node ``accepted[k]`` sat at position ``cache_len_before + k``), the rest are dropped.
+* ``aux_layers()`` is the drafter's ``cfg.aux_layers``: the engine has its runner return, for every token of
+  every row of a step that wants aux (``spec.wants_aux``), the concatenated residual states entering those
+  target layers, ``[n, 3 Ht]``.
+* ``on_prefill(prefill)``: the aux rows of a prefill chunk (tokens ``cache_len - n .. cache_len``).
+* ``on_step(result)``: after verification, the aux rows of every tree node; only the accepted path's rows
+  are real context (node ``accepted[k]`` sat at position ``verdict.start + k``), the rest are dropped.
+
+Shared prompts (``n > 1`` and ``add_siblings``): the aux rows of a prompt's first ``P - 1`` positions, as the
+first sibling to prefill them computed them, are kept by the first sample's seq id until every sibling
+finished; a sample that copies those cache rows gets them from ``recall_aux``.
 
 Per sequence the proposer keeps the aux rows of its processed tokens and its own small drafter KV cache
 (rows for drafter positions ``1 .. n_kv``; position ``p`` pairs aux of token ``p - 1`` with token ``p``, see
@@ -28,8 +33,9 @@ do, until the slot is taken again. A sequence that starts from those KV rows get
 ``recall_aux`` (checked against the tokens they were computed for), so prefix reuse serves the learned
 drafter too: without them it could not draft for that sequence (it needs the aux of every processed token).
 
-``swap(drafter)`` replaces the model between steps; each sequence's drafter cache is rebuilt lazily from
-its stored aux rows at its next ``propose`` (one batched catch-up forward).
+``swap(drafter)`` replaces the model between steps (and emits the engine's ``drafter_swapped`` event); each
+sequence's drafter cache is rebuilt lazily from its stored aux rows at its next ``propose`` (one batched
+catch-up forward).
 
 A tree stops growing early where one more depth cannot add enough expected tokens to pay for its forward
 at the step's measured rate (``tokens_per_second``, set by the controller; ``_depth_pays``).
@@ -64,6 +70,8 @@ from .eagle_model import (  # noqa: F401  (re-exported: the public API lives her
     ttt_loss,
     ttt_valid_mask,
 )
+from ..engine.step import Prefill, StepResult
+from .proposer import Proposer
 from .tree import DraftTree
 
 
@@ -114,11 +122,12 @@ def _grow(buf: torch.Tensor | None, need: int, dim: int, shape_fn) -> torch.Tens
     return new
 
 
-class EagleProposer:
+class EagleProposer(Proposer):
     """EAGLE-3 drafter + EAGLE-2 dynamic tree (see the module docstring)."""
 
     name = "learned"
     wants_aux = True
+    keeps_aux = True
 
     def __init__(self, drafter: EagleDrafter, topk: int = 4, max_depth: int = 6,
                  dtype: torch.dtype | None = None, min_path_prob: float = 0.02) -> None:
@@ -138,11 +147,14 @@ class EagleProposer:
         # cache slot -> (seq id, tokens, state) of the sequence that last finished in it: the aux rows of the
         # KV rows the scheduler retains there (``recall_aux``)
         self.released: dict[int, tuple[int, list[int], _SeqState]] = {}
+        # shared prompts: aux rows of the prompt's first P - 1 positions, by the first sibling's seq id, for
+        # the siblings that copy those cache rows (dropped once every sibling finished)
+        self._prompt_aux: dict[int, list[torch.Tensor]] = {}
         self.stats = ProposerStats()
         # Tokens per verification the serving drafter is expected to reach, as measured on held-out traces
         # (its version's gate figure, or a resumed version's manifest figure; 1.0 for a random day-0 head);
-        # None: unknown. The controller does not ask a drafter whose estimate cannot pay for its own
-        # proposals (Speculation._estimate_allows).
+        # None: unknown. The draft policy does not ask a drafter whose estimate cannot pay for its own
+        # proposals (spec/policy.py, gate ``estimate``).
         self.expected_acceptance: float | None = None
         # Cost-aware depth (the controller sets these before each proposal, ``Speculation.draft``): one more
         # depth costs ``depth_seconds`` (an EMA measured here over whole depths: the drafter forward, its
@@ -166,8 +178,8 @@ class EagleProposer:
 
     # ---- wiring --------------------------------------------------------------------------------
     def attach(self, engine) -> None:
-        """Make ``engine``'s runner return the aux states this drafter reads (the runner's ``aux_layers``
-        default to none) and check the drafter fits the engine's target."""
+        """Check the drafter fits ``engine``'s target and remember the engine (its scheduler's prefix-reuse
+        switch, its events)."""
         arch = engine.loaded.arch
         c = self.drafter.cfg
         if c.vocab_size != arch.vocab_size or c.target_hidden_size != arch.hidden_size:
@@ -175,8 +187,13 @@ class EagleProposer:
                              f"engine's target has {arch.vocab_size} / {arch.hidden_size}")
         if c.aux_layers[2] > arch.num_layers:
             raise ValueError(f"drafter: aux_layers {c.aux_layers} exceed the target's {arch.num_layers} layers")
-        engine.runner.aux_layers = tuple(c.aux_layers)
         self.engine = engine
+
+    def aux_layers(self) -> tuple[int, ...]:
+        return tuple(self.drafter.cfg.aux_layers)
+
+    def price_depth(self, tokens_per_second: float, calibration: float) -> None:
+        self.tokens_per_second, self.calibration = tokens_per_second, calibration
 
     def swap(self, drafter: EagleDrafter, expected_acceptance: float | None = None) -> None:
         """Use ``drafter`` from the next ``propose`` on (call between engine steps). Drafter caches are
@@ -203,6 +220,8 @@ class EagleProposer:
         self.expected_acceptance = expected_acceptance
         self.stats.swaps += 1
         self._epoch += 1
+        if self.engine is not None:
+            self.engine.events.drafter_swapped(self.name)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def add_request(self, seq) -> None:
@@ -211,19 +230,45 @@ class EagleProposer:
         self.states[seq.seq_id] = _SeqState(aux=torch.zeros(len(seq.tokens) + 64, 3 * c.target_hidden_size,
                                                             dtype=dtype))
 
-    def on_commit(self, seq, tokens: list[int]) -> None:
-        pass  # tokens are read from the sequence when drafting
-
-    def finish(self, seq) -> None:
+    def on_finish(self, seq) -> None:
         st = self.states.pop(seq.seq_id, None)
         # The engine finishes a sequence while it still holds its slot (an abort releases it first). Its last
-        # step's aux rows arrive in the same step's ``observe``, which looks here too.
+        # step's aux rows arrive in the same step's ``on_step``, which looks here too.
         reuse = self.engine is not None and self.engine.scheduler.reuse_prefixes
-        if st is not None and reuse and getattr(seq, "slot", -1) >= 0:
+        if st is not None and reuse and seq.slot >= 0:
             st.k = st.v = None
             self.released[seq.slot] = (seq.seq_id, seq.tokens, st)
+        if seq.siblings and all(s.finished for s in seq.siblings):
+            self._prompt_aux.pop(seq.siblings[0].seq_id, None)
 
-    def recall_aux(self, seq, n: int) -> torch.Tensor | None:
+    def recall_aux(self, prefill: Prefill) -> torch.Tensor | None:
+        """Aux rows of the cache rows ``prefill`` did not compute: a sibling's prompt rows (``shared``) or the
+        rows the sequence reuses from its slot (``reused``)."""
+        if prefill.origin == "shared":
+            return self._shared_aux(prefill.seq, prefill.n)
+        return self._reused_aux(prefill.seq, prefill.n)
+
+    def _shared_aux(self, seq, n_rows: int) -> torch.Tensor | None:
+        chunks = self._prompt_aux.get(seq.siblings[0].seq_id) if seq.siblings is not None else None
+        if not chunks or sum(c.shape[0] for c in chunks) < n_rows:
+            return None  # attached mid-way: this sample drafts from the suffix tree only
+        return torch.cat(chunks)[:n_rows] if len(chunks) > 1 else chunks[0][:n_rows]
+
+    def _keep_prompt_aux(self, seq, start: int, aux: torch.Tensor) -> None:
+        """Keep the aux rows of the prompt's first P - 1 positions for the siblings that will copy them."""
+        need = seq.num_prompt - 1
+        if start >= need:  # kept even with no sibling waiting: add_siblings(join=...) may bring one later
+            return
+        if all(s.finished for s in seq.siblings):
+            return  # nobody left to copy them (a sample that finished on its first token)
+        chunks = self._prompt_aux.setdefault(seq.siblings[0].seq_id, [])
+        if start == 0:
+            chunks.clear()  # a recompute after preemption (or another sibling) starts over
+        if start != sum(c.shape[0] for c in chunks):
+            return
+        chunks.append(aux[:need - start].clone())
+
+    def _reused_aux(self, seq, n: int) -> torch.Tensor | None:
         """Aux rows of ``seq``'s first ``n`` tokens, which it reuses from its slot's retained KV rows: those of
         the sequence that finished in the slot (or ``seq``'s own, when it was preempted and comes back), if
         they cover the same tokens; else None (the sequence then drafts from the other sources)."""
@@ -234,8 +279,8 @@ class EagleProposer:
                 return None
         return st.aux[:n]
 
-    def forget_retained(self) -> None:
-        """The target's weights changed: the kept aux rows are not what it would compute now."""
+    def on_weights_changed(self) -> None:
+        """The kept aux rows of retained slots are not what the target would compute now."""
         self.released.clear()
 
     def _write_aux(self, st: _SeqState, start: int, rows: torch.Tensor) -> None:
@@ -248,22 +293,25 @@ class EagleProposer:
         # Drafter position p reads aux row p - 1: rewritten rows invalidate positions > start.
         st.n_kv = min(st.n_kv, start)
 
-    def observe_prefill(self, seq, n: int, aux: torch.Tensor | None) -> None:
+    def on_prefill(self, prefill: Prefill) -> None:
+        seq, aux = prefill.seq, prefill.aux
+        if prefill.origin == "computed" and seq.siblings is not None and aux is not None:
+            self._keep_prompt_aux(seq, prefill.start, aux)
         st = self.states.get(seq.seq_id)
         if st is None or aux is None:
             return
-        self._write_aux(st, seq.cache_len - n, aux[:n])
+        self._write_aux(st, prefill.start, aux[:prefill.n])
         self._epoch += 1
 
-    def observe(self, verdicts: list) -> None:
-        for seq, _t, accepted, _next, aux, _hidden in verdicts:
+    def on_step(self, result: StepResult) -> None:
+        for v in result.verdicts:
+            seq = v.seq
             st = self.states.get(seq.seq_id)
             if st is None and seq.slot in self.released and self.released[seq.slot][0] == seq.seq_id:
                 st = self.released[seq.slot][2]     # finished this step: its final rows, for prefix reuse
-            if st is None or aux is None:
+            if st is None or v.aux is None:
                 continue
-            start = seq.cache_len - len(accepted)   # the engine already advanced cache_len
-            self._write_aux(st, start, aux[torch.as_tensor(accepted)])
+            self._write_aux(st, v.start, v.aux[torch.as_tensor(v.accepted)])
         self._epoch += 1
 
     # ---- drafting ------------------------------------------------------------------------------
@@ -504,7 +552,7 @@ def merge_trees(trees: list[DraftTree], max_nodes: int, source: str = "hybrid") 
     return DraftTree(tokens, parents, scores, source=source).prune(max_nodes + 1)
 
 
-class HybridProposer:
+class HybridProposer(Proposer):
     """Learned tree merged with the suffix tree of the same sequence (``source="hybrid"``), asking the learned
     drafter only where the suffix tree is not already confident.
 
@@ -516,8 +564,8 @@ class HybridProposer:
     on this CPU one learned proposal costs ~40% of a target step at batch 2, and where the suffix drafter
     finds a long copy the head mostly proposes the same path again. ``confident`` 0: always ask the head.
 
-    Lifecycle hooks are no-ops: the learned and suffix proposers are registered with the engine's
-    ``Speculation`` themselves and observe everything directly."""
+    Events are no-ops: the learned and suffix proposers are registered with the engine's ``Speculation``
+    themselves and observe everything directly."""
 
     name = "hybrid"
     arm = "learned"  # judged with the learned strategy: both pay the same drafter forward (spec/utility.py)
@@ -525,25 +573,20 @@ class HybridProposer:
 
     def __init__(self, learned: EagleProposer, suffix=None, confident: float = 0.0) -> None:
         self.learned = learned
+        self.wraps = learned
         self.suffix = suffix
         self.confident = confident
         self.score = lambda tree: sum(tree.path_scores()[1:])  # attach_learned wires the controller's
         self.suffix_only = 0  # rows given their suffix tree without asking the head
 
-    def add_request(self, seq) -> None:
-        pass
+    def aux_layers(self) -> tuple[int, ...]:
+        return self.learned.aux_layers()
 
-    def on_commit(self, seq, tokens: list[int]) -> None:
-        pass
+    def estimate(self) -> float | None:
+        return self.learned.estimate()
 
-    def finish(self, seq) -> None:
-        pass
-
-    def observe_prefill(self, seq, n: int, aux) -> None:
-        pass
-
-    def observe(self, verdicts: list) -> None:
-        pass
+    def price_depth(self, tokens_per_second: float, calibration: float) -> None:
+        self.learned.price_depth(tokens_per_second, calibration)
 
     def propose(self, seqs: list, budgets: dict[int, int]) -> dict[int, DraftTree]:
         suffix = self.suffix.propose(seqs, budgets) if self.suffix is not None else {}
@@ -566,9 +609,9 @@ class HybridProposer:
 
 
 def attach_learned(engine, spec_cfg, drafter: EagleDrafter, topk: int = 4, max_depth: int = 6,
-                   dtype: torch.dtype | None = None):
+                   dtype: torch.dtype | None = None, expected_acceptance: float | None = None):
     """Give ``engine`` speculation with the suffix, learned and hybrid strategies; returns the
-    ``Speculation``. Sets ``engine.runner.aux_layers`` (see ``EagleProposer.attach``).
+    ``Speculation``. ``expected_acceptance``: the drafter's held-out acceptance length, if measured.
 
     The drafter runs in ``dtype``, by default the engine's: on this CPU a bfloat16 draft-vocabulary
     lm_head costs 0.6-1.6 ms for 1-32 rows against 1.3-14 ms in float32, and the lm_head is most of a
@@ -580,6 +623,7 @@ def attach_learned(engine, spec_cfg, drafter: EagleDrafter, topk: int = 4, max_d
         dtype = DTYPES.get(engine.cfg.dtype, drafter.dtype)
     learned = EagleProposer(drafter, topk=topk, max_depth=max_depth, dtype=dtype)
     learned.attach(engine)
+    learned.expected_acceptance = expected_acceptance
     hybrid = HybridProposer(learned, confident=spec_cfg.hybrid_suffix_confident)
     spec = attach_speculation(engine, spec_cfg, extra={"learned": learned, "hybrid": hybrid})
     hybrid.suffix = spec.proposers["suffix"]

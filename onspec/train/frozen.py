@@ -82,7 +82,7 @@ def attach_for_mode(engine, spec_cfg: SpecConfig, speculator: str = "", versions
     from ..spec.eagle import attach_learned
 
     drafter, estimate, origin = _frozen_drafter(engine, speculator, versions_dir, mode)
-    spec = attach_learned(engine, spec_cfg, drafter.to_dtype(engine.loaded.model.embed_tokens.weight.dtype))
-    spec.proposers["learned"].expected_acceptance = estimate
+    spec = attach_learned(engine, spec_cfg, drafter.to_dtype(engine.loaded.model.embed_tokens.weight.dtype),
+                          expected_acceptance=estimate)
     log.info("speculation %r with a frozen learned drafter: %s", mode, origin)
     return spec

@@ -28,12 +28,15 @@ import multiprocessing
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
 from ..config import TrainerConfig
+from ..engine.events import EngineObserver
+from ..engine.step import StepResult
 from .publish import Manifest, latest_promoted, list_versions, next_version, publish_version, version_dir
 
 log = logging.getLogger("onspec.train")
@@ -131,14 +134,12 @@ class OnlineLearning:
             estimate = 1.0  # random weights: nothing to expect until a gate measures more
         self._event("start", version, origin)
 
-        # 2. speculation with the learned drafter (listeners of an earlier Speculation carry over)
+        # 2. speculation with the learned drafter (the engine's other event subscribers stay subscribed)
         serve_dtype = loaded.model.embed_tokens.weight.dtype
-        spec = attach_learned(engine, spec_cfg, drafter.to_dtype(serve_dtype))
-        if old is not None:
-            spec.listeners.extend(old.listeners)
+        # estimate None (imported): unknown, so explored
+        spec = attach_learned(engine, spec_cfg, drafter.to_dtype(serve_dtype), expected_acceptance=estimate)
         self.spec = spec
         self.proposer = spec.proposers["learned"]
-        self.proposer.expected_acceptance = estimate  # None (imported): unknown, so explored
         self.manager = VersionManager(self.root, cfg, loaded, self.proposer, version, drafter, serve_dtype)
 
         # 3. traces -> trainer process
@@ -171,7 +172,8 @@ class OnlineLearning:
         self._last_generated = engine.counters.generated_tokens
         self._last_draft = spec.draft_seconds
         self._steps = 0
-        engine.step_listeners.append(self._on_step)
+        self._observer = _StepObserver(self._on_step)
+        engine.events.subscribe(self._observer)
         self._thread = threading.Thread(target=self._poll, name="onspec-online", daemon=True)
         self._thread.start()
 
@@ -208,8 +210,9 @@ class OnlineLearning:
         self.events = self.events[-200:]
         log.info("online learning: %s v%s %s", kind, version, detail)
 
-    def _on_step(self, engine, info: dict) -> None:
+    def _on_step(self, result: StepResult) -> None:
         """Engine thread, between two steps."""
+        engine = self.engine
         now_gen = engine.counters.generated_tokens
         tokens = now_gen - self._last_generated
         self._last_generated = now_gen
@@ -227,10 +230,10 @@ class OnlineLearning:
             self._fall_back_to_suffix()
             return
         # The step that just ran used the serving version: account for it before any swap.
-        if info.get("prefill", 0) == 0 and info.get("decode", 0) > 0 and "learned" in self.spec.proposers:
-            batch = int(info["decode"])
+        if result.num_prefill == 0 and result.num_decode > 0 and "learned" in self.spec.proposers:
+            batch = result.num_decode
             off = self.spec.controller.cost.cost(batch, "plain") if self.spec.controller.cost.table else None
-            self.manager.observe_step(batch, tokens, info["seconds"] + draft, off)
+            self.manager.observe_step(batch, tokens, result.seconds + draft, off)
         if self.manager.apply_pending():
             self._event("swap", self.manager.current, "swapped between two steps")
         if self._steps % 64 == 0:
@@ -240,9 +243,7 @@ class OnlineLearning:
         """Serve on with suffix drafting only (the trainer is gone; nothing would improve the drafter)."""
         if self.trainer is not None:
             self.lender.remove(self.trainer.lease)  # threads the dead process had borrowed come back
-        for name in ("learned", "hybrid"):
-            self.spec.proposers.pop(name, None)
-        self.engine.runner.aux_layers = ()
+        self.spec.remove_strategies("learned", "hybrid")
         self._detach_recorder()
         self._event("fallback", self.manager.current, "trainer process exited: speculation falls back to suffix "
                     "drafting")
@@ -356,11 +357,17 @@ class OnlineLearning:
         if self.sender is not None:
             self.sender.close()
         self._detach_recorder()
-        if self._on_step in self.engine.step_listeners:
-            self.engine.step_listeners.remove(self._on_step)
+        self.engine.events.unsubscribe(self._observer)
         self.lender.release()
         self.spec.threads_lent = False
         self.manager.state.save(self.root)
+
+
+class _StepObserver(EngineObserver):
+    """The online learner's subscription to the engine's ``on_step`` event."""
+
+    def __init__(self, on_step: Callable[[StepResult], None]) -> None:
+        self.on_step = on_step
 
 
 def start_online_learning(engine, args_or_config=None, start_trainer: bool = True) -> OnlineLearning:

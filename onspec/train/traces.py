@@ -37,7 +37,9 @@ from typing import Callable, Iterable
 import torch
 
 from ..config import TrainerConfig
+from ..engine.events import EngineObserver
 from ..engine.runner import bucket_tokens
+from ..engine.step import Prefill, StepResult, Verdict
 from .arena import ArenaRing, aligned
 
 
@@ -129,12 +131,11 @@ class _Pending:
         return len(self.tokens)
 
 
-class TraceRecorder:
+class TraceRecorder(EngineObserver):
     """Turns prefill observations and verdicts into :class:`TraceChunk` s, handed to ``sink``.
 
-    Register ``recorder.on_verdicts`` on ``engine.spec.listeners`` and ``recorder.on_prefill`` where the
-    engine reports prefill chunks (see :func:`attach_recorder`). Call :meth:`sweep` now and then to drop the
-    state of aborted sequences (the step listener of the online-learning handle does).
+    An engine event subscriber (:func:`attach_recorder`): prefill events and each step's verdicts. Call
+    :meth:`sweep` now and then to drop the state of aborted sequences (the online-learning handle does).
     """
 
     def __init__(self, cfg: TrainerConfig, sink: Callable[[TraceChunk], None], hidden_size: int | None = None) -> None:
@@ -148,8 +149,14 @@ class TraceRecorder:
         self.resyncs = 0
         self.enabled = True
 
-    # ---- hooks -----------------------------------------------------------------------------------
-    def on_prefill(self, seq, n: int, aux: torch.Tensor | None, hidden: torch.Tensor | None = None) -> None:
+    # ---- engine events -----------------------------------------------------------------------------
+    def on_prefill(self, prefill: Prefill) -> None:
+        self.record_prefill(prefill.seq, prefill.n, prefill.aux, prefill.hidden)
+
+    def on_step(self, result: StepResult) -> None:
+        self.record_verdicts(result.verdicts)
+
+    def record_prefill(self, seq, n: int, aux: torch.Tensor | None, hidden: torch.Tensor | None = None) -> None:
         """``n`` prompt (or recomputed) tokens just entered the cache; ``aux`` [n, A], ``hidden`` [n, H]."""
         if not self.enabled or aux is None or n <= 0:
             return
@@ -165,11 +172,12 @@ class TraceRecorder:
         self._append(st, toks, aux[skip:n], hid)
         self._maybe_flush(st)
 
-    def on_verdicts(self, verdicts: Iterable) -> None:
-        """One step's verdicts: (seq, tree, accepted node indices, next_token, aux [n, A], hidden [n, H])."""
+    def record_verdicts(self, verdicts: Iterable[Verdict]) -> None:
+        """One step's verdicts (their aux [n, A] and hidden [n, H] rows of every tree node)."""
         if not self.enabled:
             return
-        for seq, tree, accepted, _next, aux, hidden in verdicts:
+        for v in verdicts:
+            seq, tree, accepted, aux, hidden = v.seq, v.tree, v.accepted, v.aux, v.hidden
             if aux is None or hidden is None:
                 continue
             st = self._state(seq)
@@ -193,9 +201,6 @@ class TraceRecorder:
                 self._forget(seq)
             else:
                 self._maybe_flush(st)
-
-    def finish(self, seq) -> None:
-        self._forget(seq)
 
     def sweep(self, live_seq_ids: set[int]) -> None:
         """Flush and forget sequences the engine no longer runs (aborted, released)."""
@@ -336,40 +341,20 @@ class TraceRecorder:
 
 
 def attach_recorder(engine, recorder: TraceRecorder) -> Callable[[], None]:
-    """Hook ``recorder`` into ``engine.spec``; returns a function that unhooks it.
+    """Subscribe ``recorder`` to ``engine``'s events; returns a function that unsubscribes it.
 
-    Verdicts come through ``spec.listeners``. Prefill chunks come through ``spec.prefill_listeners``
-    (callables(seq, n, aux, hidden)) where the engine offers them, else by wrapping the Speculation
-    object's ``observe_prefill`` (the aux is there; the final hidden of prompt positions is then missing and
-    the trainer falls back to hard targets at prompt positions).
+    Prefill events carry the aux rows of prompt positions but not their final hidden states (the engine
+    computes logits only at a chunk's last row): the trainer falls back to hard targets there.
     """
-    spec = engine.spec
-    if spec is None:
+    if engine.spec is None:
         raise ValueError("speculation: online learning needs speculation attached to the engine")
     if recorder.hidden_size is None:
         recorder.hidden_size = engine.loaded.arch.hidden_size
-    spec.listeners.append(recorder.on_verdicts)
-    hooks = getattr(spec, "prefill_listeners", None)
-    if hooks is not None:
-        hooks.append(recorder.on_prefill)
-    else:
-        original = spec.observe_prefill
-
-        def observe_prefill(seq, n, aux, _orig=original):
-            _orig(seq, n, aux)
-            recorder.on_prefill(seq, n, aux)
-
-        spec.observe_prefill = observe_prefill
+    engine.events.subscribe(recorder)
 
     def detach() -> None:
         recorder.enabled = False
-        if recorder.on_verdicts in spec.listeners:
-            spec.listeners.remove(recorder.on_verdicts)
-        if hooks is not None:
-            if recorder.on_prefill in hooks:
-                hooks.remove(recorder.on_prefill)
-        elif "observe_prefill" in vars(spec):
-            del spec.observe_prefill
+        engine.events.unsubscribe(recorder)
 
     return detach
 
