@@ -24,6 +24,7 @@ SUBCOMMANDS = {
                          "rollout scheduling at cluster scale: the real scheduler against simulated workers"),
     "warmup": ("onspec.train.commands", "day-1 warm start: train the drafter offline on the model's own answers"),
     "export-speculator": ("onspec.train.commands", "write a drafter version in the EAGLE-3 layout"),
+    "info": ("onspec.info", "this machine's CPU flags, threads, and the compute path onspec takes (and why)"),
 }
 
 

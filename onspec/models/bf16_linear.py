@@ -1,21 +1,21 @@
-"""bfloat16 linear layers on CPUs that have no native bf16 matrix product (AVX2 without avx512_bf16 or AMX).
+"""bfloat16 linear layers through onspec's own kernel, on every x86-64 CPU with AVX2 and FMA.
 
-Why (our own kernel, not a library's): on such CPUs PyTorch's bf16 ``F.linear`` costs time proportional
-to the number of input rows. Measured on an AMD EPYC with AVX2 only, 2 threads, the default model's linear
-layers: 35 / 63 / 121 / 248 / 455 ms for 2 / 4 / 8 / 16 / 32 rows. So verifying a draft tree of 8 tokens
-cost as much as 8 decoding steps, and speculation could not pay however good the drafter. Converting
-the weights to float32 for the product costs more than it saves (248 ms to convert the model once). The
-kernel in ``kernels/bf16_linear.cpp`` widens each block of weight rows to float32 in registers and
+Why our own kernel and not a library's: exactness and speed. PyTorch's bf16 product is not
+batch-invariant (oneDNN/MKL block differently, or use another instruction, for different row counts), so
+speculative output could differ from plain output; ``compute_path.py`` says when the kernel is chosen and
+why. And on CPUs without a native bf16 product (AVX2 only) PyTorch's costs time in proportion to the rows:
+measured on an AVX2-only AMD EPYC, 2 threads, the default model's linear layers took 35 / 63 / 121 / 248 /
+455 ms for 2 / 4 / 8 / 16 / 32 rows, so verifying 8 draft tokens cost as much as 8 decoding steps.
+The kernel in ``kernels/bf16_linear.cpp`` widens each block of weight rows to float32 in registers and
 multiplies it with every input row while it is in cache, so the weights cross the memory bus once per
-forward whatever the row count (the figures after the change are in ``docs/guide.md``, "dtype").
+forward whatever the row count (figures in docs/results.md, "verify cost").
 
 Same numerics as a bf16 GEMM (bf16 products, float32 sums, output rounded to nearest-even bf16), and
 batch-invariant: a row's output does not depend on the other rows in the forward.
 
-``ONSPEC_BF16_KERNEL`` chooses: ``auto`` (default: use it where the CPU has AVX2 and FMA but no native
-bf16 product), ``on`` (wherever AVX2 and FMA exist), ``off``. The extension (this kernel and the fused
-elementwise ops of ``fused.py``) is compiled on first use (about a minute on 2 cores, cached under the
-onspec cache directory); if it cannot be built, a warning is logged and PyTorch's ops are used.
+The extension (this kernel, the fused elementwise ops and attention of ``fused.py``) is compiled on first
+use (about a minute on 2 cores, cached under the onspec cache directory); if it cannot be built, a warning
+is logged, PyTorch's ops are used and the compute path reports that outputs are no longer bit-exact.
 """
 
 from __future__ import annotations
@@ -36,36 +36,51 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..cpu import NATIVE_BF16_FLAGS, cpu_flags
+from ..cpu import cpu_flags
+from .compute_path import KERNEL_REQUIRES, ComputePath, choose_path, current_path, kernel_mode
 
 log = logging.getLogger(__name__)
 
-KERNEL_ENV = "ONSPEC_BF16_KERNEL"
 KERNEL_DIR = Path(__file__).parent / "kernels"
 # one extension: the linear kernel, the fused elementwise ops and attention (onspec/models/fused.py), bindings
 KERNEL_SOURCES = ("bf16_linear.cpp", "bf16_elementwise.cpp", "bf16_attention.cpp", "module.cpp")
 KERNEL_HEADERS = ("bf16.h", "bf16_simd.h")
-# -fopenmp: at::parallel_for is an OpenMP pragma in PyTorch's headers; compiled without it (sessions 12-13)
+# -fopenmp: at::parallel_for is an OpenMP pragma in PyTorch's headers; compiled without it
 # the kernels ran on one thread whatever torch.get_num_threads() said, half the machine on 2 cores
 KERNEL_CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 
 
 def kernel_wanted(mode: str | None = None, flags: frozenset[str] | None = None) -> bool:
-    """Whether this machine should use the kernel (``mode``: auto / on / off; default from the environment)."""
-    mode = (mode if mode is not None else os.environ.get(KERNEL_ENV, "auto")).strip().lower()
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"{KERNEL_ENV}={mode!r}: use auto, on or off")
-    flags = cpu_flags() if flags is None else flags
-    if mode == "off" or not {"avx2", "fma"} <= flags:
-        return False
-    return mode == "on" or not (NATIVE_BF16_FLAGS & flags)
+    """Whether this process should use the kernel (``mode``: auto / on / off, default from the environment;
+    ``flags``: the CPU's, injected by tests)."""
+    if flags is None and mode is None:
+        return current_path().kernels
+    return choose_path(kernel_mode(mode), cpu_flags() if flags is None else frozenset(flags)).kernels
 
 
 # One compiled extension per process: loading it twice is impossible anyway (Python caches the module).
-@functools.lru_cache(maxsize=1)
 def load_kernel() -> ModuleType | None:
-    """The compiled kernel, or None where it is not wanted or cannot be built (logged once)."""
-    if not kernel_wanted():
+    """The compiled kernel where this process's compute path uses it (``ONSPEC_BF16_KERNEL``, the CPU), else
+    None; also None where it cannot be built (logged once)."""
+    return compiled_kernel() if current_path().kernels else None
+
+
+def active_path() -> ComputePath:
+    """The compute path this process really takes: ``current_path()``, unless the kernels it wants could not
+    be built (then PyTorch's ops, not exact, and the reason says so). Builds the kernels on first call."""
+    path = current_path()
+    if path.kernels and compiled_kernel() is None:
+        return ComputePath(path.mode, False, False, "onspec's kernels could not be built (see the warning above): "
+                           "PyTorch's bf16 ops, which are not batch-invariant, so speculative and batched outputs "
+                           "may differ from plain ones in their last bits", path.flags)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_kernel() -> ModuleType | None:
+    """The extension, built on first call wherever the CPU can run it (None, logged once, where it cannot be
+    built)."""
+    if not KERNEL_REQUIRES <= cpu_flags():
         return None
     from .loader import default_cache_dir
 
@@ -84,10 +99,23 @@ def load_kernel() -> ModuleType | None:
                         build_directory=str(build), extra_cflags=list(KERNEL_CFLAGS), extra_ldflags=["-fopenmp"],
                         verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: PyTorch's product still works
-        log.warning("onspec's CPU kernels unavailable (%s: %s); using PyTorch's bf16 ops, whose product is "
-                    "slow for multi-token forwards on this CPU", type(exc).__name__, exc)
+        log.warning("onspec's CPU kernels unavailable (%s: %s); using PyTorch's bf16 ops, which are not "
+                    "batch-invariant: speculative and batched outputs may differ from plain ones in their last "
+                    "bits", type(exc).__name__, exc)
         return None
 
+
+
+def path_for_dtype(dtype: torch.dtype) -> ComputePath:
+    """The compute path of a model held in ``dtype``: ``active_path()`` for bf16; PyTorch's ops, which are not
+    batch-invariant, for every other dtype (onspec's kernels are bf16 kernels)."""
+    path = active_path()
+    if dtype is torch.bfloat16:
+        return path
+    name = str(dtype).removeprefix("torch.")
+    return ComputePath(path.mode, False, False, f"{name} models use PyTorch's products, which are not "
+                       "batch-invariant: speculative and batched outputs may differ from plain ones in their "
+                       "last bits (use bfloat16, the default, for bit-exact outputs)", path.flags)
 
 @contextlib.contextmanager
 def build_lock(build: Path) -> Iterator[None]:
@@ -186,16 +214,20 @@ def adopt_bf16_kernel(module: nn.Module) -> int:
 
 
 def build_and_report() -> bool:
-    """Build (first time) or load the kernels and say so on stdout; ``make test`` runs this before the
-    tests, so a build problem shows by name in a log instead of inside the first test that loads a model."""
+    """Build (first time) or load the kernels wherever this CPU can run them and say so on stdout, with the
+    compute path the default settings take; ``make test`` runs this before the tests, so a build problem
+    shows by name in a log instead of inside the first test that loads a model."""
     import time
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if not kernel_wanted():
-        print("onspec CPU kernels: not used on this CPU (native bf16 product, or no AVX2/FMA)")
+    if not KERNEL_REQUIRES <= cpu_flags():
+        print("onspec CPU kernels: this CPU lacks AVX2/FMA; PyTorch's ops are used and bf16 outputs are not "
+              "bit-exact across batches")
         return False
     print("onspec CPU kernels: building or loading (about a minute the first time on 2 cores)", flush=True)
     start = time.monotonic()
-    ok = load_kernel() is not None
+    ok = compiled_kernel() is not None
     print(f"onspec CPU kernels: {'ready' if ok else 'unavailable, PyTorch ops used'} ({time.monotonic() - start:.1f} s)")
+    path = active_path()
+    print(f"onspec compute path: {path.name} (exact: {'yes' if path.exact else 'no'}): {path.reason}")
     return ok

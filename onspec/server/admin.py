@@ -43,7 +43,8 @@ def add_routes(app: FastAPI) -> None:
             except Exception as exc:
                 log.exception("online learner status() failed")
                 learner = {"error": f"status() failed: {exc.__class__.__name__}"}
-        body = {"speculation": st.cfg.speculation,
+        # whether outputs are bit-exact across batches here (onspec/models/compute_path.py): never claimed silently
+        body = {"speculation": st.cfg.speculation, "compute_path": st.engine.loaded.compute_path.to_dict(),
                 "online_learning": {"enabled": st.handle is not None, "reason": st.handle_reason},
                 "strategies": strategies, "decisions": snap.decisions,
                 "measured_utility": {str(b): r for b, r in snap.measured_utility.items()},

@@ -58,7 +58,7 @@ inline __m256 lanes(const float* p) { return _mm256_loadu_ps(p); }
 // lanes in hsum8's order); value sums over the keys in order. Every order depends on the keys alone.
 // Dot products run four keys at a time and value sums 64 lanes at a time: 4 and 8 independent FMA chains
 // in flight (one chain per key, or 4 per value pass, waited on the FMA latency), no change to any sum's
-// order. Eight keys at a time measured no faster than four (interleaved A/B, session 17).
+// order. Eight keys at a time measured no faster than four (docs/decisions.md, "Row-local attention").
 // score [padded n], qf [D]: scratch.
 template <typename T>
 void attend_query(const uint16_t* q, const T* k, const T* v, const int64_t* keys, int64_t n, int64_t D,
