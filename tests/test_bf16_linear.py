@@ -16,17 +16,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from onspec.cpu import cpu_flags
 from onspec.models.bf16_linear import (Bf16Linear, adopt_bf16_kernel, build_lock, compiled_kernel, kernel_wanted,
-                                       pack_weight)
+                                       pack_weight, pack_weight_pairs)
+from onspec.models.compute_path import DP_REQUIRES
 
-# Kernel tests run wherever the kernel can run (every AVX2+FMA CPU), whatever path is the default there.
+# Kernel tests run wherever the kernel can run (every AVX2+FMA CPU), whatever path is the default there, and
+# each test of the product runs once per variant this CPU can run.
+VARIANTS = [pytest.param("avx2"), pytest.param("avx512_bf16", marks=pytest.mark.skipif(
+    not DP_REQUIRES <= cpu_flags(), reason="this CPU lacks AVX-512 BF16"))]
 needs_kernel = pytest.mark.skipif(compiled_kernel() is None, reason="onspec's kernels cannot run on this CPU")
+each_variant = pytest.mark.parametrize("variant", VARIANTS)
 
 
 @pytest.fixture(autouse=True)
-def kernel_path_on(monkeypatch):
-    """These tests choose the kernel path explicitly; the ones about PyTorch's path turn it off themselves."""
-    monkeypatch.setenv("ONSPEC_BF16_KERNEL", "on")
+def kernel_path_on(monkeypatch, request):
+    """These tests choose the kernel path explicitly: the test's ``variant`` where it has one, else ``on``."""
+    params = getattr(request.node, "callspec", None)
+    monkeypatch.setenv("ONSPEC_BF16_KERNEL", params.params.get("variant", "on") if params else "on")
 
 
 def _bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -48,8 +55,9 @@ def _linear(n: int, k: int, seed: int = 0, bias: bool = False) -> nn.Linear:
 
 
 @needs_kernel
+@each_variant
 @pytest.mark.parametrize("n,k", [(49, 40), (16, 8), (100, 300), (7, 13)])
-def test_kernel_computes_a_bf16_gemm_for_every_row_count(n: int, k: int) -> None:
+def test_kernel_computes_a_bf16_gemm_for_every_row_count(n: int, k: int, variant: str) -> None:
     lin = _linear(n, k)
     for m in (1, 2, 5, 6, 7, 13, 40):
         x = torch.randn(m, k).to(torch.bfloat16)
@@ -63,7 +71,8 @@ def test_kernel_computes_a_bf16_gemm_for_every_row_count(n: int, k: int) -> None
 
 
 @needs_kernel
-def test_a_rows_output_does_not_depend_on_the_other_rows_in_the_batch() -> None:
+@each_variant
+def test_a_rows_output_does_not_depend_on_the_other_rows_in_the_batch(variant: str) -> None:
     lin = _linear(200, 576)
     x = torch.randn(23, 3, 576).to(torch.bfloat16)      # leading dims are flattened and restored
     with torch.inference_mode():
@@ -76,7 +85,8 @@ def test_a_rows_output_does_not_depend_on_the_other_rows_in_the_batch() -> None:
 
 
 @needs_kernel
-def test_an_in_place_weight_update_is_never_multiplied_with_stale_panels() -> None:
+@each_variant
+def test_an_in_place_weight_update_is_never_multiplied_with_stale_panels(variant: str) -> None:
     lin = _linear(64, 96)
     x = torch.randn(4, 96).to(torch.bfloat16)
     with torch.no_grad():
@@ -90,7 +100,8 @@ def test_an_in_place_weight_update_is_never_multiplied_with_stale_panels() -> No
 
 
 @needs_kernel
-def test_bias_is_added() -> None:
+@each_variant
+def test_bias_is_added(variant: str) -> None:
     lin = _linear(32, 48, bias=True)
     x = torch.randn(3, 48).to(torch.bfloat16)
     with torch.inference_mode():
@@ -127,6 +138,33 @@ def test_pack_weight_lays_out_interleaved_panels_of_16_output_features() -> None
     assert torch.count_nonzero(p[1]) == 4 * 3               # the 12 padding columns of panel 1 are zero
 
 
+def test_pack_weight_pairs_lays_out_k_pairs_of_64_output_features() -> None:
+    w = (torch.arange(70 * 5, dtype=torch.float32).view(70, 5) + 1).to(torch.bfloat16)
+    p = pack_weight_pairs(w)
+    assert p.shape == (2, 3, 64, 2)                         # 70 features -> 2 groups; K = 5 -> 3 pairs
+    for n in range(70):
+        for k in range(5):
+            assert p[n // 64, k // 2, n % 64, k % 2] == w[n, k]
+    assert torch.count_nonzero(p[:, 2, :, 1]) == 0          # the odd K's padding is zero
+    assert torch.count_nonzero(p[1]) == 6 * 5               # the 58 padding features of group 1 are zero
+
+
+@needs_kernel
+def test_switching_variant_repacks_the_weight(monkeypatch) -> None:
+    if not DP_REQUIRES <= cpu_flags():
+        pytest.skip("this CPU lacks AVX-512 BF16")
+    lin = _linear(70, 40)
+    x = torch.randn(3, 40).to(torch.bfloat16)
+    with torch.inference_mode():
+        monkeypatch.setenv("ONSPEC_BF16_KERNEL", "avx2")
+        a = lin(x)
+        assert lin._packed[2] == "avx2" and lin._packed[3].shape == (5, 40, 16)
+        monkeypatch.setenv("ONSPEC_BF16_KERNEL", "avx512_bf16")
+        b = lin(x)
+        assert lin._packed[2] == "avx512_bf16" and lin._packed[3].shape == (2, 20, 64, 2)
+    assert _ulps(a, b) <= 1                                  # two orders of the same fp32 sums
+
+
 def test_kernel_is_wanted_wherever_it_can_run() -> None:
     avx2 = frozenset({"avx", "avx2", "fma"})
     assert kernel_wanted("auto", avx2)
@@ -135,7 +173,7 @@ def test_kernel_is_wanted_wherever_it_can_run() -> None:
     assert kernel_wanted("on", avx2 | {"amx_bf16"})
     assert not kernel_wanted("on", frozenset({"sse4_2"}))        # no AVX2: it cannot run
     assert not kernel_wanted("off", avx2)
-    with pytest.raises(ValueError, match="auto, on or off"):
+    with pytest.raises(ValueError, match="use auto, on, off, avx2 or avx512_bf16"):
         kernel_wanted("fast", avx2)
 
 

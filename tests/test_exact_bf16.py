@@ -20,7 +20,8 @@ from onspec.config import EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
 from onspec.models import bf16_linear
 from onspec.models.bf16_linear import active_path, compiled_kernel, load_kernel, path_for_dtype
-from onspec.models.compute_path import choose_path, current_path
+from onspec.cpu import cpu_flags
+from onspec.models.compute_path import DP_REQUIRES, choose_path, current_path
 from onspec.models.loader import load_model
 from onspec.spec.controller import attach_speculation
 from onspec.spec.eagle import attach_learned
@@ -35,15 +36,24 @@ AMX = AVX512_BF16 | {"amx_tile", "amx_bf16", "amx_int8"}                        
 
 # ---- the path per CPU kind ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags, native", [(AVX2_ONLY, None), (AVX512_BF16, "avx512_bf16"), (AMX, "amx_bf16")],
+@pytest.mark.parametrize("flags, native, variant", [(AVX2_ONLY, None, "avx2"),
+                                                     (AVX512_BF16, "avx512_bf16", "avx512_bf16"),
+                                                     (AMX, "amx_bf16", "avx512_bf16")],
                          ids=["avx2-only", "avx512_bf16", "amx"])
 @pytest.mark.parametrize("mode", ["auto", "on"])
-def test_the_kernels_are_the_exact_default_on_every_avx2_cpu(flags, native, mode) -> None:
+def test_the_kernels_are_the_exact_default_on_every_avx2_cpu(flags, native, variant, mode) -> None:
     path = choose_path(mode, flags)
-    assert path.kernels and path.exact and path.name == "onspec-kernels-avx2"
+    assert path.kernels and path.exact and path.variant == variant and path.name == f"onspec-kernels-{variant}"
     if native:      # the reason names the faster-looking product it passed over, and why
         assert native in path.reason and "not batch-invariant" in path.reason
         assert native in path.flags
+
+
+def test_a_variant_can_be_asked_for_where_the_cpu_runs_it() -> None:
+    assert choose_path("avx2", AMX).variant == "avx2" and choose_path("avx2", AMX).exact
+    assert choose_path("avx512_bf16", AVX512_BF16).variant == "avx512_bf16"
+    with pytest.raises(ValueError, match="lacks AVX-512 BF16"):
+        choose_path("avx512_bf16", AVX2_ONLY)
 
 
 @pytest.mark.parametrize("mode, flags, why", [("off", AMX, "ONSPEC_BF16_KERNEL=off"),
@@ -64,7 +74,7 @@ def test_the_environment_chooses_the_path_on_each_call(monkeypatch) -> None:
     monkeypatch.setenv("ONSPEC_BF16_KERNEL", "on")
     assert load_kernel() is compiled_kernel() and active_path().exact
     monkeypatch.setenv("ONSPEC_BF16_KERNEL", "fast")
-    with pytest.raises(ValueError, match="ONSPEC_BF16_KERNEL='fast': use auto, on or off"):
+    with pytest.raises(ValueError, match="ONSPEC_BF16_KERNEL='fast': use auto, on, off"):
         current_path()
 
 
@@ -173,12 +183,18 @@ def test_real_model_bf16_auto_with_measured_costs_and_streaming(default_bf16, pl
     assert tokens == ref["greedy"][0] and streamed.counters.drafted > 0
 
 
-@default_path_is_exact
+@pytest.mark.parametrize("variant", [pytest.param("avx2"), pytest.param("avx512_bf16", marks=pytest.mark.skipif(
+    not DP_REQUIRES <= cpu_flags(), reason="this CPU lacks AVX-512 BF16"))])
 @pytest.mark.parametrize("mode", ["suffix", "learned"])
-def test_tiny_model_bf16_batched_speculation_equals_plain_alone(tiny_llama, mode) -> None:
+def test_tiny_model_bf16_batched_speculation_equals_plain_alone(tiny_llama, mode, variant, monkeypatch) -> None:
+    """Every kernel variant this CPU can run (each test chooses it), not only the default one."""
+    if compiled_kernel() is None:
+        pytest.skip("onspec's kernels cannot run on this CPU")
+    monkeypatch.setenv("ONSPEC_BF16_KERNEL", variant)
     lm = load_model(str(tiny_llama), "bfloat16")
     prompts = [[5, 9, 14, 9, 5, 9, 14, 9, 5, 9], [17, 3, 3, 8, 120, 7, 7], list(range(3, 40))]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     plain = outputs(bf16_engine(lm, "off", prefix_reuse=False), prompts, params, batched=False)
     eng = bf16_engine(lm, mode)
     assert outputs(eng, prompts, params, batched=True) == plain and eng.counters.drafted > 0
+    assert lm.model.lm_head._packed[2] == variant            # the variant asked for did the products

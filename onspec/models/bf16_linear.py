@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 # one extension: the linear kernel, the fused elementwise ops and attention (onspec/models/fused.py), bindings
-KERNEL_SOURCES = ("bf16_linear.cpp", "bf16_elementwise.cpp", "bf16_attention.cpp", "module.cpp")
+KERNEL_SOURCES = ("bf16_linear.cpp", "bf16_linear_dp.cpp", "bf16_elementwise.cpp", "bf16_attention.cpp", "module.cpp")
 KERNEL_HEADERS = ("bf16.h", "bf16_simd.h")
 # -fopenmp: at::parallel_for is an OpenMP pragma in PyTorch's headers; compiled without it
 # the kernels ran on one thread whatever torch.get_num_threads() said, half the machine on 2 cores
@@ -51,10 +51,8 @@ KERNEL_CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 
 
 def kernel_wanted(mode: str | None = None, flags: frozenset[str] | None = None) -> bool:
-    """Whether this process should use the kernel (``mode``: auto / on / off, default from the environment;
-    ``flags``: the CPU's, injected by tests)."""
-    if flags is None and mode is None:
-        return current_path().kernels
+    """Whether the kernels are wanted for ``mode`` (default: ``ONSPEC_BF16_KERNEL``) on a CPU with ``flags``
+    (default: this one's; tests inject them). A variant the CPU cannot run is a ValueError."""
     return choose_path(kernel_mode(mode), cpu_flags() if flags is None else frozenset(flags)).kernels
 
 
@@ -70,7 +68,7 @@ def active_path() -> ComputePath:
     be built (then PyTorch's ops, not exact, and the reason says so). Builds the kernels on first call."""
     path = current_path()
     if path.kernels and compiled_kernel() is None:
-        return ComputePath(path.mode, False, False, "onspec's kernels could not be built (see the warning above): "
+        return ComputePath(path.mode, False, "", False, "onspec's kernels could not be built (see the warning above): "
                            "PyTorch's bf16 ops, which are not batch-invariant, so speculative and batched outputs "
                            "may differ from plain ones in their last bits", path.flags)
     return path
@@ -113,7 +111,7 @@ def path_for_dtype(dtype: torch.dtype) -> ComputePath:
     if dtype is torch.bfloat16:
         return path
     name = str(dtype).removeprefix("torch.")
-    return ComputePath(path.mode, False, False, f"{name} models use PyTorch's products, which are not "
+    return ComputePath(path.mode, False, "", False, f"{name} models use PyTorch's products, which are not "
                        "batch-invariant: speculative and batched outputs may differ from plain ones in their "
                        "last bits (use bfloat16, the default, for bit-exact outputs)", path.flags)
 
@@ -164,6 +162,21 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(p, 2, PANEL // 2, k).permute(0, 3, 2, 1).reshape(p, k, PANEL).contiguous()
 
 
+GROUP = 64   # output features per group of the avx512_bf16 layout (kNG in kernels/bf16_linear_dp.cpp)
+
+
+def pack_weight_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / 64), ceil(K / 2), 64, 2] groups, zeros padding N and an odd K: the layout
+    ``linear_bf16_dp`` reads. For each pair of k, a group's 64 features hold (w[k], w[k + 1]) side by side,
+    the bf16 pairs vdpbf16ps multiplies with a broadcast (x[k], x[k + 1])."""
+    n, k = weight.shape
+    g, kp = -(-n // GROUP), -(-k // 2)
+    padded = weight.new_zeros(g * GROUP, kp * 2)
+    padded[:n, :k] = weight
+    # [g, 64, kp, 2] -> [g, kp, 64, 2]
+    return padded.view(g, GROUP, kp, 2).permute(0, 2, 1, 3).contiguous()
+
+
 def kernel_handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``Bf16Linear`` multiplies ``x`` by ``weight`` with the kernel (and not PyTorch's product)."""
     return (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu"
@@ -176,12 +189,12 @@ class Bf16Linear(nn.Linear):
     """``nn.Linear`` that multiplies through the kernel where it applies: bf16 on the CPU, no gradient
     wanted, the kernel available. Parameters and state dict are those of ``nn.Linear``.
 
-    The packed copy of the weight (same size as the weight) is made on the first such forward and made
-    again whenever the weight changes: ``_version`` counts in-place writes (``load_state_dict``, an
-    optimizer step, ``copy_``), so a hot-swapped drafter or a policy update in place is never multiplied
-    with stale panels."""
+    The packed copy of the weight (same size as the weight, in the layout of the process's kernel variant)
+    is made on the first such forward and made again whenever the weight changes: ``_version`` counts
+    in-place writes (``load_state_dict``, an optimizer step, ``copy_``), so a hot-swapped drafter or a
+    policy update in place is never multiplied with stale panels."""
 
-    _packed: tuple[int, int, torch.Tensor] | None = None     # (weight data_ptr, weight _version, panels)
+    _packed: tuple[int, int, str, torch.Tensor] | None = None  # (weight data_ptr, _version, variant, panels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernel_handles(x, self.weight):
@@ -190,14 +203,20 @@ class Bf16Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [M, K] bf16 times the weight through the kernel (+ bias); the caller has checked that the
-        kernel applies (``kernel_handles``)."""
+        """``x`` [M, K] bf16 times the weight through the kernel variant of this process's compute path
+        (+ bias); the caller has checked that the kernel applies (``kernel_handles``)."""
         w = self.weight
-        key = (w.data_ptr(), w._version)
-        if self._packed is None or self._packed[:2] != key:
+        variant = current_path().variant
+        key = (w.data_ptr(), w._version, variant)
+        if self._packed is None or self._packed[:3] != key:
             with torch.no_grad():
-                self._packed = (*key, pack_weight(w.detach()))
-        y = load_kernel().linear_bf16(x, self._packed[2], w.shape[0])
+                pack = pack_weight_pairs if variant == "avx512_bf16" else pack_weight
+                self._packed = (*key, pack(w.detach()))
+        kern = load_kernel()
+        if variant == "avx512_bf16":
+            y = kern.linear_bf16_dp(x, self._packed[3], w.shape[0])
+        else:
+            y = kern.linear_bf16(x, self._packed[3], w.shape[0])
         return y if self.bias is None else y + self.bias
 
 
