@@ -172,7 +172,7 @@ def finish_run(run: Run, engine, learner) -> None:
     run.by_strategy = {k: list(v) for k, v in engine.counters.by_strategy.items()}
     spec = engine.spec
     if spec is not None:
-        run.drafting = {"rows_asked": dict(spec.rows_asked), "skipped": dict(spec.skipped),
+        run.drafting = {"rows_asked": dict(spec.policy.rows_asked), "policy": spec.policy.counts.summary(),
                         "decisions": dict(spec.controller.decisions)}
         learned, hybrid = spec.proposers.get("learned"), spec.proposers.get("hybrid")
         if learned is not None:

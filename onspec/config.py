@@ -40,7 +40,15 @@ class SpecConfig:
     suffix_alpha: float = 4.0           # draft length cap = alpha * match length
     suffix_calibrate: bool = True       # learn acceptance by match length online (spec/suffix_calibration.py)
     global_store_requests: int = 256    # recent responses kept in the global suffix store (FIFO)
-    off_batch_size: int = 64            # speculation is never tried at or above this batch size
+    # The draft policy's gates (spec/policy.py):
+    off_batch_size: int = 64            # gate ``batch_size``: never drafted at or above this batch size
+    unpaid_backoff_max: int = 8         # gate ``unpaid``: steps skipped after drafts the plan kept none of
+                                        # (1, 2, 4 ... up to this)
+    record_explore_steps: int = 20      # gate ``record``: verified steps before a strategy's record can close it
+    record_backoff_first: int = 16      # ... a strategy it closed is retried after this many steps, the wait
+    record_backoff_max: int = 512       # ... doubling after every retry that still loses, up to this
+    cheap_share: float = 0.05           # ... and one whose proposals cost under this share of a plain step
+                                        # always passes it (plan() then keeps only the nodes that pay)
     hybrid_suffix_confident: float = 1.0  # hybrid: rows whose suffix tree expects >= this many accepted
                                           # drafts skip the learned drafter (0: always ask it)
     profile_at_start: bool = True       # time target forwards at start-up to seed the cost model
@@ -58,6 +66,10 @@ class SpecConfig:
         _check(0.0 < self.suffix_min_prob < 1.0, "suffix_min_prob", "must be in (0, 1)")
         _check(self.suffix_alpha > 0, "suffix_alpha", "must be > 0")
         _check(self.global_store_requests >= 0, "global_store_requests", "must be >= 0")
+        _check(self.unpaid_backoff_max >= 1, "unpaid_backoff_max", "must be >= 1")
+        _check(1 <= self.record_backoff_first <= self.record_backoff_max, "record_backoff_first",
+               "must be in [1, record_backoff_max]")
+        _check(self.cheap_share >= 0, "cheap_share", "must be >= 0")
         _check(self.hybrid_suffix_confident >= 0, "hybrid_suffix_confident", "must be >= 0")
         _check(self.objective in SPECULATION_OBJECTIVES, "objective",
                f"must be one of {SPECULATION_OBJECTIVES}, got {self.objective!r}")

@@ -148,7 +148,7 @@ def force_all_drafts(spec) -> None:
     and these tests are about correctness when drafts ARE verified."""
     spec.controller.plan = lambda trees, base, nd, remaining=None: Plan(trees, sum(t.num_draft for t in trees.values()), 0.0, 0.0)
     spec.controller.worth_drafting = lambda *args, **kwargs: True
-    spec._price_depth = lambda *args, **kwargs: None  # full-depth trees (cost-aware depth is tested apart)
+    spec.policy.price = lambda *args, **kwargs: None  # full-depth trees (cost-aware depth is tested apart)
 
 
 def run_engine(lm, prompts, params_fn, drafter: EagleDrafter | None, mode: str = "learned", max_seqs: int = 8,
@@ -718,7 +718,7 @@ def test_the_controller_prices_the_learned_drafters_depths_from_measured_costs(t
     inner = learned.propose
 
     def propose(seqs, budgets):  # what the drafter was told, and what it should have been told, at that moment
-        seen.append((learned.tokens_per_second, 2 * (1 + spec.free_gain()) / spec.controller.base_cost(2, 2)))
+        seen.append((learned.tokens_per_second, 2 * (1 + spec.policy.free_gain()) / spec.controller.base_cost(2, 2)))
         return inner(seqs, budgets)
 
     learned.propose = propose

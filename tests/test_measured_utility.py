@@ -271,7 +271,7 @@ def test_engine_stops_asking_a_drafter_that_measurably_loses(tiny) -> None:
         eng.step()
     assert spec.utility.buckets[1].strategies["learned"].closed
     assert drafter.calls < 120                              # most of the 240 steps never asked it
-    assert spec.skipped["learned"] > 120
+    assert spec.policy.counts.strategies["learned"]["utility"] > 120
 
 
 class SlowHybrid(SlowDrafter):
@@ -297,4 +297,4 @@ def test_engine_judges_learned_and_hybrid_as_one_expensive_arm(tiny) -> None:
     assert records["learned"].expensive and not records["suffix"].expensive
     assert records["learned"].closed
     assert learned.calls < 120 and hybrid.calls < 120
-    assert spec.skipped["hybrid"] > 120
+    assert spec.policy.counts.strategies["hybrid"]["utility"] > 120

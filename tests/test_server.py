@@ -403,6 +403,7 @@ def test_admin_routes_call_the_learner_on_the_engine_thread(server):
     assert info["online_learning"]["enabled"] and info["learner"]["version"] == 1
     assert isinstance(info["strategies"], dict) and "estimated_speedup" in info
     assert isinstance(info["measured_utility"], dict)  # per batch bucket: drafting open or closed, both rates
+    assert set(info["draft_policy"]) == {"steps", "strategies"}  # steps by reason, strategies by gate
     r = httpx.post(server.url + "/v1/speculator/promote", json={"version": 3}, headers=admin, timeout=30)
     assert r.status_code == 200 and r.json()["promote"]["version"] == 3
     r = httpx.post(server.url + "/v1/speculator/promote", json={"version": 9}, headers=admin, timeout=30)
@@ -458,6 +459,7 @@ def test_metrics_after_traffic(server, client):
     assert values["onspec_step_seconds_count"] > 0
     assert values["onspec_trainer_steps_total"] == 42
     assert any(k.startswith("onspec_acceptance_length_by_strategy{") for k in values)
+    assert any(k.startswith("onspec_draft_policy_steps_total{reason=") for k in values)
 
 
 def test_dashboard_series_and_page(server, client):

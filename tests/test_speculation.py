@@ -35,6 +35,7 @@ from onspec.models.loader import DTYPES, LoadedModel, load_model
 from onspec.spec import verify as verify_mod
 from onspec.spec.controller import Controller, StepCostModel, attach_speculation
 from onspec.spec.proposer import Proposer
+from onspec.spec.utility import MeasuredUtility
 from onspec.spec.tree import DraftTree
 
 
@@ -711,11 +712,17 @@ def test_start_up_profile_times_batched_decoding_and_verification(tiny) -> None:
     assert eng.kv.num_free == eng.kv.num_slots
 
 
-def test_controller_off_at_large_batch() -> None:
-    ctl = Controller(SpecConfig(off_batch_size=16))
+def test_policy_off_at_large_batch() -> None:
+    """Gate ``batch_size``: at ``off_batch_size`` decoding rows no drafter is asked, however cheap nodes are."""
+    from onspec.spec.policy import DraftPolicy
+
+    cfg = SpecConfig(off_batch_size=16)
+    ctl = Controller(cfg)
     ctl.cost = FREE
-    plan = ctl.plan({i: scored_chain(4, 0.9) for i in range(16)}, base_tokens=16, num_decode=16)
-    assert plan.budget == 0
+    policy = DraftPolicy(cfg, ctl, MeasuredUtility(), {"suffix": StubProposer()})
+    assert not policy.open_step(DraftInput([object()] * 16, 16), ["suffix"])
+    assert policy.open_step(DraftInput([object()] * 15, 15), ["suffix"])
+    assert policy.counts.steps == {"batch_size": 1} and policy.steps == 1
 
 
 def test_controller_choose_prefers_the_better_calibrated_strategy() -> None:
@@ -728,16 +735,31 @@ def test_controller_choose_prefers_the_better_calibrated_strategy() -> None:
     assert ctl.choose({1: [DraftTree.root_only(0)]}) == {}
 
 
-def test_controller_backs_off_exploring_a_losing_strategy_and_forgets_on_a_new_drafter() -> None:
-    ctl = Controller(SpecConfig(), explore_every=4, explore_max=32)
-    tries = [step for step in range(200) if ctl.should_try("learned", step, worth=False)]
+def test_policy_backs_off_exploring_a_losing_strategy_and_forgets_on_a_new_drafter() -> None:
+    """Gate ``record``: a strategy whose record does not pay is retried after 4, 8, 16, then every 32 steps."""
+    from onspec.spec.policy import DraftPolicy
+
+    cfg = SpecConfig(mode="learned", record_backoff_first=4, record_backoff_max=32)
+    ctl = Controller(cfg)
+    policy = DraftPolicy(cfg, ctl, MeasuredUtility(), {"learned": StubProposer()})
+    ctl.worth_drafting = lambda *args, **kwargs: worth    # the record's verdict, injected
+    inp = DraftInput([], 0)
+
+    def asked_at(step: int) -> bool:
+        policy.steps = step
+        return policy.ask("learned", inp)
+
+    worth = False
+    tries = [step for step in range(200) if asked_at(step)]
     gaps = [b - a for a, b in zip(tries, tries[1:])]
     assert tries[0] == 4 and gaps[:3] == [8, 16, 32] and set(gaps[3:]) == {32}
-    assert ctl.should_try("learned", 201, worth=True)          # a paying record resets the back-off
-    assert not ctl.should_try("learned", 202, worth=False) and ctl.should_try("learned", 206, worth=False)
-    ctl.observe(scored_chain(4, 0.9, "learned"), 0)
-    ctl.forget("learned")
-    assert "learned" not in ctl.stats and ctl.should_try("learned", 207, worth=False) is False
+    assert policy.counts.strategies["learned"] == {"record": 200 - len(tries)}
+    worth = True
+    assert asked_at(201)                                   # a paying record resets the back-off
+    worth = False
+    assert not asked_at(202) and asked_at(206)
+    policy.forget("learned")
+    assert asked_at(207) is False
 
 
 def test_a_cheap_drafter_is_always_asked_an_expensive_one_by_its_record() -> None:
@@ -748,7 +770,7 @@ def test_a_cheap_drafter_is_always_asked_an_expensive_one_by_its_record() -> Non
     for n in (4, 8, 16, 32):
         ctl.cost.observe(n, 0.030, "masked")
     for name in ("suffix", "learned"):
-        for _ in range(ctl.explore_steps):
+        for _ in range(ctl.cfg.record_explore_steps):
             ctl.observe(scored_chain(8, 0.5, name), 0)
     assert ctl.worth_drafting("suffix", 2, 2, draft_seconds=0.0002)
     assert not ctl.worth_drafting("learned", 2, 2, draft_seconds=0.020)
@@ -784,7 +806,7 @@ def test_a_drafter_models_time_stays_out_of_the_step_cost_curve(tiny) -> None:
     while eng.has_unfinished():
         eng.step()
     wall = time_mod.perf_counter() - t0
-    assert spec._asked == {} and spec.draft_cost["learned"] >= 0.2   # the drafter was asked and timed
+    assert spec._asked == {} and spec.policy.draft_cost["learned"] >= 0.2   # the drafter was asked and timed
     assert wall > 0.4
     # Every observed step cost is the forward alone: far below the 0.2 s each proposal slept.
     assert cost.tables["masked"] and max(cost.tables["masked"].values()) < 0.1
@@ -819,7 +841,7 @@ def test_auto_holds_back_a_drafter_whose_heldout_estimate_cannot_pay(tiny, expec
     while eng.has_unfinished():
         eng.step()
     if held_back:
-        assert learned.asked == 1 and spec.skipped["learned"] >= 5
+        assert learned.asked == 1 and spec.policy.counts.strategies["learned"]["estimate"] >= 5
     else:
         assert learned.asked >= 4
 
@@ -842,18 +864,19 @@ def test_a_drafter_model_must_pay_beside_what_the_free_drafter_commits(tiny) -> 
                               spec=SpecConfig(mode="auto", profile_at_start=False)), loaded=tiny)
     spec = attach_speculation(eng, eng.cfg.spec, {"suffix": Free(), "learned": learned})
     spec.controller.cost = FixedCost(lambda n: 0.05)
-    spec.draft_cost["learned"] = 0.01
-    assert spec.free_gain() == 0.0 and spec._estimate_allows("learned", 1, 1)    # no free record yet
-    spec.rows_asked["suffix"] = 40
+    policy = spec.policy
+    policy.draft_cost["learned"] = 0.01
+    assert policy.free_gain() == 0.0 and policy.estimate_allows("learned", 1, 1)    # no free record yet
+    policy.rows_asked["suffix"] = 40
     spec.controller.stats["suffix"] = StrategyStats(accepted=40.0, steps=25)   # 40 drafts over 40 rows asked
-    assert spec.free_gain() == pytest.approx(1.0)
-    assert not spec._estimate_allows("learned", 1, 1)
+    assert policy.free_gain() == pytest.approx(1.0)
+    assert not policy.estimate_allows("learned", 1, 1)
     learned.expected_acceptance = 1.45
-    assert spec._estimate_allows("learned", 1, 1)
+    assert policy.estimate_allows("learned", 1, 1)
     # the record is per row the free drafter was asked for, whatever it drafted: half the gain, a lower bar
-    spec.rows_asked["suffix"] = 80
+    policy.rows_asked["suffix"] = 80
     learned.expected_acceptance = 1.35
-    assert spec.free_gain() == pytest.approx(0.5) and spec._estimate_allows("learned", 1, 1)
+    assert policy.free_gain() == pytest.approx(0.5) and policy.estimate_allows("learned", 1, 1)
 
 
 def test_speculation_forgets_a_strategys_record_when_its_drafter_is_swapped(tiny) -> None:
@@ -937,6 +960,8 @@ def test_drafters_are_asked_less_where_their_nodes_keep_not_paying(tiny) -> None
     losing, eng = asks(STEEP)                  # every verified token costs 10x a step: no node pays
     gaps = [b - a for a, b in zip(losing, losing[1:])]
     assert gaps[:4] == [2, 3, 5, 9] and set(gaps[4:]) <= {9}
-    assert eng.spec.skipped["unpaid"] == eng.spec.steps - len(losing)    # every decoding step not asked
+    counts = eng.spec.policy.counts.steps
+    assert counts["unpaid"] == eng.spec.policy.steps - len(losing)       # every decoding step not asked
+    assert counts["plan"] == len(losing) and set(counts) == {"unpaid", "plan"}
     paying, _ = asks(FREE)                      # nodes cost nothing: asked at every decoding step
     assert paying == list(range(paying[0], paying[0] + len(paying)))

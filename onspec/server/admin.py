@@ -48,6 +48,7 @@ def add_routes(app: FastAPI) -> None:
                 "online_learning": {"enabled": st.handle is not None, "reason": st.handle_reason},
                 "strategies": strategies, "decisions": snap.decisions,
                 "measured_utility": {str(b): r for b, r in snap.measured_utility.items()},
+                "draft_policy": snap.draft_policy,
                 "estimated_speedup": snap.plain_seconds_est / snap.spec_seconds if snap.spec_seconds else 1.0,
                 "learner": learner, "events": list(st.series.events)[-50:]}
         return JSONResponse(body)

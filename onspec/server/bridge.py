@@ -73,6 +73,8 @@ class EngineSnapshot:
     controller: dict[str, dict[str, float]] = field(default_factory=dict)    # name -> drafted/accepted/steps
     decisions: dict[str, int] = field(default_factory=dict)
     measured_utility: dict[int, dict] = field(default_factory=dict)  # batch bucket -> rates, open/closed
+    # decoding steps by the draft policy's reason, strategies left out by gate (spec/policy.py DraftCounts)
+    draft_policy: dict = field(default_factory=lambda: {"steps": {}, "strategies": {}})
     draft_seconds: float = 0.0
     running: int = 0
     waiting: int = 0
@@ -324,6 +326,7 @@ class EngineWorker:
                                    "predicted": s.predicted} for k, s in ctl.stats.items()}
             snap.decisions = dict(ctl.decisions)
             snap.measured_utility = e.spec.utility.summary()
+            snap.draft_policy = e.spec.policy.counts.summary()
             snap.draft_seconds = e.spec.draft_seconds
         if self.meter is not None:
             snap.last_batch, snap.last_step_tokens = self.meter.last_batch, self.meter.last_tokens

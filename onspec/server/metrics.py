@@ -233,6 +233,13 @@ class _EngineCollector:
                       [([k], st) for k, (st, _) in snap.by_strategy.items()], ["strategy"])
         yield counter("onspec_strategy_committed_tokens", "Tokens committed, by strategy",
                       [([k], com) for k, (_, com) in snap.by_strategy.items()], ["strategy"])
+        yield counter("onspec_draft_policy_steps", "Decoding steps by how the draft policy ended them: drafted, "
+                      "or the gate that kept them plain (spec/policy.py)",
+                      [([reason], n) for reason, n in snap.draft_policy["steps"].items()], ["reason"])
+        yield counter("onspec_draft_policy_strategy_skips", "Decoding steps a strategy was not asked in, by the "
+                      "draft policy's gate that closed it",
+                      [([name, gate], n) for name, gates in snap.draft_policy["strategies"].items()
+                       for gate, n in gates.items()], ["strategy", "gate"])
         spent = snap.spec_seconds
         yield gauge("onspec_estimated_speedup", "Plain-decoding seconds / spent seconds since start (estimate)",
                     snap.plain_seconds_est / spent if spent > 0 else 1.0)

@@ -33,6 +33,7 @@ import torch
 from ..config import SpecConfig
 from ..engine.events import EngineObserver
 from ..engine.step import DraftInput, Prefill, StepResult
+from .policy import DraftPolicy
 from .proposer import Proposer
 from .tree import DraftTree
 from .utility import MeasuredUtility, pow2_bucket
@@ -201,16 +202,14 @@ class Controller:
     cost: StepCostModel = field(default_factory=StepCostModel)
     stats: dict[str, StrategyStats] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=dict)  # how often each strategy won a request
-    explore_steps: int = 20      # verified steps before a strategy's record can switch it off
-    explore_every: int = 16      # a switched-off strategy is tried again after this many steps ...
-    explore_max: int = 512       # ... and the interval doubles after every retry that still loses, up to this
-    cheap_share: float = 0.05    # a drafter whose proposals cost under this share of a plain step is always asked
     # The token count a masked forward of n tokens really runs at (the runner pads multi-token forwards to
     # bucket sizes on a CPU, see engine/runner.py): its cost is that of the padded size, so nodes that fit
     # in the padding are free and the node that opens a new bucket pays for all of it. None: no padding.
     pad: Callable[[int], int] | None = None
-    _interval: dict[str, int] = field(default_factory=dict)
-    _next_try: dict[str, int] = field(default_factory=dict)
+
+    def calibration(self, strategy: str) -> float:
+        """The strategy's measured accepted/predicted ratio (capped at 2), the prior until it has a record."""
+        return min(2.0, self.stats.get(strategy, StrategyStats()).calibration())
 
     def calibrated(self, tree: DraftTree) -> list[float]:
         """Path probabilities scaled by the strategy's measured accepted/predicted ratio (capped at 1)."""
@@ -242,8 +241,6 @@ class Controller:
         ``remaining``: tokens each decoding row may still produce, given when the batch is closed (no
         request waits and the caller wants them all): accepted tokens are then valued by how much they
         shorten the batch (``MakespanValue``), not one decoding token each."""
-        if num_decode >= self.cfg.off_batch_size:
-            trees = {}
         nodes: list[tuple[float, int, int]] = []
         for sid, tree in trees.items():
             cal = self.calibrated(tree)
@@ -297,46 +294,29 @@ class Controller:
         the nodes that pay, from this step's trees and costs (0 nodes: the step runs plain). Pricing it by
         its record here, as below, skipped it where plan() would have drafted: the record averages every
         verified node, so it reads as losing whenever cheap padding nodes dilute it, and each skip doubled
-        its back-off (``should_try``); in day-0 serving with the learned drafter attached, the suffix drafter
-        was skipped in 771 of 1755 steps of one 40-request run and 162 of another (a one-off profile around
-        bench/online.py's day-0 loop; 22 without the learned drafter; docs/decisions.md, 'Cheap drafters').
+        its back-off (the draft policy's gate ``record``); in day-0 serving with the learned drafter attached,
+        the suffix drafter was skipped in 771 of 1755 steps of one 40-request run and 162 of another (a
+        one-off profile around bench/online.py's day-0 loop; 22 without the learned drafter;
+        docs/decisions.md, 'Cheap drafters').
 
         An expensive drafter is priced by its record: rate with speculation = B * (1 + accepted per step) /
         (T(base + B * nodes per step) + drafting); rate without = B / T(base). Until it has a record
-        (``explore_steps``) it is tried.
+        (``SpecConfig.record_explore_steps``) it is tried.
         """
         plain = self.base_cost(base_tokens, num_decode)
-        if draft_seconds <= self.cheap_share * plain:
+        if draft_seconds <= self.cfg.cheap_share * plain:
             return True
         st = self.stats.get(strategy)
-        if st is None or st.steps < self.explore_steps:
+        if st is None or st.steps < self.cfg.record_explore_steps:
             return True
         acc, nodes = st.accepted / st.steps, st.drafted / st.steps
         spec_cost = self.cost.cost(self.padded(base_tokens + max(1, int(num_decode * nodes))), "masked")
         with_spec = num_decode * (1 + acc) / (spec_cost + draft_seconds)
         return with_spec > num_decode / plain
 
-    def should_try(self, strategy: str, step: int, worth: bool) -> bool:
-        """Ask a strategy for drafts this step? Always when its record pays; otherwise only on a retry
-        step, with exponential back-off: a drafter that keeps losing (an untrained learned head costs
-        ~0.7 of a target forward per proposal on a small model) is asked ever more rarely."""
-        if worth:
-            self._interval.pop(strategy, None)
-            self._next_try.pop(strategy, None)
-            return True
-        interval = self._interval.get(strategy, self.explore_every)
-        due = self._next_try.setdefault(strategy, step + interval)
-        if step < due:
-            return False
-        self._interval[strategy] = min(self.explore_max, 2 * interval)
-        self._next_try[strategy] = step + self._interval[strategy]
-        return True
-
     def forget(self, strategy: str) -> None:
         """Drop a strategy's record (its drafter changed): it is explored afresh."""
         self.stats.pop(strategy, None)
-        self._interval.pop(strategy, None)
-        self._next_try.pop(strategy, None)
 
     def observe(self, tree: DraftTree, accepted: int) -> None:
         if tree.num_draft == 0:
@@ -350,9 +330,8 @@ class Controller:
 
 class Speculation(EngineObserver):
     """Glue between the engine and the proposers: lifecycle hooks, drafting, verdict feedback. The engine's
-    first event subscriber; it hands every event on to its proposers."""
-
-    UNPAID_MAX_INTERVAL = 8     # steps between asks where drafts keep not paying (``draft``)
+    first event subscriber; it hands every event on to its proposers. Whether a step drafts, and which
+    drafters it asks, is the draft policy's (spec/policy.py); what it drafts, the controller's plan."""
 
     def __init__(self, engine, cfg: SpecConfig, proposers: dict[str, Proposer]) -> None:
         self.engine = engine
@@ -361,17 +340,11 @@ class Speculation(EngineObserver):
         self.controller = Controller(cfg)
         # auto mode: the controller's model-driven choice is also judged by what it achieved (spec/utility.py)
         self.utility = MeasuredUtility()
+        self.policy = DraftPolicy(cfg, self.controller, self.utility, proposers)
         self._pure_decode = False                  # the current step carries no prefill chunk
         self._asked: dict[str, float] = {}         # strategies asked for drafts this step -> seconds taken
         self.draft_seconds = 0.0
-        self.draft_cost: dict[str, float] = {}   # EMA seconds per propose() call, by strategy
-        self.skipped: dict[str, int] = {}        # steps a strategy was not even asked (did not pay)
-        self.rows_asked: dict[str, int] = {}     # decoding rows each strategy was asked to draft for
-        self.steps = 0
         self._step_started: float | None = None      # when the current step's drafting began
-        # batch-size bucket -> (interval, step from which drafters are asked again), after steps where they
-        # proposed nodes and ``plan`` kept none (see ``draft``)
-        self._unpaid: dict[int, tuple[int, int]] = {}
         # Set by online learning (train/online.py) while the engine has lent threads to the trainer
         # (train/channel.py ThreadLender): steps then run slower for a reason drafting does not change.
         self.threads_lent = False
@@ -394,8 +367,7 @@ class Speculation(EngineObserver):
     def arm(self, name: str) -> str:
         """The measured-utility record a strategy is judged in: its proposer's ``arm`` (the hybrid strategy
         shares the learned drafter's forward and so its record), else its name."""
-        p = self.proposers.get(name)
-        return p.arm if p is not None and p.arm else name
+        return self.policy.arm(name)
 
     def aux_layers(self) -> tuple[int, ...]:
         """The target layers whose inputs the proposers read (the runner returns those when asked)."""
@@ -442,6 +414,7 @@ class Speculation(EngineObserver):
         for strategy, p in self.proposers.items():
             if strategy == name or (p.wraps is not None and p.wraps is self.proposers.get(name)):
                 self.controller.forget(strategy)
+                self.policy.forget(strategy)
                 self.utility.forget(self.arm(strategy))
 
     # ---- aux rows of cache rows a sequence did not compute (``Proposer.keeps_aux``) ------------------
@@ -458,64 +431,34 @@ class Speculation(EngineObserver):
 
     # ---- per step ----------------------------------------------------------------------------
     def draft(self, inp: DraftInput) -> dict[int, DraftTree]:
-        decode_seqs, step_tokens = inp.decode, inp.step_tokens
+        """This step's draft trees: the strategies the draft policy lets through are asked, the controller
+        picks each row's best tree and spends the batch budget where it pays."""
         self._step_started = time.perf_counter()
         names = self.strategies()
-        if not names or len(decode_seqs) >= self.cfg.off_batch_size or self.cfg.max_draft_tokens == 0:
+        gate = self.policy.step_gate(inp, names)
+        if self.policy.in_play(gate):
+            self._pure_decode = inp.pure_decode
+            self._asked = {}
+        if gate is not None:
             return {}
-        self.steps += 1
-        self._pure_decode = step_tokens == len(decode_seqs)
-        self._asked = {}
-        # Where the drafters proposed nodes and the plan kept none, their trees did not pay at this batch size
-        # (verifying a node cost more than its expected tokens): asking them again next step costs their
-        # proposal and the plan's work for the same answer. While that holds, skip the next 1, 2, 4, then
-        # UNPAID_MAX_INTERVAL steps before asking again (per power-of-two batch size, so a batch shrinking
-        # at its tail is asked at once). Why: at batch 32 the plan kept 12 nodes in 70 steps; asking every step
-        # cost 0.1 s of a 10 s run (bench/speculation.py (e)), most of speculation's overhead there.
-        bucket = len(decode_seqs).bit_length()
-        interval, due = self._unpaid.get(bucket, (0, 0))
-        if self.steps < due:
-            self.skipped["unpaid"] = self.skipped.get("unpaid", 0) + 1
-            return {}
-        auto = self.cfg.mode == "auto"
-        allowed: set[str] | None = set()
-        if auto:
-            arms: dict[str, bool] = {}
-            for name in names:
-                arm = self.arm(name)
-                arms[arm] = arms.get(arm, False) or self.proposers[name].wants_aux
-            allowed = self.utility.step_arms(len(decode_seqs), arms)
-            if allowed is None:
-                self.skipped["probe"] = self.skipped.get("probe", 0) + 1  # a plain step keeps the baseline measured
-                return {}
-        budgets = {s.seq_id: self.cfg.max_draft_tokens for s in decode_seqs}
-        candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in decode_seqs}
+        budgets = {s.seq_id: self.cfg.max_draft_tokens for s in inp.decode}
+        candidates: dict[int, list[DraftTree]] = {s.seq_id: [] for s in inp.decode}
         for name in names:
-            if auto and not self._estimate_allows(name, len(decode_seqs), step_tokens):
-                self.skipped[name] = self.skipped.get(name, 0) + 1
+            if not self.policy.ask(name, inp):
                 continue
-            cost = self.draft_cost.get(name, 0.0)
-            worth = self.controller.worth_drafting(name, len(decode_seqs), step_tokens, cost)
-            if not self.controller.should_try(name, self.steps, worth) or (auto and self.arm(name) not in allowed):
-                self.skipped[name] = self.skipped.get(name, 0) + 1
-                continue
-            self._price_depth(name, len(decode_seqs), step_tokens)
+            self.policy.price(name, inp)
             t0 = time.perf_counter()
-            for sid, tree in self.proposers[name].propose(decode_seqs, budgets).items():
+            for sid, tree in self.proposers[name].propose(inp.decode, budgets).items():
                 candidates[sid].append(tree)
             dt = time.perf_counter() - t0
             self._asked[name] = dt
-            self.rows_asked[name] = self.rows_asked.get(name, 0) + len(decode_seqs)
-            self.draft_cost[name] = dt if name not in self.draft_cost else 0.9 * self.draft_cost[name] + 0.1 * dt
+            self.policy.asked(name, len(inp.decode), dt)
             self.draft_seconds += dt
         chosen = self.controller.choose(candidates)
-        remaining = self._closed_remaining(decode_seqs)
-        plan = self.controller.plan(chosen, step_tokens, len(decode_seqs), remaining)
-        if plan.budget:
-            self._unpaid.pop(bucket, None)
-        elif any(t.num_draft for trees in candidates.values() for t in trees):
-            interval = min(self.UNPAID_MAX_INTERVAL, max(1, 2 * interval))
-            self._unpaid[bucket] = (interval, self.steps + 1 + interval)
+        remaining = self._closed_remaining(inp.decode)
+        plan = self.controller.plan(chosen, inp.step_tokens, len(inp.decode), remaining)
+        proposed = any(t.num_draft for trees in candidates.values() for t in trees)
+        self.policy.planned(inp, bool(self._asked), proposed, plan.budget)
         return plan.trees
 
     def _closed_remaining(self, decode_seqs: list) -> dict[int, int] | None:
@@ -531,49 +474,6 @@ class Speculation(EngineObserver):
         rows = {s.seq_id: s for s in scheduler.running} | {s.seq_id: s for s in decode_seqs}
         return {sid: max(1, min(s.params.max_tokens - s.num_output, max_len - len(s.tokens)))
                 for sid, s in rows.items()}
-
-    def _price_depth(self, name: str, num_decode: int, step_tokens: int) -> None:
-        """Tell a drafter model what a token is worth this step, so it stops growing a tree where one more
-        sequential forward would cost more than it can add (``EagleProposer._depth_pays``): the step's
-        committed tokens per second without it, B (1 + g) / T (g: the free drafters' accepted drafts per
-        row), and its strategy's calibration of probabilities to measured acceptance."""
-        proposer = self.proposers[name]
-        if not proposer.wants_aux:
-            return
-        base = self.controller.base_cost(step_tokens, num_decode)
-        proposer.price_depth(num_decode * (1.0 + self.free_gain()) / base if base > 0 else 0.0,
-                             min(2.0, self.controller.stats.get(name, StrategyStats()).calibration()))
-
-    def _estimate_allows(self, name: str, num_decode: int, step_tokens: int) -> bool:
-        """Hold a drafter model back while its held-out estimate cannot pay for its own proposals.
-
-        A step of B rows with drafts commits B * L tokens in T + d seconds (L: acceptance length, d: the
-        proposal time), against B tokens in T without; even if verifying the nodes were free, drafting pays
-        only when L > 1 + d / T. Where a free drafter (the suffix trees: no model forward) already commits
-        L_s = 1 + g tokens per row, the drafter model competes with that, not with plain decoding. At best
-        its accepted drafts add to the free drafter's (a hybrid tree holding both, L <= L_s + L - 1), so it
-        pays only when (L_s + L - 1) / (T + d) > L_s / T, i.e. L > 1 + (d / T) * L_s; with no free drafter
-        (g = 0) that is the first rule. g is the free drafters' accepted drafts per decoding row they were
-        asked for (where a learned tree was chosen over theirs they are not credited, so g errs low and the
-        rule towards asking).
-        A drafter whose measured held-out acceptance length (``expected_acceptance``: the gate's figure for
-        its version, or a resumed version's manifest figure) fails that is not asked at all: exploring it
-        live costs d every time and cannot win. Day-0 heads on this CPU measure 1.00-1.06 and a warm start
-        on 4 answers per warm-up prompt 1.47-1.50 (bench/online.py day 1), while the suffix drafter
-        commits ~1.6 per row at batch 2 and d / T was ~0.4 in a one-off profile: ~1.64 needed
-        (docs/decisions.md, 'Drafter acceptance gate').
-        Unknown estimate or proposal time (never asked): allowed."""
-        expected = self.proposers[name].estimate()
-        d = self.draft_cost.get(name)
-        if expected is None or d is None:
-            return True
-        return expected > 1.0 + d / self.controller.base_cost(step_tokens, num_decode) * (1.0 + self.free_gain())
-
-    def free_gain(self) -> float:
-        """Accepted drafts per decoding row of the best free (model-free) drafter asked so far; 0 if none."""
-        gains = [self.controller.stats[n].accepted / self.rows_asked[n] for n, p in self.proposers.items()
-                 if not p.wants_aux and self.rows_asked.get(n) and n in self.controller.stats]
-        return max(gains, default=0.0)
 
     def on_step(self, result: StepResult) -> None:
         verdicts, batch_rows, num_tokens, seconds = result.verdicts, result.rows, result.tokens, result.seconds

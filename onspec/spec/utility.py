@@ -43,6 +43,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .backoff import Backoff
+
 
 def pow2_bucket(n: int) -> int:
     """The power of two at or above ``n``: the buckets step costs and measured rates are kept by."""
@@ -111,8 +113,9 @@ class StrategyRecord:
     expensive: bool = False  # runs a drafter model (judged against the cheap arms, see the module docstring)
     closed: bool = False
     in_trial: bool = False   # switched off, but drafting again (``asked`` restarts) to see whether it pays now
-    pause: int = 0           # the arm's decisions in this bucket denied before the next trial
-    reopen_at: int = 0       # the decision count at which the next trial starts
+    # when the next trial starts, in the arm's decisions in this bucket (``MeasuredUtility._arm`` sets the
+    # pauses: pause_min, doubling after every trial that still loses, up to pause_max)
+    retry: Backoff = field(default_factory=lambda: Backoff(16, 512))
     decisions: int = 0
 
     def utility(self, base_rate: float) -> float:
@@ -178,13 +181,14 @@ class MeasuredUtility:
 
     def _arm(self, rec: BucketRecord, name: str) -> StrategyRecord:
         if name not in rec.strategies:
-            rec.strategies[name] = StrategyRecord(asked=RateEMA(self.arm_decay), spread=Spread(self.arm_decay))
+            rec.strategies[name] = StrategyRecord(asked=RateEMA(self.arm_decay), spread=Spread(self.arm_decay),
+                                                  retry=Backoff(self.pause_min, self.pause_max))
         return rec.strategies[name]
 
     @staticmethod
     def _allow(st: StrategyRecord) -> bool:
         st.decisions += 1
-        if st.closed and not st.in_trial and st.decisions >= st.reopen_at:
+        if st.closed and not st.in_trial and st.retry.allows(st.decisions):
             st.in_trial = True
             st.asked = RateEMA(st.asked.decay)  # the trial is judged on its own steps
             st.spread = Spread(st.spread.decay)
@@ -253,14 +257,14 @@ class MeasuredUtility:
                 if st.asked.count >= self.trial_steps:  # the trial is over: reopen, or pause twice as long
                     st.in_trial = False
                     if losing:
-                        st.pause = min(self.pause_max, 2 * st.pause)
-                        st.reopen_at = st.decisions + st.pause + 1
+                        st.retry.failed(st.decisions + 1)
                     else:
-                        st.closed, st.pause = False, 0
+                        st.closed = False
+                        st.retry.succeeded()
         elif losing and (st.asked.count >= self.min_steps or (
                 st.asked.count >= self.clear_steps and upper < self.clear_loss)):
-            st.closed, st.pause = True, self.pause_min
-            st.reopen_at = st.decisions + st.pause + 1
+            st.closed = True
+            st.retry.failed(st.decisions + 1)
 
     def forget(self, arm: str) -> None:
         """An arm's drafter changed (a new learned version): it is judged afresh in every bucket."""
