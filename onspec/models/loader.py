@@ -210,8 +210,9 @@ def build_model(arch: ArchConfig, state: dict[str, torch.Tensor], dtype: torch.d
     if device == "cpu":
         load_kernel()    # compile (first time only) now rather than in the first request's step
         path = path_for_dtype(dtype)
-        (log.info if path.exact else log.warning)("compute path %s (bit-exact across batches: %s): %s",
-                                                 path.name, "yes" if path.exact else "no", path.reason)
+        (log.info if path.exact else log.warning)(
+            "compute path %s (bit-exact across batches: %s; CPU flags %s; %d threads): %s", path.name,
+            "yes" if path.exact else "no", " ".join(path.flags) or "-", torch.get_num_threads(), path.reason)
     return model
 
 
