@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -103,14 +102,21 @@ def median(xs: Sequence[float]) -> float:
 
 
 def machine_info(threads: int) -> dict:
+    """What a result was measured on: the CPU kind (its bf16-relevant flags) and onspec's compute path there."""
     import torch
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    from onspec.cpu import cpu_flags
+    from onspec.info import cpu_model_name
+    from onspec.models.bf16_linear import active_path
+    from onspec.models.compute_path import REPORTED_FLAGS
+
+    load = os.getloadavg()[0]
     return {
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model_name(),
+        "cpu_flags": [f for f in REPORTED_FLAGS if f in cpu_flags()],
+        "compute_path": active_path().name,
         "cores": os.cpu_count(),
         "threads": threads,
         "load_average_1min": load,
@@ -247,3 +253,43 @@ def hf_generate(model_dir: Path | str, dtype: str, tokenizer, max_tokens: int,
             return n
         return run
     return make
+
+
+# ---- llama.cpp (llama-cpp-python, built portable by `make bench-peers`) --------------------------------
+
+
+def llamacpp_single(gguf: Path, threads: int, tokenizer, prompts: list[str], max_tokens: int, lookup: int = 0,
+                    ignore_eos: bool = True):
+    """A run() that generates ``prompts`` one at a time with llama.cpp (greedy; ``lookup``: its prompt-lookup
+    decoding with that many draft tokens; ``ignore_eos``: EOS suppressed so every prompt runs max_tokens)."""
+    import llama_cpp
+
+    kw = {}
+    if lookup:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        kw["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                          n_batch=512, verbose=False, seed=0, **kw)
+    eos = llm.token_eos()
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    llm.create_completion(ids[0][:8], max_tokens=2, temperature=0.0)  # warm-up (first call initialises)
+
+    def run() -> int:
+        n = 0
+        for x in ids:
+            llm.reset()
+            out = llm.create_completion(x, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                        logit_bias={eos: -1e9} if ignore_eos else None)
+            n += out["usage"]["completion_tokens"]
+        return n
+    return run
+
+
+def llamacpp_available() -> str | None:
+    """None when llama-cpp-python imports, else why not."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken native library
+        return f"llama-cpp-python not usable ({exc.__class__.__name__}: {exc})"
+    return None

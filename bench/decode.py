@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (busy_warning, chat_texts, hf_generate, machine_info, measure_interleaved,  # noqa: E402
-                          print_table, ratio, set_threads, write_results)
+from bench.common import (busy_warning, chat_texts, hf_generate, llamacpp_available, llamacpp_single,  # noqa: E402
+                          machine_info, measure_interleaved, print_table, ratio, set_threads, write_results)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,40 +84,6 @@ def onspec_batch(llm, prompts: list[str], batch: int, max_tokens: int):
 
 
 # ---- llama.cpp -------------------------------------------------------------------------------------
-
-
-def llamacpp_single(gguf: Path, threads: int, tokenizer, prompts: list[str], max_tokens: int, lookup: int = 0):
-    import llama_cpp
-
-    kw = {}
-    if lookup:
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-
-        kw["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
-    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
-                          n_batch=512, verbose=False, seed=0, **kw)
-    eos = llm.token_eos()
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    llm.create_completion(ids[0][:8], max_tokens=2, temperature=0.0)  # warm-up (first call initialises)
-
-    def run() -> int:
-        n = 0
-        for x in ids:
-            llm.reset()
-            out = llm.create_completion(x, max_tokens=max_tokens, temperature=0.0, top_k=1,
-                                        logit_bias={eos: -1e9})
-            n += out["usage"]["completion_tokens"]
-        return n
-    return run
-
-
-def llamacpp_available() -> str | None:
-    """None when llama-cpp-python imports, else why not."""
-    try:
-        import llama_cpp  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken native library
-        return f"llama-cpp-python not usable ({exc.__class__.__name__}: {exc})"
-    return None
 
 
 # ---- main ------------------------------------------------------------------------------------------

@@ -19,10 +19,12 @@ speedup: the same for the decoding phase alone, i.e. without the seconds of the 
 prefill. Prefill costs the same in both arms, so it caps the whole-request figure: when a third of the
 speculative arm's time is prefill, no drafter lifts the speedup past 3x. Acceptance length = tokens
 committed per target forward while decoding (bonus token included). Transformers plain and prompt-lookup
-(``prompt_lookup_num_tokens=10``) run on the same prompts for (a)-(c).
+(``prompt_lookup_num_tokens=10``) run on the same prompts for (a)-(c), and so does llama.cpp on the GGUF
+file the default model comes from (plain and its prompt-lookup decoding), where llama-cpp-python is
+installed (``make bench-peers``; ``--skip llamacpp`` leaves it out).
 
-Targets (issue 3): (c) >= 2.5x; (d) group drafting >= 1.2x per-request drafting; (e) no batch size
-below 0.97x.
+Targets: (a) >= 1.4x and (c) >= 2.0x over off on every CPU kind, and >= 1.1x / >= 1.5x over llama.cpp
+plain; (d) group drafting >= 1.2x per-request drafting; (e) no batch size below 0.97x.
 
     python bench/speculation.py --quick       # 1 prompt per workload, 64 tokens, 1 repeat
     python bench/speculation.py --repeats 3
@@ -40,8 +42,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (Measurement, busy_warning, chat_texts, hf_generate, machine_info,  # noqa: E402
-                          measure_interleaved, print_table, ratio, set_threads, write_results)
+from bench.common import (Measurement, busy_warning, chat_texts, hf_generate, llamacpp_available,  # noqa: E402
+                          llamacpp_single, machine_info, measure_interleaved, print_table, ratio, set_threads,
+                          write_results)
 
 ALL_SOURCES = ("request", "group", "global")
 
@@ -64,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
                    help="an extra auto engine in (a)-(c) with these SpecConfig fields changed, e.g. "
                         "'raw ratios:suffix_calibrate=false' (repeatable)")
-    p.add_argument("--skip", default="", help="comma-separated: hf, group, batches, a, b, c")
+    p.add_argument("--skip", default="", help="comma-separated: hf, llamacpp, group, batches, a, b, c")
     p.add_argument("--name", default="speculation", help="results file stem under bench/results/")
     p.add_argument("--attention", choices=("kernel", "pytorch"), default="kernel",
                    help="where onspec's row-local bf16 attention kernel applies (AVX2 CPUs without a native bf16 "
@@ -225,8 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     if "hf" not in skip:
         from onspec.models.loader import resolve_model_dir
         hf_make = hf_generate(resolve_model_dir("default"), "bfloat16", tok, N)
+    if "llamacpp" not in skip and (why := llamacpp_available()) is not None:
+        notes.append(f"llama.cpp: skipped ({why}; `make bench-peers` installs it)")
+        skip.add("llamacpp")
     results: dict[str, dict[str, Measurement]] = {}
-    rows = []
+    rows, peer_rows = [], []
     for key, (label, msgs) in workloads.items():
         if key in skip:
             continue
@@ -239,8 +245,19 @@ def main(argv: list[str] | None = None) -> int:
         if "hf" not in skip:
             configs["hf plain"] = (hf_make(prompts, 0), None)
             configs["hf prompt-lookup"] = (hf_make(prompts, 10), None)
+        if "llamacpp" not in skip:
+            from onspec.models.loader import default_gguf_path
+
+            for lookup in (0, 10):
+                name = "llama.cpp" + (" prompt-lookup" if lookup else "")
+                configs[name] = (llamacpp_single(default_gguf_path(), args.threads, tok, prompts, N, lookup,
+                                                 ignore_eos=False), None)
         res = measure_interleaved(configs, R)
         results[label] = res
+        if "llama.cpp" in res:
+            peer_rows.append([label, res["llama.cpp"].tps, res["llama.cpp prompt-lookup"].tps, res["auto"].tps,
+                              ratio(res["auto"].tps, res["llama.cpp"].tps),
+                              ratio(res["auto"].tps, res["llama.cpp prompt-lookup"].tps)])
         ex = res["auto"].extra
         decode_speedup = ratio(decode_rate(res["auto"], len(prompts)), decode_rate(res["off"], len(prompts)))
         rows.append([label, res["off"].tps, res["auto"].tps, ratio(res["auto"].tps, res["off"].tps),
@@ -256,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                     ["workload", "off tok/s", "spec tok/s", "speedup", "decode speedup", "spec prefill share",
                      "accept len", "drafted/step",
                      "HF plain", "HF PLD", "HF PLD speedup", "spec / HF PLD"], rows)
+    if peer_rows:
+        print_table("onspec (bf16, speculation auto) against llama.cpp (Q4_1 GGUF, same prompts, same run)",
+                    ["workload", "llama.cpp tok/s", "llama.cpp PLD tok/s", "onspec spec tok/s", "x llama.cpp",
+                     "x llama.cpp PLD"], peer_rows)
     budget_rows = [[label, name, m.tps, ratio(m.tps, results[label]["off"].tps),
                     m.extra.get("acceptance_length", float("nan")), m.extra.get("drafted_per_seq_step", float("nan"))]
                    for label in results for name, m in results[label].items() if name.startswith("auto")]
@@ -325,8 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         targets["group_vs_per_request"] = ratio(g["group"].tps, g["per-request"].tps)
     if batch_rows:
         targets["min_batch_speedup"] = min(r[3] for r in batch_rows)
+    if "(a) chat" in results:
+        targets["chat_speedup"] = ratio(results["(a) chat"]["auto"].tps, results["(a) chat"]["off"].tps)
+    for row in peer_rows:
+        targets[f"{row[0]} x llama.cpp"] = row[4]
     notes.append("targets: " + ", ".join(f"{k} = {v:.2f}" for k, v in targets.items())
-                 + "  (want code_edit_speedup >= 2.5, group_vs_per_request >= 1.2, min_batch_speedup >= 0.97)")
+                 + "  (want chat_speedup >= 1.4, code_edit_speedup >= 2.0, group_vs_per_request >= 1.2, "
+                   "min_batch_speedup >= 0.97; against llama.cpp plain >= 1.1 on chat, >= 1.5 on code editing)")
     notes.append(f"total bench time {time.perf_counter() - t_start:.0f} s")
     for n in notes:
         print(n)

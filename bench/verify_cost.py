@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from onspec.engine.runner import ModelRunner, RowSpec
     from onspec.cpu import cpu_flags
     from onspec.models.bf16_linear import compiled_kernel
-    from onspec.models.compute_path import DP_REQUIRES, KERNEL_ENV, REPORTED_FLAGS
+    from onspec.models.compute_path import DP_REQUIRES, KERNEL_ENV
     from onspec.models.loader import load_model
 
     if compiled_kernel() is None:
@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = (["rows x tokens"] + [c for mode in modes for c in (f"{mode} ms", f"x k={k0}")]
                + [f"{v} over pytorch" for v in variants])
     print_table(f"Target forward, {args.model} bf16, {args.threads} threads", columns, table, notes)
-    flags = [f for f in REPORTED_FLAGS if f in cpu_flags()]
-    payload = {"machine": {**machine_info(args.threads), "cpu_flags": flags}, "args": vars(args), "results": results}
+    payload = {"machine": machine_info(args.threads), "args": vars(args), "results": results}
     bars = {f"{rows} rows: ms per forward": {f"{mode} k={k}": ms[(mode, rows, k)]
                                              for k in args.tokens for mode in modes}
             for rows in args.rows}
