@@ -379,12 +379,22 @@ class EagleDrafter(nn.Module):
             return out.transpose(1, 2).reshape(B, L, c.num_heads * c.head_dim)
 
         outs: list[torch.Tensor] = []
+        emb = self.embed(input_ids)
         for i in range(ttt_steps):
-            ids_i = torch.cat((input_ids[:, i:], input_ids.new_zeros(B, min(i, L))), dim=1)[:, :L]
-            prenorm = self._mid(self.embed(ids_i), hidden, (pos + i)[None].expand(B, L), attend)
+            if i:
+                emb, hidden = self._unroll_inputs(i, input_ids, prenorm)
+            prenorm = self._mid(emb, hidden, (pos + i)[None].expand(B, L), attend)
             outs.append(self.logits(prenorm))
-            hidden = prenorm
         return outs
+
+    def _unroll_inputs(self, step: int, input_ids: torch.Tensor, prenorm: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings and features [B, L, H] of unroll step ``step >= 1`` (``prenorm``: step
+        ``step - 1``'s output). EAGLE-3's TTT: the data's token ``t + step`` and the drafter's own previous
+        output. The parallel drafter (spec/parallel_drafter.py) feeds its placeholders here instead."""
+        B, L = input_ids.shape
+        ids = torch.cat((input_ids[:, step:], input_ids.new_zeros(B, min(step, L))), dim=1)[:, :L]
+        return self.embed(ids), prenorm
 
     def forward(self, aux: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None, ttt_steps: int = 1) -> list[torch.Tensor]:
@@ -629,13 +639,17 @@ def _atomic_write(path: Path, write) -> None:
 def save_eagle3(directory: str | Path, drafter: EagleDrafter, layer_id_convention: str = "vllm") -> Path:
     """Write ``config.json`` + ``model.safetensors`` in the EAGLE-3 layout (each file replaced atomically).
     Embeddings are not written: SGLang/vLLM share the target's, as onspec does."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
     missing = set(expected_shapes(drafter.cfg)) ^ set(state)
     if missing:  # a guard against the module and the format drifting apart
         raise RuntimeError(f"drafter state does not match the EAGLE-3 layout: {sorted(missing)}")
-    cfg_json = eagle3_config_dict(drafter.cfg, drafter.dtype, layer_id_convention)
+    return write_checkpoint(directory, state, eagle3_config_dict(drafter.cfg, drafter.dtype, layer_id_convention))
+
+
+def write_checkpoint(directory: str | Path, state: dict[str, torch.Tensor], cfg_json: dict) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each file replaced atomically)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     _atomic_write(d / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"}))
     _atomic_write(d / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(cfg_json, indent=2)))
     return d
@@ -682,11 +696,24 @@ def _config_from_json(raw: dict, arch: ArchConfig, where: Path) -> EagleConfig:
     return cfg
 
 
-def load_eagle3(directory: str | Path, target, dtype: torch.dtype | None = None) -> EagleDrafter:
-    """Load an EAGLE-3 drafter for ``target`` (a ``LoadedModel``), validating everything it relies on:
-    files present and readable, config consistent with the target, every tensor present with its shape
-    and a finite value, d2t a one-to-one map into the target vocabulary, t2d equal to its image.
-    Raises ``DrafterLoadError`` naming the file and the problem.
+@dataclass
+class Eagle3Checkpoint:
+    """A checkpoint directory read and checked by ``read_eagle3``."""
+
+    cfg: EagleConfig
+    raw: dict                         # config.json as written
+    state: dict[str, torch.Tensor]    # the EAGLE-3 tensors (``expected_shapes``), checked
+    extras: dict[str, torch.Tensor]   # the tensors named in ``read_eagle3(extra=...)`` (the caller checks them)
+    config_path: Path
+    weights_path: Path
+
+
+def read_eagle3(directory: str | Path, target, extra: tuple[str, ...] = ()) -> Eagle3Checkpoint:
+    """Read and check an EAGLE-3 checkpoint for ``target`` (a ``LoadedModel``): files present and readable,
+    config consistent with the target, every tensor present with its shape and a finite value, d2t a
+    one-to-one map into the target vocabulary, t2d equal to its image. Tensors named in ``extra`` (e.g. the
+    parallel drafter's ``mask_hidden``) are set aside, any other unknown tensor is an error. Raises
+    ``DrafterLoadError`` naming the file and the problem.
 
     Aux layers: ``onspec_aux_layers`` when present (our own exports), else
     ``eagle_config.eagle_aux_hidden_state_layer_ids`` read in vLLM's convention, else EAGLE-3's default
@@ -717,6 +744,7 @@ def load_eagle3(directory: str | Path, target, dtype: torch.dtype | None = None)
         state["d2t"] = torch.zeros(cfg.vocab_size, dtype=torch.long)      # full vocabulary: identity map
         state["t2d"] = torch.ones(cfg.vocab_size, dtype=torch.bool)
     missing = [k for k in shapes if k not in state]
+    extras = {k: state.pop(k) for k in list(state) if k in extra}
     unexpected = [k for k in state if k not in shapes]
     if missing or unexpected:
         raise DrafterLoadError(f"{w_path}: tensors do not follow the EAGLE-3 layout: missing {missing}, "
@@ -745,12 +773,24 @@ def load_eagle3(directory: str | Path, target, dtype: torch.dtype | None = None)
     if not torch.equal(t2d, expect_t2d):
         raise DrafterLoadError(f"{w_path}: t2d does not mark exactly the target tokens of d2t")
     state["d2t"], state["t2d"] = d2t.long(), t2d
-    drafter = EagleDrafter(cfg)
+    return Eagle3Checkpoint(cfg, raw, state, extras, cfg_path, w_path)
+
+
+def fill_drafter(drafter: EagleDrafter, state: dict[str, torch.Tensor], target,
+                 dtype: torch.dtype | None = None) -> EagleDrafter:
+    """``drafter`` (freshly built for the checkpoint's config) with ``state`` loaded, in ``dtype`` (default:
+    the file's), sharing ``target``'s embeddings, frozen for inference."""
     wdtype = dtype or state["fc.weight"].dtype
     drafter = drafter.to(wdtype)
     drafter.load_state_dict({k: (v.to(wdtype) if v.is_floating_point() else v) for k, v in state.items()})
     drafter.set_embeddings(target.model.embed_tokens)
     return drafter.eval().requires_grad_(False)
+
+
+def load_eagle3(directory: str | Path, target, dtype: torch.dtype | None = None) -> EagleDrafter:
+    """Load an EAGLE-3 drafter for ``target`` (a ``LoadedModel``), checked as ``read_eagle3`` says."""
+    ckpt = read_eagle3(directory, target)
+    return fill_drafter(EagleDrafter(ckpt.cfg), ckpt.state, target, dtype)
 
 
 def config_summary(cfg: EagleConfig) -> dict:
@@ -764,5 +804,6 @@ def config_summary(cfg: EagleConfig) -> dict:
 __all__ = [
     "ACCEPTED_ARCHITECTURES", "DrafterLoadError", "EagleConfig", "EagleDrafter", "build_vocab_maps", "chain_acceptance",
     "config_summary", "day0_token_counts", "default_aux_layers", "eagle3_config_dict", "expected_shapes",
-    "init_drafter", "load_eagle3", "save_eagle3", "ttt_loss", "ttt_valid_mask",
+    "init_drafter", "load_eagle3", "save_eagle3", "ttt_loss", "ttt_valid_mask", "Eagle3Checkpoint", "fill_drafter",
+    "read_eagle3", "write_checkpoint",
 ]
