@@ -147,13 +147,13 @@ def share_override(args) -> dict:
 
 
 def start_learner(engine, root: Path, args, **overrides):
-    from onspec.train.online import OnlineLearning
+    from onspec.train.online import build_online_learning
 
     cfg = dict(versions_dir=str(root), publish_every_steps=20 if args.quick else 40,
                publish_every_seconds=20.0 if args.quick else 45.0, poll_seconds=0.5, heldout_every=6,
                gate_min_positions=32, batch_positions=512, live_window_steps=300, **share_override(args))
     cfg.update(overrides)
-    return OnlineLearning(engine, TrainerConfig(**cfg))
+    return build_online_learning(engine, TrainerConfig(**cfg))
 
 
 def wait_trainer(learner, timeout: float = 180.0) -> None:
@@ -280,7 +280,7 @@ def scenario_shift(loaded, args) -> dict:
             frozen_version = learner.manager.current
     finish_run(online, engine, learner)
     # frozen: the chat-phase version, no trainer, code and math phases
-    from onspec.train.online import OnlineLearning
+    from onspec.train.online import build_online_learning
     from onspec.train.publish import VersionState
 
     frozen = Run("shift-frozen", args.shift_strategy, c)
@@ -288,7 +288,7 @@ def scenario_shift(loaded, args) -> dict:
     st.current = frozen_version
     st.save(tmp / "v")
     engine = make_engine(loaded, args.shift_strategy, args.threads, c, attach=False)
-    learner = OnlineLearning(engine, TrainerConfig(versions_dir=str(tmp / "v"), live_window_steps=10**9),
+    learner = build_online_learning(engine, TrainerConfig(versions_dir=str(tmp / "v"), live_window_steps=10**9),
                              start_trainer=False)
     t0 = time.perf_counter()
     for k, (name, ps) in enumerate(phases[1:], start=1):
@@ -344,7 +344,7 @@ def _phase_acc(run: Run, phase: str) -> float:
 
 def scenario_cost(loaded, texts, args) -> dict:
     """Trainer running (gate closed) against no trainer, the same serving drafter, twice each, alternating."""
-    from onspec.train.online import OnlineLearning
+    from onspec.train.online import build_online_learning
 
     c = args.concurrency[-1]
     results: dict[str, list[float]] = {"trainer": [], "frozen": []}
@@ -354,7 +354,7 @@ def scenario_cost(loaded, texts, args) -> dict:
             engine = make_engine(loaded, "auto", args.threads, c, attach=False)
             cfg = TrainerConfig(versions_dir=str(tmp / "v"), gate_margin=1e9, live_window_steps=10**9,
                                 publish_every_steps=10**6, publish_every_seconds=1e9, **share_override(args))
-            learner = OnlineLearning(engine, cfg, start_trainer=kind == "trainer")
+            learner = build_online_learning(engine, cfg, start_trainer=kind == "trainer")
             if kind == "trainer":
                 wait_trainer(learner)
             run = Run(f"cost-{kind}-{rep}", "auto", c)

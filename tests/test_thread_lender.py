@@ -115,11 +115,11 @@ def test_steps_run_with_lent_threads_are_not_cost_samples() -> None:
 def test_online_learning_tells_speculation_when_the_next_step_runs_lent(two_threads, tiny_llama, tmp_path) -> None:
     from onspec.config import EngineConfig, SpecConfig, TrainerConfig
     from onspec.engine.engine import Engine
-    from onspec.train.online import OnlineLearning
+    from onspec.train.online import build_online_learning
 
     engine = Engine(EngineConfig(model=str(tiny_llama), dtype="float32", num_threads=2, max_model_len=128,
                                  spec=SpecConfig(mode="auto", profile_at_start=False)))
-    ol = OnlineLearning(engine, TrainerConfig(versions_dir=str(tmp_path / "v")), start_trainer=False)
+    ol = build_online_learning(engine, TrainerConfig(versions_dir=str(tmp_path / "v")), start_trainer=False)
     try:
         from onspec.engine.step import StepResult
 

@@ -21,7 +21,7 @@ from onspec.engine.engine import Engine
 from onspec.engine.sampler import SamplingParams
 from onspec.models.loader import load_model
 from onspec.spec.eagle import init_drafter
-from onspec.train.online import OnlineLearning, start_online_learning, trainer_config_from
+from onspec.train.online import build_online_learning, start_online_learning, trainer_config_from
 from onspec.train.publish import Manifest, VersionState, latest_promoted, list_versions, publish_version, version_dir
 
 
@@ -80,8 +80,8 @@ def test_hot_swap_under_load_keeps_greedy_outputs(tmp_path, target) -> None:
     ref = reference(target, ps, 24)
     engine = make_engine(target)
     # short chunks: held-out evidence for the gate exists after the first steps
-    ol = OnlineLearning(engine, cfg_for(tmp_path / "v", gate_margin=-1e9, chunk_positions=8, chunk_context=2),
-                        start_trainer=False)
+    ol = build_online_learning(engine, cfg_for(tmp_path / "v", gate_margin=-1e9, chunk_positions=8, chunk_context=2),
+                              start_trainer=False)
     try:
         assert ol.manager.current == 0 and list_versions(ol.root) == [0]
 
@@ -103,7 +103,7 @@ def test_hot_swap_under_load_keeps_greedy_outputs(tmp_path, target) -> None:
                 ol.poll_now()   # the poller's pass: validate, gate, approve (once held-out evidence exists)
                 if ol.manager.pending is not None:
                     assert ol.manager.current == before         # the swap waits for the step boundary
-                    approved.append((step, ol.manager.pending[0]))
+                    approved.append((step, ol.manager.pending.version))
 
         out = serve(engine, ps, 24, on_step)
         assert out == ref
@@ -120,7 +120,7 @@ def test_corrupt_version_is_rejected_while_serving_goes_on(tmp_path, target) -> 
     ps = prompts(6, seed=1)
     ref = reference(target, ps, 20)
     engine = make_engine(target)
-    ol = OnlineLearning(engine, cfg_for(tmp_path / "v", gate_margin=-1e9), start_trainer=False)
+    ol = build_online_learning(engine, cfg_for(tmp_path / "v", gate_margin=-1e9), start_trainer=False)
     try:
         def on_step(step: int) -> None:
             if step == 2:
@@ -144,8 +144,8 @@ def test_corrupt_version_is_rejected_while_serving_goes_on(tmp_path, target) -> 
 def test_injected_live_regression_is_rolled_back(tmp_path, target) -> None:
     ps = prompts(4, seed=2)
     engine = make_engine(target, max_num_seqs=4)
-    ol = OnlineLearning(engine, cfg_for(tmp_path / "v", live_window_steps=12, rollback_threshold=0.3),
-                        start_trainer=False)
+    ol = build_online_learning(engine, cfg_for(tmp_path / "v", live_window_steps=12, rollback_threshold=0.3),
+                              start_trainer=False)
     real_run = engine.runner.run
     try:
         serve(engine, ps, 30)                                 # version 0's live record
@@ -200,7 +200,7 @@ def test_trainer_death_falls_back_to_suffix_and_restart_resumes(tmp_path, target
     assert latest_promoted(root) == 1
     # A restart (new engine, same versions directory) resumes the latest promoted version.
     engine2 = make_engine(target)
-    ol2 = OnlineLearning(engine2, cfg_for(root), start_trainer=False)
+    ol2 = build_online_learning(engine2, cfg_for(root), start_trainer=False)
     try:
         assert ol2.manager.current == 1
         assert torch.equal(ol2.proposer.drafter.fc.weight.float(),
@@ -221,7 +221,7 @@ def test_resumed_version_brings_its_heldout_estimate_and_the_gate_refreshes_it(t
                     Manifest(version=0, parent=None, kind="warmup", heldout_acceptance=1.3))
     VersionState(current=0, promoted=[0]).save(root)
     engine = make_engine(target)
-    ol = OnlineLearning(engine, cfg_for(root), start_trainer=False)
+    ol = build_online_learning(engine, cfg_for(root), start_trainer=False)
     try:
         assert ol.manager.current == 0
         assert ol.proposer.expected_acceptance == 1.3
@@ -237,7 +237,7 @@ def test_resumed_version_brings_its_heldout_estimate_and_the_gate_refreshes_it(t
         assert ol.proposer.expected_acceptance == 1.7 and ol.manager.expected[0] == 1.7
     finally:
         ol.stop()
-    fresh = OnlineLearning(make_engine(target), cfg_for(tmp_path / "day0"), start_trainer=False)
+    fresh = build_online_learning(make_engine(target), cfg_for(tmp_path / "day0"), start_trainer=False)
     try:
         assert fresh.proposer.expected_acceptance == 1.0
     finally:
@@ -308,7 +308,7 @@ def test_warmup_publishes_a_version_serve_resumes(tmp_path, capsys) -> None:
     assert v is not None and (version_dir(root, v) / "optimizer.pt").is_file()
     target = load_model(str(model_dir), "float32")
     engine = make_engine(target)
-    ol = OnlineLearning(engine, cfg_for(root), start_trainer=False)
+    ol = build_online_learning(engine, cfg_for(root), start_trainer=False)
     try:
         assert ol.manager.current == v
     finally:
@@ -345,7 +345,7 @@ def test_operator_no_ops_are_not_logged_and_a_refused_rollback_names_no_field(tm
     from onspec.server.errors import bad_request
 
     engine = make_engine(target)
-    ol = OnlineLearning(engine, cfg_for(tmp_path / "v"), start_trainer=False)
+    ol = build_online_learning(engine, cfg_for(tmp_path / "v"), start_trainer=False)
     try:
         serving = ol.status()["version"]
         assert ol.promote(serving)["status"] == "already serving"
@@ -386,5 +386,5 @@ def test_corpus_recording_keeps_every_position_of_each_reference_answer(tmp_path
 def test_learning_with_speculation_off_is_refused_before_anything_is_published(tmp_path, target) -> None:
     root = tmp_path / "v"
     with pytest.raises(ValueError, match="needs speculation on"):
-        OnlineLearning(make_engine(target, "off"), cfg_for(root), start_trainer=False)
+        build_online_learning(make_engine(target, "off"), cfg_for(root), start_trainer=False)
     assert list_versions(root) == []

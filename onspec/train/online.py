@@ -1,6 +1,8 @@
 """Online drafter learning for a running engine: ``start_online_learning(engine, cfg) -> OnlineLearning``.
 
-What it wires together (see DESIGN.md, "Learn the speculator from live traffic"):
+``build_online_learning`` assembles the parts in one place; ``OnlineLearning`` runs them.
+
+What it wires together (docs/design.md, the learning loop):
 
 1. the starting drafter: ``--speculator PATH`` (an EAGLE-3 checkpoint: day-1), else the latest promoted
    version in the versions directory (a restart resumes), else a fresh ``init_drafter`` (day-0); it is
@@ -10,8 +12,9 @@ What it wires together (see DESIGN.md, "Learn the speculator from live traffic")
    trainer process through a bounded drop-oldest queue, held-out chunks also kept here for the gate;
 3. the trainer process (:mod:`onspec.train.trainer`), which publishes candidate versions;
 4. a background thread that reads the trainer's messages, notices new version directories, and validates
-   and gates candidates (:class:`~onspec.train.swap.VersionManager`);
-5. an engine step listener, which runs between two steps on the engine thread: it applies approved swaps,
+   and gates candidates, posting its judgements to the :class:`~onspec.train.versions.VersionManager`;
+5. an engine ``on_step`` subscriber, which runs between two steps on the engine thread, the manager's
+   owner: it records the posted judgements and applies approved swaps,
    feeds the live-utility monitor (and rolls back on a regression), tells the trainer whether the engine
    is busy, sweeps traces of aborted requests, and when the trainer has died, falls back to suffix
    drafting (``on_trainer_exit="suffix"``) so serving goes on unchanged.
@@ -28,8 +31,7 @@ import multiprocessing
 import re
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ import torch
 from ..config import TrainerConfig
 from ..engine.events import EngineObserver
 from ..engine.step import StepResult
-from .publish import Manifest, latest_promoted, list_versions, next_version, publish_version, version_dir
+from .publish import Manifest, latest_promoted, list_versions, next_version, publish_version
 
 log = logging.getLogger("onspec.train")
 
@@ -85,120 +87,175 @@ def trainer_config_from(obj) -> TrainerConfig:
     return TrainerConfig(**{k: cast(k, v) for k, v in values.items()})
 
 
-class OnlineLearning:
-    """The running online learner of one engine (see the module docstring)."""
+@dataclass
+class StartingDrafter:
+    """The drafter serving starts with, and where it came from."""
 
-    def __init__(self, engine, cfg: TrainerConfig, start_trainer: bool = True) -> None:
-        from ..spec.eagle import EagleConfig, attach_learned, init_drafter, load_eagle3
-        from .channel import CpuLease, ThreadLender, TraceSender
-        from .swap import CandidateError, VersionManager, load_candidate
-        from .trainer import TrainerLaunch, TrainerProcess
+    drafter: object          # fp32 EagleDrafter
+    version: int
+    origin: str
+    estimate: float | None   # held-out acceptance length it is expected to reach (None: unknown, explored)
+
+
+class EventLog:
+    """The online learner's own events (start, published, fallback ...), newest 200."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+
+    def add(self, kind: str, version, detail: str) -> None:
+        self.items.append({"t": time.time(), "kind": kind, "version": version, "detail": detail})
+        self.items = self.items[-200:]
+        log.info("online learning: %s v%s %s", kind, version, detail)
+
+
+def publish_drafter(root: Path, base_model: str, drafter, kind: str, parent: int | None, note: str = "") -> int:
+    """Publish ``drafter`` as the next version in ``root`` (retrying if another writer took the number)."""
+    from .publish import VersionError
+
+    for _ in range(5):
+        v = next_version(root)
+        try:
+            publish_version(root, drafter, Manifest(version=v, parent=parent, kind=kind, note=note,
+                                                    base_model=base_model))
+            return v
+        except VersionError:
+            continue
+    raise RuntimeError(f"could not publish a version in {root}")
+
+
+def starting_drafter(loaded, cfg: TrainerConfig, root: Path, events: EventLog) -> StartingDrafter:
+    """``--speculator PATH`` (imported: day 1), else the latest promoted version (a restart resumes), else a
+    fresh random drafter (day 0); published as a version if it is not one yet."""
+    from ..spec.eagle import EagleConfig, init_drafter, load_eagle3
+    from .swap import CandidateError, load_candidate
+
+    name = str(loaded.name)
+    if cfg.speculator:
+        drafter = load_eagle3(cfg.speculator, loaded, dtype=torch.float32)  # DrafterLoadError: a ValueError
+        version = publish_drafter(root, name, drafter, "imported", None, note=f"imported from {cfg.speculator}")
+        return StartingDrafter(drafter, version, f"imported {cfg.speculator}", None)
+    if cfg.resume and (v := latest_promoted(root)) is not None:
+        try:
+            drafter, manifest = load_candidate(root, v, loaded)
+            # Its trainer's (or `onspec warmup`'s) held-out figure: until a gate measures it on this traffic,
+            # it decides whether the drafter can pay for its proposals at all.
+            return StartingDrafter(drafter, v, f"resumed version {v}", manifest.heldout_acceptance)
+        except CandidateError as exc:
+            events.add("invalid", v, f"cannot resume: {exc}")
+    drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch), seed=cfg.seed)
+    version = publish_drafter(root, name, drafter, "initial", None, note="day-0 random drafter")
+    return StartingDrafter(drafter, version, "day-0 random drafter", 1.0)  # random: nothing to expect yet
+
+
+def lineage_head(root: Path, state_decisions: list[dict], serving: int) -> int:
+    """Where the trainer continues: the newest version at or after the serving one that no gate or rollback
+    refused (its weights and optimizer state carry the most training)."""
+    refused = {d.get("version") for d in state_decisions if d.get("kind") in ("reject", "invalid", "rollback")}
+    newer = [v for v in list_versions(root) if v >= serving and v not in refused]
+    return max(newer, default=serving)
+
+
+@dataclass
+class OnlineParts:
+    """What ``build_online_learning`` assembles and ``OnlineLearning`` runs."""
+
+    engine: object
+    cfg: TrainerConfig
+    root: Path
+    events: EventLog
+    start: StartingDrafter
+    spec: object                         # the engine's Speculation, with the learned drafter
+    manager: object                      # VersionManager
+    trainer: object | None               # TrainerProcess (None: no trainer process)
+    sender: object | None                # TraceSender into the trainer's queue
+    lender: object                       # ThreadLender
+    poll_lease: object                   # CpuLease of the poller's gate evaluations
+
+
+def build_online_learning(engine, cfg: TrainerConfig, start_trainer: bool = True) -> OnlineLearning:
+    """Assemble online drafter learning for ``engine`` and start it (see the module docstring)."""
+    from ..spec.eagle import attach_learned
+    from .channel import CpuLease, ThreadLender, TraceSender
+    from .trainer import TrainerLaunch, TrainerProcess
+    from .versions import VersionManager
+
+    # Refuse before anything is loaded or published (a day-0 start would write a version first).
+    spec_cfg = engine.spec.cfg if engine.spec is not None else engine.cfg.spec
+    if spec_cfg.mode == "off":
+        raise ValueError("speculation: online drafter learning needs speculation on (not 'off')")
+    root = Path(cfg.versions_dir) if cfg.versions_dir else default_versions_dir(engine.loaded)
+    root.mkdir(parents=True, exist_ok=True)
+    loaded = engine.loaded
+    events = EventLog()
+    start = starting_drafter(loaded, cfg, root, events)
+    events.add("start", start.version, start.origin)
+    # the engine's other event subscribers stay subscribed; estimate None (imported): unknown, so explored
+    serve_dtype = loaded.model.embed_tokens.weight.dtype
+    spec = attach_learned(engine, spec_cfg, start.drafter.to_dtype(serve_dtype), expected_acceptance=start.estimate)
+    manager = VersionManager(root, cfg, loaded, spec.proposers["learned"], start.version, start.drafter, serve_dtype)
+    trainer = sender = None
+    if start_trainer:
+        launch = TrainerLaunch(cfg=cfg, model_path=str(loaded.path), model_dtype=engine.cfg.dtype,
+                               versions_dir=str(root),
+                               start_version=lineage_head(root, manager.state.decisions, start.version),
+                               base_model=str(loaded.name))
+        trainer = TrainerProcess(launch)
+        sender = TraceSender(trainer.traces_q, cfg.queue_chunks)
+    # Cores for work beside the engine's steps (the trainer process; this process's gate evaluations):
+    # lent between two steps rather than fought over (channel.ThreadLender says why).
+    lender = ThreadLender(lend=cfg.trainer_threads)
+    if trainer is not None:
+        lender.add(trainer.lease)
+    poll_lease = lender.add(CpuLease(multiprocessing.get_context("spawn")))
+    return OnlineLearning(OnlineParts(engine, cfg, root, events, start, spec, manager, trainer, sender, lender,
+                                      poll_lease))
+
+
+class OnlineLearning(EngineObserver):
+    """The running online learner of one engine (see the module docstring); ``build_online_learning``
+    assembles it. Subscribed to the engine's ``on_step`` event."""
+
+    def __init__(self, parts: OnlineParts) -> None:
         from .traces import TraceRecorder, attach_recorder
 
-        # Refuse before anything is loaded or published (a day-0 start would write a version first).
-        old = engine.spec
-        spec_cfg = old.cfg if old is not None else engine.cfg.spec
-        if spec_cfg.mode == "off":
-            raise ValueError("speculation: online drafter learning needs speculation on (not 'off')")
-        self.engine = engine
-        self.cfg = cfg
-        self.root = Path(cfg.versions_dir) if cfg.versions_dir else default_versions_dir(engine.loaded)
-        self.root.mkdir(parents=True, exist_ok=True)
-        loaded = engine.loaded
-        self.events: list[dict] = []
+        engine = self.engine = parts.engine
+        self.cfg = cfg = parts.cfg
+        self.root = parts.root
+        self.log = parts.events
+        self.spec = parts.spec
+        self.proposer = parts.spec.proposers["learned"]
+        self.manager = parts.manager
+        self.trainer = parts.trainer
+        self.sender = parts.sender
+        self.lender = parts.lender
+        self.poll_lease = parts.poll_lease
         self.trainer_info: dict = {}
         self.trainer_error: str | None = None
         self.fallback = False
         self._stopped = False
-
-        # 1. the starting drafter
-        drafter, version, origin = None, None, ""
-        estimate: float | None = None  # held-out acceptance length the starting drafter is expected to reach
-        if cfg.speculator:
-            drafter = load_eagle3(cfg.speculator, loaded, dtype=torch.float32)  # DrafterLoadError: a ValueError
-            version = self._publish(drafter, "imported", None, note=f"imported from {cfg.speculator}")
-            origin = f"imported {cfg.speculator}"
-        elif cfg.resume and (v := latest_promoted(self.root)) is not None:
-            try:
-                drafter, manifest = load_candidate(self.root, v, loaded)
-                version, origin = v, f"resumed version {v}"
-                # Its trainer's (or `onspec warmup`'s) held-out figure: until a gate measures it on this
-                # traffic, it decides whether the drafter can pay for its proposals at all.
-                estimate = manifest.heldout_acceptance
-            except CandidateError as exc:
-                self._event("invalid", v, f"cannot resume: {exc}")
-        if drafter is None:
-            drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch), seed=cfg.seed)
-            version = self._publish(drafter, "initial", None, note="day-0 random drafter")
-            origin = "day-0 random drafter"
-            estimate = 1.0  # random weights: nothing to expect until a gate measures more
-        self._event("start", version, origin)
-
-        # 2. speculation with the learned drafter (the engine's other event subscribers stay subscribed)
-        serve_dtype = loaded.model.embed_tokens.weight.dtype
-        # estimate None (imported): unknown, so explored
-        spec = attach_learned(engine, spec_cfg, drafter.to_dtype(serve_dtype), expected_acceptance=estimate)
-        self.spec = spec
-        self.proposer = spec.proposers["learned"]
-        self.manager = VersionManager(self.root, cfg, loaded, self.proposer, version, drafter, serve_dtype)
-
-        # 3. traces -> trainer process
-        self.trainer: TrainerProcess | None = None
-        if start_trainer:
-            launch = TrainerLaunch(cfg=cfg, model_path=str(loaded.path), model_dtype=engine.cfg.dtype,
-                                   versions_dir=str(self.root), start_version=self._lineage_head(version),
-                                   base_model=str(loaded.name))
-            self.trainer = TrainerProcess(launch)
-            self.sender = TraceSender(self.trainer.traces_q, cfg.queue_chunks)
-        else:
-            self.sender = None
-        # Cores for work beside the engine's steps (the trainer process; this process's gate evaluations):
-        # lent between two steps rather than fought over (channel.ThreadLender says why).
-        self.lender = ThreadLender(lend=cfg.trainer_threads)
-        if self.trainer is not None:
-            self.lender.add(self.trainer.lease)
-        self.poll_lease = self.lender.add(CpuLease(multiprocessing.get_context("spawn")))
         self._last_step_t = 0.0
         self.recorder = TraceRecorder(cfg, self._sink)
         self._detach_recorder = attach_recorder(engine, self.recorder)
         if self.trainer is not None:
             self.trainer.start()
-
-        # 4./5. background poller and step listener; versions newer than the serving one (e.g. a final
-        # candidate saved at the last shutdown) are judged like fresh candidates
-        self._seen = {v for v in list_versions(self.root) if v <= version}
+        # the poller and the step subscriber; versions newer than the serving one (e.g. a final candidate
+        # saved at the last shutdown) are judged like fresh candidates
+        self._seen = {v for v in list_versions(self.root) if v <= parts.start.version}
         self._todo: list[int] = []
         self._stop = threading.Event()
         self._last_generated = engine.counters.generated_tokens
-        self._last_draft = spec.draft_seconds
+        self._last_draft = self.spec.draft_seconds
         self._steps = 0
-        self._observer = _StepObserver(self._on_step)
-        engine.events.subscribe(self._observer)
+        engine.events.subscribe(self)
         self._thread = threading.Thread(target=self._poll, name="onspec-online", daemon=True)
         self._thread.start()
 
+    @property
+    def events(self) -> list[dict]:
+        return self.log.items
+
     # ---- plumbing ----------------------------------------------------------------------------------
-    def _lineage_head(self, serving: int) -> int:
-        """Where the trainer continues: the newest version at or after the serving one that no gate or
-        rollback refused (its weights and optimizer state carry the most training)."""
-        refused = {d.get("version") for d in self.manager.state.decisions
-                   if d.get("kind") in ("reject", "invalid", "rollback")}
-        newer = [v for v in list_versions(self.root) if v >= serving and v not in refused]
-        return max(newer, default=serving)
-
-    def _publish(self, drafter, kind: str, parent: int | None, note: str = "") -> int:
-        from .publish import VersionError
-
-        for _ in range(5):
-            v = next_version(self.root)
-            try:
-                publish_version(self.root, drafter, Manifest(version=v, parent=parent, kind=kind, note=note,
-                                                             base_model=str(self.engine.loaded.name)))
-                return v
-            except VersionError:
-                continue
-        raise RuntimeError(f"could not publish a version in {self.root}")
-
     def _sink(self, chunk) -> None:
         if chunk.heldout:
             self.manager.window.add(chunk)
@@ -206,11 +263,9 @@ class OnlineLearning:
             self.sender(chunk)
 
     def _event(self, kind: str, version, detail: str) -> None:
-        self.events.append({"t": time.time(), "kind": kind, "version": version, "detail": detail})
-        self.events = self.events[-200:]
-        log.info("online learning: %s v%s %s", kind, version, detail)
+        self.log.add(kind, version, detail)
 
-    def _on_step(self, result: StepResult) -> None:
+    def on_step(self, result: StepResult) -> None:
         """Engine thread, between two steps."""
         engine = self.engine
         now_gen = engine.counters.generated_tokens
@@ -234,6 +289,7 @@ class OnlineLearning:
             batch = result.num_decode
             off = self.spec.controller.cost.cost(batch, "plain") if self.spec.controller.cost.table else None
             self.manager.observe_step(batch, tokens, result.seconds + draft, off)
+        self.manager.take_results()  # what the poller judged since the last step
         if self.manager.apply_pending():
             self._event("swap", self.manager.current, "swapped between two steps")
         if self._steps % 64 == 0:
@@ -283,12 +339,15 @@ class OnlineLearning:
                 self._todo.append(v)
         if (self._todo or self.manager.has_retry()) and not self._stopped:
             # Loading, checksumming and judging a candidate is CPU work beside the engine's steps.
+            # It only judges: the engine thread records the judgements (VersionManager.take_results).
             with self.poll_lease.borrow(self._engine_idle, stop=self._stop):
                 torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP count = the lowered one
                 while self._todo and not self._stopped:
-                    self.manager.consider(self._todo.pop(0))
+                    v = self._todo.pop(0)
+                    if not self.manager.is_decided(v):
+                        self.manager.post(self.manager.judge(v))
                 if self.manager.has_retry() and not self._stopped:
-                    self.manager.retry_waiting()
+                    self.manager.post(self.manager.judge(self.manager.newest_waiting()))
 
     def _engine_idle(self) -> bool:
         from .channel import NOT_STEPPING_AFTER
@@ -298,6 +357,7 @@ class OnlineLearning:
     # ---- the handle ----------------------------------------------------------------------------------
     def status(self) -> dict:
         m = self.manager
+        m.take_results()
         live = m.monitor.summary()
         gates = [{"t": d.t, "kind": d.kind, "version": d.version, "detail": d.detail, **d.figures}
                  for d in m.decisions if d.kind in ("promote", "reject", "invalid", "rollback", "manual-promote",
@@ -330,14 +390,11 @@ class OnlineLearning:
     def rollback(self) -> dict:
         return self.manager.rollback()
 
-    def publish_now(self) -> None:
-        """Ask the trainer to publish its current weights now (tests, benchmarks)."""
-        if self.trainer is not None:
-            self.trainer.send({"type": "publish"})
-
     def poll_now(self) -> None:
-        """Run one poller pass on the calling thread (tests, benchmarks)."""
+        """Run one poller pass on the calling thread, the engine's (tests, benchmarks), and record its
+        judgements."""
         self._poll_once()
+        self.manager.take_results()
 
     def stop(self, save: bool = True) -> None:
         if self._stopped:
@@ -357,20 +414,12 @@ class OnlineLearning:
         if self.sender is not None:
             self.sender.close()
         self._detach_recorder()
-        self.engine.events.unsubscribe(self._observer)
+        self.engine.events.unsubscribe(self)
         self.lender.release()
         self.spec.threads_lent = False
         self.manager.state.save(self.root)
 
 
-class _StepObserver(EngineObserver):
-    """The online learner's subscription to the engine's ``on_step`` event."""
-
-    def __init__(self, on_step: Callable[[StepResult], None]) -> None:
-        self.on_step = on_step
-
-
 def start_online_learning(engine, args_or_config=None, start_trainer: bool = True) -> OnlineLearning:
     """Start online drafter learning on ``engine`` (before its serving loop starts, or between steps)."""
-    cfg = trainer_config_from(args_or_config)
-    return OnlineLearning(engine, cfg, start_trainer=start_trainer)
+    return build_online_learning(engine, trainer_config_from(args_or_config), start_trainer=start_trainer)
