@@ -32,8 +32,8 @@ def policy(name: str, chunk: int = 0, group_size: int = 2, max_tokens: int = 16)
 
 
 def run(name: str, lengths=LENGTHS, workers: int = 2, capacity: int = 1, cost=UNIT, chunk: int = 0,
-        acceptance: Acceptance | None = None, prompt_tokens: int = 4):
-    cluster = Cluster(workers=workers, capacity=capacity, prompt_tokens=prompt_tokens)
+        acceptance: Acceptance | None = None, prompt_tokens: int = 4, prefix_reuse: bool = True):
+    cluster = Cluster(workers=workers, capacity=capacity, prompt_tokens=prompt_tokens, prefix_reuse=prefix_reuse)
     return simulate(policy(name, chunk, len(lengths[0])), cluster, lengths, cost, acceptance or Acceptance())
 
 
@@ -67,15 +67,27 @@ def test_divided_rollout_two_workers() -> None:
     assert r.reprefill_tokens == (4 + 2) + (4 + 4) + (4 + 2) + (4 + 4) + (4 + 6)
 
 
-def test_divided_rollout_pays_for_reprefill() -> None:
+def test_divided_rollout_pays_for_reprefill_unless_the_slot_kept_it() -> None:
     # one response of 4 tokens, prompt 4, step = 1 + 0.25 * tokens. Undivided: prefill 4 (2 s, token 1) and
-    # three 1-token steps (1.25 s each) = 5.75. Chunks of 2: prefill 4 (2) + 1 step (1.25), then the
-    # continuation re-prefills 6 tokens (2.5, token 3) + 1 step (1.25) = 7.0
+    # three 1-token steps (1.25 s each) = 5.75. Chunks of 2 without prefix reuse: prefill 4 (2) + 1 step
+    # (1.25), then the continuation re-prefills 6 tokens (2.5, token 3) + 1 step (1.25) = 7.0. With prefix
+    # reuse it comes back to the slot holding its 6 tokens and computes only the last (1.25): 5.75 again
     cost = LinearCost(fixed=1.0, per_token=0.25)
     assert run("fifo", [[4]], workers=1, cost=cost).makespan == pytest.approx(5.75)
-    divided = run("fifo+divided", [[4]], workers=1, cost=cost, chunk=2)
+    divided = run("fifo+divided", [[4]], workers=1, cost=cost, chunk=2, prefix_reuse=False)
     assert divided.makespan == pytest.approx(7.0)
-    assert divided.reprefill_tokens == 6
+    assert divided.reprefill_tokens == 6 and divided.prefill_tokens == 4 + 6
+    reused = run("fifo+divided", [[4]], workers=1, cost=cost, chunk=2)
+    assert reused.makespan == pytest.approx(5.75) and reused.prefill_tokens == 4 + 1
+
+
+def test_a_later_sibling_reuses_the_prompt_rows_a_finished_one_left() -> None:
+    # two 3-token siblings through one slot, step = 1 + 0.5 * tokens: the first prefills the 4-token prompt
+    # (3 s) and decodes twice (1.5 s each); the second finds the prompt in the freed slot and computes only
+    # its last token (1.5 s), then decodes twice: 6 + 4.5. Without reuse it prefills all 4 again: 6 + 6
+    cost = LinearCost(fixed=1.0, per_token=0.5)
+    assert run("fifo", [[3, 3]], workers=1, cost=cost).makespan == pytest.approx(10.5)
+    assert run("fifo", [[3, 3]], workers=1, cost=cost, prefix_reuse=False).makespan == pytest.approx(12.0)
 
 
 def test_grouped_drafting_commits_more_per_step() -> None:
@@ -244,3 +256,29 @@ def test_cli_writes_jsonl_summary_and_plot(tmp_path, capsys) -> None:
     assert summary["sources"]["cost"].startswith("linear model") and summary["lengths_at_largest_n"]["p50"] == 6
     assert (out / "curves.png").stat().st_size > 0
     assert "simulated rollout" in capsys.readouterr().out
+
+
+def test_adaptive_budget_drafts_longer_when_it_pays() -> None:
+    # grouped = 2 tokens at draft 1 means every drafted token is accepted (p = 1): at a flat step cost a
+    # budget of up to 4 commits 5 tokens per step. 9 tokens: prefill (1), then 8 in 2 steps, not 4
+    acc = Acceptance(suffix=1.5, grouped=2.0, draft=1, max_draft=4)
+    assert acc.budgets(True) == [0, 1, 2, 4] and acc.budgets(False) == [0]
+    fixed = run("seer+grouped", [[9]], workers=1, acceptance=Acceptance(suffix=1.5, grouped=2.0, draft=1))
+    adaptive = run("seer+grouped", [[9]], workers=1, acceptance=acc)
+    assert fixed.makespan == pytest.approx(1 + 4) and adaptive.makespan == pytest.approx(1 + 2)
+
+
+def test_acceptance_recorded_from_an_rl_run(tmp_path) -> None:
+    from onspec.rl.simulate.workload import parse_acceptance
+
+    run_dir = tmp_path / "rl"
+    run_dir.mkdir()
+    rows = [{"acceptance_by_strategy": {"suffix": 1.4, "off": 1.0}}, {"acceptance_by_strategy": {"suffix": 1.6}},
+            {"acceptance_by_strategy": {"off": 1.0}}]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (run_dir / "config.json").write_text(json.dumps({"rollout": {"grouped_drafting": False}}))
+    acc = parse_acceptance("grouped=1.9,draft=3", str(run_dir / "metrics.jsonl"))
+    assert acc.suffix == pytest.approx(1.5) and acc.grouped == 1.9 and acc.draft == 3
+    assert "mean of 2 steps" in acc.source
+    with pytest.raises(ValueError, match="at most draft"):
+        parse_acceptance("grouped=9,draft=3")

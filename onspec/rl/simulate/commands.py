@@ -31,9 +31,10 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--model", default="default", help="model for --cost measure")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch threads for --cost measure (0: torch's default)")
-    p.add_argument("--accept", default="", metavar="suffix=,grouped=,draft=",
-                   help="tokens committed per drafting step by strategy, tokens drafted per row "
-                        "(default: suffix=1.3,grouped=1.8,draft=4)")
+    p.add_argument("--accept", default="", metavar="suffix=,grouped=,draft=,max_draft=",
+                   help="tokens committed per drafting step by strategy at `draft` tokens drafted per row; "
+                        "max_draft > draft lets each step pick a longer budget where it pays "
+                        "(default: suffix=1.2,grouped=1.5,draft=4,max_draft=0)")
     p.add_argument("--accept-from", default="", metavar="METRICS_JSONL",
                    help="take the acceptance of the strategy an `onspec rl` run used from its metrics.jsonl")
     p.add_argument("--group-size", "-G", type=int, default=defaults.group_size, help="responses per prompt")
@@ -45,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--max-running", type=int, default=defaults.capacity, help="concurrent chunks per worker")
     p.add_argument("--prompt-tokens", type=int, default=defaults.prompt_tokens)
     p.add_argument("--prefill-budget", type=int, default=defaults.prefill_budget, help="prefill tokens per step")
+    p.add_argument("--max-num-seqs", type=int, default=defaults.slots,
+                   help="engine slots per worker (free ones keep released rows for prefix reuse)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="every chunk prefills its whole context (as without the engine's prefix reuse)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="directory for metrics.jsonl and summary.json (and curves.png)")
     p.add_argument("--plot", action="store_true", help="write curves.png into --out")
@@ -56,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
                        prompts_per_worker=0 if args.prompts else args.prompts_per_worker, prompts=args.prompts,
                        group_size=args.group_size, max_tokens=args.max_tokens, chunk_tokens=args.chunk_tokens,
                        capacity=args.max_running, prompt_tokens=args.prompt_tokens,
-                       prefill_budget=args.prefill_budget, seed=args.seed)
+                       prefill_budget=args.prefill_budget, slots=args.max_num_seqs,
+                       prefix_reuse=not args.no_prefix_reuse, seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -101,10 +101,15 @@ def load_cost_table(path: str | Path) -> TableCost:
     return TableCost(tables=tables, source=str(raw["source"]))
 
 
-def measure_cost(model: str = "default", dtype: str = "float32", threads: int = 0,
-                 max_num_seqs: int = 64) -> TableCost:
-    """onspec's start-up cost profile (``profile_costs``) on this machine: an engine with speculation
-    attached times decoding and verification forwards of 1..32 rows."""
+def measure_cost(model: str = "default", dtype: str = "float32", threads: int = 0, max_num_seqs: int = 64,
+                 context: int = 128, repeats: int = 2, live_steps: int = 4,
+                 rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> TableCost:
+    """onspec's cost profile on this machine, as the speculation controller builds it: ``profile_costs``
+    times bare decoding and verification forwards of ``rows`` rows over ``context`` cached tokens each;
+    then ``live_steps`` whole engine steps per row count (requests decoding, sampling and bookkeeping
+    included) are observed as live steps, which replace the profile where both measured and scale the
+    rest (``StepCostModel.prior_scale``). Bare forwards alone under-price a step: a live step also pays
+    for scheduling, sampling and cache work around the forward."""
     import os
     import platform
 
@@ -112,19 +117,51 @@ def measure_cost(model: str = "default", dtype: str = "float32", threads: int = 
 
     from ...config import EngineConfig, SpecConfig
     from ...engine.engine import Engine
-    from ...spec.controller import attach_speculation
+    from ...spec.controller import attach_speculation, profile_costs
 
     if threads:
         torch.set_num_threads(threads)
     cfg = EngineConfig(model=model, dtype=dtype, max_num_seqs=max_num_seqs, num_threads=threads,
-                       spec=SpecConfig(mode="auto"))
+                       spec=SpecConfig(mode="auto", profile_at_start=False))
     engine = Engine(cfg)
     spec = attach_speculation(engine, cfg.spec)
+    profile_costs(engine, spec.controller, rows=rows, context=context, repeats=repeats)
     cost = spec.controller.cost
-    tables = {k: {b: cost.tables[k][b] for b in sorted(cost.tables[k])} for k in KINDS}
+    if live_steps:
+        _observe_live_steps(engine, cost, rows, context, live_steps)
+    # the curve the controller reads (live where measured, scaled profile elsewhere), at each bucket's size
+    tables = {k: {round(cost.sizes[k][b]): cost.cost(round(cost.sizes[k][b]), k) for b in sorted(cost.tables[k])}
+              for k in KINDS}
     source = (f"onspec profile_costs on this machine: model {model}, {dtype}, {torch.get_num_threads()} threads, "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+              f"{context} cached tokens per row, {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores")
     return TableCost(tables=tables, source=source)
+
+
+def _observe_live_steps(engine, cost, rows: tuple[int, ...], context: int, steps: int) -> None:
+    """Time ``steps`` plain decoding engine steps at each row count (``ignore_eos`` keeps every row)."""
+    import time
+
+    from ...engine.sampler import SamplingParams
+
+    engine.spec = None  # plain steps: the controller would otherwise draft (and time) them itself
+    prompt = [100 + i % 1000 for i in range(context)]
+    for b in rows:
+        if b > engine.cfg.max_num_seqs:
+            break
+        rids = [f"cost-probe-{b}-{i}" for i in range(b)]
+        params = SamplingParams(temperature=0.0, max_tokens=steps + 4, ignore_eos=True)
+        for rid in rids:
+            engine.add_request(rid, prompt, params)
+        seqs = [engine.requests[rid][0] for rid in rids]
+        while any(not s.output_ids for s in seqs):  # prefill (and the first token)
+            engine.step()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            cost.observe(b, time.perf_counter() - t0, "plain")
+        for rid in rids:
+            engine.abort(rid)
 
 
 def parse_cost(spec: str, model: str = "default", dtype: str = "float32", threads: int = 0) -> StepCost:

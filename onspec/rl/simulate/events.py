@@ -11,12 +11,14 @@ generated so far for a continuation chunk: our engine keeps no KV between chunks
 prefill budget (the engine's chunked prefill), and the step's seconds come from the ``StepCost`` of the
 step's rows and tokens. Chunks of one group submitted with the prompt as context prefill it once
 (``share_prefill``, like ``Engine.add_siblings``: the others copy its cache rows once it has prefilled and
-compute only the last prompt token). A drafting row commits ``Acceptance.tokens_per_step``
-tokens per step (grouped drafting where the chunk carries its group id, as ``ChunkRunner`` gives it to the
-engine) and verifies ``1 + draft`` tokens; a step drafts only where that gives more tokens per second
-than plain decoding at its cost, the speculation controller's marginal-benefit rule in its simplest form
-(Seer's adaptive grouped speculative decoding, arXiv 2511.14617, drafts the same way: less at large
-batches).
+compute only the last prompt token). With prefix reuse (the engine's default) a released chunk's rows stay
+in its free slot until the slot is needed, so a continuation chunk that comes back to the same worker, or a
+sibling that starts there later, computes only what the slot does not hold; a chunk that moves re-prefills. A drafting row verifies ``1 + d`` tokens and commits what its
+strategy's acceptance gives at budget ``d`` (grouped drafting where the chunk carries its group id, as
+``ChunkRunner`` gives it to the engine). Each step takes the budget (0: plain decoding) with the most
+tokens per second at its cost, the speculation controller's marginal-benefit rule in its simplest form:
+no drafting where verification costs more than it returns (large batches on a CPU), longer drafts where
+rows are few (Seer's adaptive grouped speculative decoding, arXiv 2511.14617).
 
 Time advances by events, not by steps: between two events a worker's rows and its step cost do not
 change, so a block of ``k`` identical steps (up to the first chunk that ends) is one event. A chunk that
@@ -31,9 +33,9 @@ from dataclasses import dataclass, field
 
 from .. import rollout
 from .cost import StepCost
-from .workload import Acceptance
+from .workload import Acceptance, expected_tokens
 
-EPS = 1e-9
+EPS = 1e-6  # tolerance on token counts and step counts (expected tokens are floats)
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,16 @@ class Cluster:
     capacity: int = 32
     prompt_tokens: int = 128
     prefill_budget: int = 512        # prefill tokens per step (EngineConfig.max_num_batched_tokens)
+    slots: int = 64                  # engine slots (EngineConfig.max_num_seqs); free ones keep released rows
+    prefix_reuse: bool = True        # EngineConfig.prefix_reuse: a chunk starts from rows a free slot holds
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers: must be >= 1 (got {self.workers})")
         if self.capacity < 1 or self.prompt_tokens < 1 or self.prefill_budget < 1:
             raise ValueError("capacity, prompt_tokens and prefill_budget must be >= 1")
+        if self.slots < self.capacity:
+            raise ValueError(f"slots ({self.slots}) must be >= capacity ({self.capacity})")
 
 
 @dataclass(frozen=True)
@@ -89,11 +95,20 @@ class _Row:
     target: int                      # tokens this chunk produces
     budget: int                      # the chunk's max_tokens
     reason: str                      # finish reason once ``target`` is reached
-    rate: float                      # tokens per step when drafting
+    accept: float                    # per-token draft acceptance (0: not drafting)
     prefill: int                     # context tokens still to compute (0: decoding)
     family: tuple | None             # share_prefill family (first chunks of one group)
     leader: _Row | None = None       # the sibling that prefills the shared prompt (wait for it)
+    context: int = 0                 # the chunk's context tokens (prompt + generated before it)
     produced: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Retained:
+    """The rows a released chunk left in its (now free) slot: its group's prompt, then its own tokens."""
+
+    key: tuple[int, int]
+    tokens: int
 
 
 @dataclass
@@ -134,6 +149,7 @@ class SimWorker:
         self.acceptance = acceptance
         self.lengths = lengths
         self.rows: list[_Row] = []
+        self.retained: list[_Retained] = []   # least recently released first
         self.block: _Block | None = None
         self.version = 0
         self.usage = _Usage()
@@ -154,10 +170,11 @@ class SimWorker:
             reason = "stop" if ends and self.lengths[w.key] < cfg.max_tokens else "length"
             family = (w.key[0],) if cfg.share_prefill and w.chunk == 0 else None
             leader = leaders.get(family) if family is not None else None
+            reused = self._take_slot(w.key if leader is None else None, len(w.prompt_ids))
             # a sibling copies the leader's first P - 1 cache rows and computes the last prompt token itself
-            prefill = 1 if leader is not None else len(w.prompt_ids)
-            rate = self.acceptance.tokens_per_step(self.policy.speculation, w.group_id is not None)
-            row = _Row(w.key, target, w.max_tokens, reason, rate, prefill, family, leader)
+            prefill = 1 if leader is not None else len(w.prompt_ids) - reused
+            accept = self.acceptance.per_token(self.policy.speculation, w.group_id is not None)
+            row = _Row(w.key, target, w.max_tokens, reason, accept, prefill, family, leader, len(w.prompt_ids))
             if family is not None and leader is None:
                 leaders[family] = row
             self.rows.append(row)
@@ -171,6 +188,27 @@ class SimWorker:
             self.version += 1
             return True
         return False
+
+    def _take_slot(self, key: tuple[int, int] | None, context: int) -> int:
+        """Allocate a slot for a chunk of ``context`` tokens; the cache rows it finds there (prefix reuse,
+        as the engine's scheduler picks: the free slot sharing the longest prefix, at most ``context - 1``
+        rows; else a blank slot; else the least recently released one, whose rows are lost)."""
+        if not self.cluster.prefix_reuse:
+            return 0
+        best, best_len = None, 0
+        for entry in self.retained if key is not None else ():
+            if entry.key[0] != key[0]:
+                continue  # another prompt (a shared chat-template head is not modelled)
+            n = min(entry.tokens, context) if entry.key == key else self.cluster.prompt_tokens
+            n = min(n, context - 1)
+            if n > best_len:
+                best, best_len = entry, n
+        if best is not None:
+            self.retained.remove(best)
+            return best_len
+        if len(self.rows) + len(self.retained) >= self.cluster.slots and self.retained:
+            self.retained.pop(0)
+        return 0
 
     def next_event(self) -> float | None:
         return self.block.end if self.block is not None else None
@@ -192,13 +230,15 @@ class SimWorker:
             room -= take
         pre = sum(prefill.values())
         rows = len(decoding) + len(prefill)
-        plain = self.cost.seconds(rows, len(decoding) + pre)
-        seconds, drafting = plain, False
-        if decoding and self.policy.speculation:
-            drafted = self.cost.seconds(rows, len(decoding) * (1 + self.acceptance.draft) + pre)
-            if sum(r.rate for r in decoding) / drafted > len(decoding) / plain:
-                seconds, drafting = drafted, True
-        advance = {id(r): (r.rate if drafting else 1.0) for r in decoding}
+        best = (-1.0, 0, 0.0)  # (tokens per second, budget, seconds)
+        for d in self.acceptance.budgets(self.policy.speculation and bool(decoding)):
+            secs = self.cost.seconds(rows, len(decoding) * (1 + d) + pre)
+            rate = sum(expected_tokens(r.accept, d) for r in decoding) / secs
+            if rate > best[0] * (1 + EPS):  # a larger budget must pay strictly
+                best = (rate, d, secs)
+        _, draft, seconds = best
+        drafting = draft > 0
+        advance = {id(r): expected_tokens(r.accept, draft) for r in decoding}
         steps = 1
         if not prefill:  # a pure decoding block: up to the step where the first chunk ends
             steps = max(1, min(math.ceil((r.target - r.produced) / advance[id(r)] - EPS) for r in decoding))
@@ -225,6 +265,8 @@ class SimWorker:
             if r.prefill == 0 and r.produced >= r.target - EPS:
                 done.append(rollout.ChunkResult(r.key, [0] * r.target, r.reason, r.budget))
                 u.generated += r.target
+                if self.cluster.prefix_reuse:
+                    self.retained.append(_Retained(r.key, r.context + r.target))
             else:
                 keep.append(r)
         self.rows = keep

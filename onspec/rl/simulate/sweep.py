@@ -48,6 +48,8 @@ class SweepConfig:
     capacity: int = 16
     prompt_tokens: int = 128
     prefill_budget: int = 512
+    slots: int = 64
+    prefix_reuse: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -92,7 +94,8 @@ def run_sweep(cfg: SweepConfig, workload: Workload, cost: StepCost, acceptance: 
         lengths = workload.sample(cfg.groups(n), cfg.group_size, cfg.max_tokens, cfg.seed + n)
         sweep.lengths[n] = lengths
         cluster = Cluster(workers=n, capacity=cfg.capacity, prompt_tokens=cfg.prompt_tokens,
-                          prefill_budget=cfg.prefill_budget)
+                          prefill_budget=cfg.prefill_budget, slots=max(cfg.slots, cfg.capacity),
+                          prefix_reuse=cfg.prefix_reuse)
         for policy in policies:
             sweep.results.append(simulate(policy, cluster, lengths, cost, acceptance))
             if progress is not None:

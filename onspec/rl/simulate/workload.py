@@ -9,7 +9,7 @@ distribution's quantile function, so ``group`` is the share of (normal-score) va
 
 Acceptance is tokens committed per drafting step per row, by strategy: ``suffix`` (each response drafts
 from its own text and the global store) and ``grouped`` (siblings share a suffix tree, Seer's grouped
-drafting); ``draft`` is tokens drafted per row per drafting step (what verification costs). Recorded
+drafting) at ``draft`` tokens drafted per row per step (what verification costs). Recorded
 values come from an ``onspec rl`` run's ``metrics.jsonl`` (``acceptance_by_strategy``).
 """
 
@@ -165,11 +165,20 @@ def load_recorded(path: str) -> Workload:
 
 @dataclass(frozen=True)
 class Acceptance:
-    """Tokens committed per drafting step per row, by strategy, and tokens drafted per row per step."""
+    """Tokens committed per drafting step per row, by strategy, when ``draft`` tokens are drafted per row.
 
-    suffix: float = 1.3
-    grouped: float = 1.8
+    Each is turned into a per-token acceptance probability ``p`` (a chain draft commits
+    ``1 + p + ... + p^d`` tokens in expectation), so a step can price other budgets: with ``max_draft >
+    draft`` the step picks its budget among 0, ``draft`` and the powers of two up to ``max_draft``, the
+    one with the most tokens per second at its cost, as Seer's adaptive grouped speculative decoding
+    drafts longer when few rows are left (arXiv 2511.14617); ``max_draft = 0`` keeps it at ``draft``."""
+
+    # grouped: about what onspec's grouped suffix drafter commits per drafting step in its RL bench
+    # (bench/results/rl.json, config c: 1.57; rl_long.json: 1.48); suffix alone: assumed lower
+    suffix: float = 1.2
+    grouped: float = 1.5
     draft: int = 4
+    max_draft: int = 0
     source: str = "defaults"
 
     def __post_init__(self) -> None:
@@ -177,16 +186,43 @@ class Acceptance:
             raise ValueError("acceptance: tokens per step must be >= 1")
         if self.draft < 1 or max(self.suffix, self.grouped) > self.draft + 1:
             raise ValueError("acceptance: draft must be >= 1 and a step commits at most draft + 1 tokens")
+        if self.max_draft and self.max_draft < self.draft:
+            raise ValueError("acceptance: max_draft must be 0 (fixed budget) or >= draft")
 
-    def tokens_per_step(self, speculation: bool, grouped: bool) -> float:
+    def per_token(self, speculation: bool, grouped: bool) -> float:
+        """The per-token acceptance probability of a row's strategy (0: no speculation)."""
         if not speculation:
+            return 0.0
+        target = self.grouped if grouped else self.suffix
+        if target >= self.draft + 1:
             return 1.0
-        return self.grouped if grouped else self.suffix
+        lo, hi = 0.0, 1.0
+        for _ in range(60):  # expected_tokens is increasing in p
+            mid = 0.5 * (lo + hi)
+            if expected_tokens(mid, self.draft) < target:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
+
+    def budgets(self, speculation: bool) -> list[int]:
+        """Draft budgets a step may choose from."""
+        if not speculation:
+            return [0]
+        top = self.max_draft
+        return sorted({0, self.draft} | {1 << k for k in range(top.bit_length()) if 1 << k <= top})
+
+
+def expected_tokens(p: float, draft: int) -> float:
+    """Tokens a step commits for a row drafting a chain of ``draft`` tokens, each accepted with ``p``."""
+    if p >= 1.0:
+        return draft + 1.0
+    return (1.0 - p ** (draft + 1)) / (1.0 - p)
 
 
 def parse_acceptance(spec: str, recorded: str = "") -> Acceptance:
     """``suffix=1.3,grouped=1.8,draft=4``; ``recorded`` (a metrics.jsonl) replaces the strategy its run used."""
-    values = parse_params(spec, {"suffix", "grouped", "draft"}, "acceptance")
+    values = parse_params(spec, {"suffix", "grouped", "draft", "max_draft"}, "acceptance")
     source = f"given: {spec}" if spec else "defaults"
     if recorded:
         p = Path(recorded)
@@ -206,5 +242,5 @@ def parse_acceptance(spec: str, recorded: str = "") -> Acceptance:
             grouped = bool(json.loads(config.read_text()).get("rollout", {}).get("grouped_drafting", True))
         values["grouped" if grouped else "suffix"] = sum(seen) / len(seen)
         source = f"recorded: {p} ({'grouped' if grouped else 'suffix'}, mean of {len(seen)} steps)"
-    draft = int(values.pop("draft", 4))
-    return Acceptance(**values, draft=draft, source=source)
+    draft, max_draft = int(values.pop("draft", 4)), int(values.pop("max_draft", 0))
+    return Acceptance(**values, draft=draft, max_draft=max_draft, source=source)
