@@ -24,7 +24,7 @@ def _check(cond: bool, field_name: str, message: str) -> None:
         raise ConfigError(field_name, message)
 
 
-SPECULATION_MODES = ("auto", "off", "suffix", "learned", "hybrid")
+SPECULATION_MODES = ("auto", "off", "suffix", "learned", "hybrid", "parallel")
 SPECULATION_OBJECTIVES = ("auto", "throughput", "makespan")
 
 

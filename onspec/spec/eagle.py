@@ -72,7 +72,7 @@ from .eagle_model import (  # noqa: F401  (re-exported: the public API lives her
 )
 from ..engine.step import Prefill, StepResult
 from .proposer import Proposer
-from .tree import DraftTree
+from .tree import DraftTree, merge_trees
 
 
 @dataclass
@@ -331,14 +331,20 @@ class EagleProposer(Proposer):
         if not active:
             return {}
         with torch.inference_mode():
-            root_hidden, root_logits = self._catch_up(active)
-            trees = self._tree(active, root_hidden, root_logits)
+            trees = self._draft(active)
         self.stats.proposals += 1
         self.stats.seqs += len(active)
         self.stats.nodes += sum(t.num_draft for t in trees.values())
         self.stats.seconds += time.perf_counter() - t0
         self._cache = (self._epoch, {s.seq_id: budgets.get(s.seq_id, 0) for s in seqs}, trees)
         return trees
+
+    def _draft(self, active: list) -> dict[int, DraftTree]:
+        """The trees of the sequences that can draft (``(seq, state, budget)`` each): catch the drafter cache
+        up to the root, then grow the tree depth by depth. The parallel proposer drafts every depth in one
+        forward instead (spec/parallel_proposer.py)."""
+        root_hidden, root_logits = self._catch_up(active)
+        return self._tree(active, root_hidden, root_logits)
 
     def propose_cached(self, seqs: list, budgets: dict[int, int]) -> dict[int, DraftTree]:
         """``propose``, reusing this step's result when it was already computed for these sequences and
@@ -368,7 +374,6 @@ class EagleProposer(Proposer):
         Returns the root position's prenorm output [B, H] and draft logits [B, Vd]."""
         d = self.drafter
         c = d.cfg
-        kvh, D = c.num_kv_heads, c.head_dim
         B = len(active)
         pend = [st.n_aux - st.n_kv for _, st, _ in active]
         T, P = max(pend), max(st.n_kv for _, st, _ in active)
@@ -380,14 +385,7 @@ class EagleProposer(Proposer):
             tokens[b, :n] = torch.tensor(seq.tokens[p0:p0 + n])
             positions[b, :n] = torch.arange(p0, p0 + n)
             aux[b, :n] = st.aux[p0 - 1:p0 - 1 + n]
-        past_k = past_v = None
-        if P > 0:
-            past_k = torch.zeros(B, kvh, P, D, dtype=d.dtype)
-            past_v = torch.zeros(B, kvh, P, D, dtype=d.dtype)
-            for b, (_, st, _) in enumerate(active):
-                if st.n_kv:
-                    past_k[b, :, :st.n_kv] = st.k[:, :st.n_kv]
-                    past_v[b, :, :st.n_kv] = st.v[:, :st.n_kv]
+        past_k, past_v = self._past_kv(active, P)
         mask = None
         if B > 1 or T > 1:
             mask = torch.zeros(B, T, P + T, dtype=torch.bool)
@@ -402,6 +400,27 @@ class EagleProposer(Proposer):
         self.stats.catch_up_tokens += sum(pend)
         last = torch.tensor([n - 1 for n in pend])
         root_hidden = prenorm[torch.arange(B), last]
+        self._cache_rows(active, pend, k_new, v_new)
+        return root_hidden, d.logits(root_hidden)
+
+    def _past_kv(self, active: list, P: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The sequences' cached drafter rows as one zero-padded batch [B, kvh, P, D] each (None if P = 0)."""
+        if P == 0:
+            return None, None
+        d = self.drafter
+        past_k = torch.zeros(len(active), d.cfg.num_kv_heads, P, d.cfg.head_dim, dtype=d.dtype)
+        past_v = torch.zeros_like(past_k)
+        for b, (_, st, _) in enumerate(active):
+            if st.n_kv:
+                past_k[b, :, :st.n_kv] = st.k[:, :st.n_kv]
+                past_v[b, :, :st.n_kv] = st.v[:, :st.n_kv]
+        return past_k, past_v
+
+    def _cache_rows(self, active: list, pend: list[int], k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Keep the keys/values of each sequence's first ``pend[b]`` new rows (positions ``n_kv + 1 ..
+        n_aux``): its cache then covers every processed token."""
+        d = self.drafter
+        kvh, D = d.cfg.num_kv_heads, d.cfg.head_dim
         for b, (_, st, _) in enumerate(active):
             n, lo = pend[b], st.n_kv
             st.k = _grow(st.k, lo + n, 1, lambda cap: torch.zeros(kvh, cap, D, dtype=d.dtype))
@@ -409,7 +428,6 @@ class EagleProposer(Proposer):
             st.k[:, lo:lo + n] = k_new[b, :, :n]
             st.v[:, lo:lo + n] = v_new[b, :, :n]
             st.n_kv = st.n_aux
-        return root_hidden, d.logits(root_hidden)
 
     def _tree(self, active: list, root_hidden: torch.Tensor, root_logits: torch.Tensor) -> dict[int, DraftTree]:
         """EAGLE-2 expansion for all active sequences at once (one drafter forward per depth).
@@ -520,38 +538,6 @@ class EagleProposer(Proposer):
 # ------------------------------------------------------------------------------------------------
 
 
-def merge_trees(trees: list[DraftTree], max_nodes: int, source: str = "hybrid") -> DraftTree:
-    """Union of draft trees with the same root, nodes matched by token path; a shared node keeps the larger
-    path probability (so scores stay conditional probabilities <= 1); then the ``max_nodes`` best nodes.
-
-    ``child_dists`` are dropped: every child becomes a point-mass proposal, which the verifier accepts
-    losslessly whatever the proposals are (i.i.d. sampling semantics would not survive a union)."""
-    trees = [t for t in trees if t is not None]
-    if not trees:
-        raise ValueError("merge_trees: no trees")
-    root = trees[0].tokens[0]
-    tokens, parents, path = [root], [-1], [1.0]
-    index: dict[tuple[int, int], int] = {}
-    for tree in trees:
-        if tree.tokens[0] != root:
-            continue  # a tree for another context cannot be merged
-        ps = tree.path_scores()
-        where = [0] * len(tree)
-        for i in range(1, len(tree)):
-            key = (where[tree.parents[i]], tree.tokens[i])
-            j = index.get(key)
-            if j is None:
-                j = index[key] = len(tokens)
-                tokens.append(tree.tokens[i])
-                parents.append(key[0])
-                path.append(ps[i])
-            else:
-                path[j] = max(path[j], ps[i])
-            where[i] = j
-    scores = [1.0] + [path[i] / path[parents[i]] if path[parents[i]] > 0 else 0.0 for i in range(1, len(tokens))]
-    return DraftTree(tokens, parents, scores, source=source).prune(max_nodes + 1)
-
-
 class HybridProposer(Proposer):
     """Learned tree merged with the suffix tree of the same sequence (``source="hybrid"``), asking the learned
     drafter only where the suffix tree is not already confident.
@@ -604,7 +590,7 @@ class HybridProposer(Proposer):
             sid = seq.seq_id
             parts = [t for t in (learned.get(sid), suffix.get(sid)) if t is not None and t.num_draft]
             if parts and budgets.get(sid, 0) > 0:
-                out[sid] = merge_trees(parts, budgets[sid])
+                out[sid] = merge_trees(parts, budgets[sid], "hybrid")
         return out
 
 

@@ -210,9 +210,13 @@ class EagleDrafter(nn.Module):
         """Target token id of each draft id, [draft_vocab] int64."""
         return torch.arange(self.cfg.draft_vocab_size, device=self.d2t.device) + self.d2t
 
+    def blank(self) -> "EagleDrafter":
+        """A new drafter of the same shape and kind (weights uninitialised, no embeddings)."""
+        return EagleDrafter(self.cfg)
+
     def to_dtype(self, dtype: torch.dtype) -> "EagleDrafter":
         """A copy in ``dtype`` sharing the embeddings (``deepcopy`` would copy the target's embedding too)."""
-        out = EagleDrafter(self.cfg)
+        out = self.blank()
         out.load_state_dict(self.state_dict())
         out = out.to(dtype)
         out.embed_weight = self.embed_weight
@@ -381,10 +385,10 @@ class EagleDrafter(nn.Module):
         outs: list[torch.Tensor] = []
         emb = self.embed(input_ids)
         for i in range(ttt_steps):
-            if i:
-                emb, hidden = self._unroll_inputs(i, input_ids, prenorm)
             prenorm = self._mid(emb, hidden, (pos + i)[None].expand(B, L), attend)
             outs.append(self.logits(prenorm))
+            if i + 1 < ttt_steps:
+                emb, hidden = self._unroll_inputs(i + 1, input_ids, prenorm)
         return outs
 
     def _unroll_inputs(self, step: int, input_ids: torch.Tensor, prenorm: torch.Tensor

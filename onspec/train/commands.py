@@ -7,7 +7,8 @@ is an EAGLE-3 checkpoint).
 
 export-speculator: copies a version (default: the latest promoted, else the first one; with no versions
 at all, a fresh day-0 drafter for the model) to ``--out`` as ``config.json`` + ``model.safetensors`` (+ the
-manifest), ready for SGLang / vLLM EAGLE-3 loaders.
+manifest), ready for SGLang / vLLM EAGLE-3 loaders. With ``--parallel DEPTHS`` it writes that head as a
+parallel drafter instead (vLLM's P-EAGLE layout, spec/parallel_checkpoint.py; ``load_parallel`` reads it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     if name == "export-speculator":
         p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
         p.add_argument("--version", type=int, default=None, help="version number (default: latest promoted)")
+        p.add_argument("--parallel", type=int, default=0, metavar="DEPTHS",
+                       help="write a parallel drafter (P-EAGLE layout: the EAGLE-3 tensors plus mask_hidden and "
+                            "the parallel-drafting fields, for vLLM's parallel_drafting) drafting DEPTHS tokens "
+                            "per forward, its layers copied from the version and its mask vector fresh; 0: the "
+                            "version as it is")
     if name == "warmup":
         p.add_argument("--prompts", type=int, default=100, help="how many warm-up prompts to answer (max 100)")
         p.add_argument("--samples", type=int, default=1,
@@ -74,6 +80,8 @@ def _export(args: argparse.Namespace) -> int:
 
         loaded = load_model(args.model, args.dtype)
         root = _root(args, loaded)
+    if args.parallel:
+        return _export_parallel(args, root, loaded)
     if list_versions(root):
         try:
             version, path = export_version(root, out, args.version)
@@ -94,6 +102,44 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError(f"out: {out} exists and is not empty")
     save_eagle3(out, init_drafter(loaded, EagleConfig.for_target(loaded.arch)))
     print(f"no versions in {root}: exported a fresh day-0 drafter to {out}")
+    return 0
+
+
+def _export_parallel(args: argparse.Namespace, root: Path, loaded) -> int:
+    """``export-speculator --parallel DEPTHS``: the chosen version's (or a day-0) EAGLE-3 head as a parallel
+    drafter (spec/parallel_drafter.py ``from_eagle``) in the layout of spec/parallel_checkpoint.py."""
+    import tempfile
+
+    import torch
+
+    from ..spec.eagle import EagleConfig, init_drafter, load_eagle3
+    from ..spec.parallel_checkpoint import save_parallel
+    from ..spec.parallel_drafter import ParallelConfig, from_eagle
+    from .publish import VersionError, export_version, list_versions
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"out: {out} exists and is not empty")
+    parallel = ParallelConfig(depths=args.parallel)
+    if loaded is None:
+        from ..models.loader import load_model
+
+        loaded = load_model(args.model, args.dtype)
+    if list_versions(root):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                version, path = export_version(root, Path(tmp) / "v", args.version)   # chosen and verified
+            except VersionError as exc:
+                raise ValueError(str(exc)) from None
+            head = load_eagle3(path, loaded, torch.float32)
+        source = f"version {version} from {root}"
+    elif args.version is not None:
+        raise ValueError(f"version: no versions in {root}")
+    else:
+        head = init_drafter(loaded, EagleConfig.for_target(loaded.arch))
+        source = f"a fresh day-0 head (no versions in {root})"
+    save_parallel(out, from_eagle(head, parallel))
+    print(f"exported a parallel drafter ({parallel.depths} depths per forward) built on {source} to {out}")
     return 0
 
 

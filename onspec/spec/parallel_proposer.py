@@ -1,0 +1,100 @@
+"""The parallel drafter as a proposer (strategy ``"parallel"``): one drafter forward per proposal.
+
+``ParallelProposer`` is the EAGLE-3 proposer (spec/eagle.py) with its drafting replaced: it keeps the same
+per-sequence aux rows and drafter KV cache (so prefix reuse, shared prompts, swaps and the engine's events
+work as they do for the learned strategy), but where the sequential proposer catches the cache up and then
+runs one forward per tree depth, it runs ONE forward over the uncached context rows plus the rows of
+depths 2..k (P-EAGLE, arXiv 2602.01469; spec/parallel_drafter.py) and builds each tree best-first from the
+k distributions (``tree_from_depths``). The context rows' keys/values are cached as usual; the depth rows'
+are dropped (they stand for tokens not drafted yet).
+
+Trees are point-mass proposals, so verification stays lossless whatever the drafter proposes. The
+cost-aware depth of the sequential proposer (``price_depth``) does not apply: every depth costs the same
+one forward, and the controller's plan keeps only the nodes that pay.
+
+``attach_parallel(engine, spec_cfg, drafter)`` wires it into an engine next to the suffix drafter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .eagle import EagleProposer
+from .parallel_drafter import PARALLEL_SOURCE, ParallelDrafter, ParallelInput, tree_from_depths
+from .tree import DraftTree
+
+
+class ParallelProposer(EagleProposer):
+    """See the module docstring. ``topk``: children per node (each depth's top tokens)."""
+
+    name = PARALLEL_SOURCE
+
+    def __init__(self, drafter: ParallelDrafter, topk: int = 4, dtype: torch.dtype | None = None) -> None:
+        super().__init__(drafter, topk=topk, max_depth=drafter.depths, dtype=dtype)
+        self.drafter: ParallelDrafter
+
+    def swap(self, drafter: ParallelDrafter, expected_acceptance: float | None = None) -> None:
+        self.max_depth = drafter.depths
+        super().swap(drafter, expected_acceptance)
+
+    # ---- the one forward -------------------------------------------------------------------------
+    def parallel_input(self, active: list) -> ParallelInput:
+        """The forward's inputs for ``(seq, state, budget)`` rows whose roots are pending.
+
+        Sequence b has ``pend = n_aux - n_kv`` uncached context rows (drafter positions ``n_kv + 1 .. n_aux``;
+        the last pairs the newest aux row with the root: depth 1), then depths ``2..k`` at positions
+        ``n_aux + 1 .. n_aux + k - 1`` (anchor ``n_aux - 1`` plus the depth): so row r sits at ``n_kv + 1 + r``
+        whatever it is. Attention: every row sees the sequence's cached rows and the rows before it (causal),
+        so depth d sees the context and depths < d; padding rows after them see themselves too."""
+        d = self.drafter
+        k = d.depths
+        B = len(active)
+        past = torch.tensor([st.n_kv for _, st, _ in active])
+        pend = torch.tensor([st.n_aux - st.n_kv for _, st, _ in active])
+        P, R = int(past.max()), int(pend.max()) + k - 1
+        r = torch.arange(R)
+        tokens = torch.full((B, R), d.parallel.mask_token_id, dtype=torch.long)
+        aux = d.mask_hidden.detach().expand(B, R, -1).clone()
+        for b, (seq, st, _) in enumerate(active):
+            lo, n = st.n_kv, int(pend[b])
+            tokens[b, :n] = torch.tensor(seq.tokens[lo + 1:lo + 1 + n])
+            aux[b, :n] = st.aux[lo:lo + n].to(aux.dtype)
+        used = r[None, :] < (pend + k - 1)[:, None]                                    # [B, R] not padding
+        new = ((r[None, :] <= r[:, None])[None] & used[:, None, :]) | torch.eye(R, dtype=torch.bool)[None]
+        old = (torch.arange(P)[None, None, :] < past[:, None, None]).expand(B, R, P)
+        past_k, past_v = self._past_kv(active, P)
+        return ParallelInput(tokens=tokens, aux=aux, positions=past[:, None] + 1 + r[None, :],
+                             mask=torch.cat((old, new), dim=-1),
+                             depth_rows=(pend - 1)[:, None] + torch.arange(k)[None, :],
+                             past_k=past_k, past_v=past_v)
+
+    def _draft(self, active: list) -> dict[int, DraftTree]:
+        d = self.drafter
+        inp = self.parallel_input(active)
+        out = d.draft_parallel(inp)
+        self.stats.forwards += 1
+        pend = [st.n_aux - st.n_kv for _, st, _ in active]
+        self.stats.catch_up_tokens += sum(pend)
+        self._cache_rows(active, pend, out.k, out.v)
+        val, idx = torch.log_softmax(out.logits.float(), dim=-1).topk(min(self.topk, d.cfg.draft_vocab_size), dim=-1)
+        vals, tids = val.tolist(), d.draft_ids[idx].tolist()                          # [B][k][topk]
+        return {seq.seq_id: tree_from_depths(seq.tokens[-1], vals[b], tids[b], budget)
+                for b, (seq, _, budget) in enumerate(active)}
+
+
+def attach_parallel(engine, spec_cfg, drafter: ParallelDrafter, topk: int = 4, dtype: torch.dtype | None = None,
+                    expected_acceptance: float | None = None):
+    """Give ``engine`` speculation with the suffix and parallel strategies; returns the ``Speculation``.
+    The drafter runs in ``dtype``, by default the engine's (as ``attach_learned`` does)."""
+    from ..models.loader import DTYPES
+    from .controller import attach_speculation
+
+    if dtype is None:
+        dtype = DTYPES.get(engine.cfg.dtype, drafter.dtype)
+    proposer = ParallelProposer(drafter, topk=topk, dtype=dtype)
+    proposer.attach(engine)
+    proposer.expected_acceptance = expected_acceptance
+    return attach_speculation(engine, spec_cfg, extra={PARALLEL_SOURCE: proposer})
+
+
+__all__ = ["ParallelProposer", "attach_parallel"]
