@@ -346,7 +346,7 @@ def test_auth_enforced_on_every_route_that_needs_it(server):
     ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"n": 0}, "n"), ({"n": True}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**9}, "max_tokens"),
     ({"top_k": -5}, "top_k"), ({"stop": [""]}, "stop"), ({"logprobs": 50}, "logprobs"), ({"seed": -3}, "seed"),
-    ({"presence_penalty": 1.0}, "presence_penalty"), ({"prompt": []}, "prompt"), ({"prompt": [10**7]}, "prompt"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"prompt": []}, "prompt"), ({"prompt": [10**7]}, "prompt"),
     ({"prompt": "x " * 5000}, "prompt"), ({"echo": True}, "echo"), ({"model": None}, "model"),
 ])
 def test_invalid_parameters_are_400_naming_the_field(server, patch, param):

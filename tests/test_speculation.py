@@ -334,8 +334,11 @@ SAMPLING = {
 }
 
 
-def target_tables(lm: LoadedModel, params: SamplingParams) -> dict[tuple[int, ...], torch.Tensor]:
-    """Exact processed next-token distribution after PROMPT + ctx, for every ctx of length 0..2."""
+def target_tables(lm: LoadedModel, params: SamplingParams,
+                  adjust: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor] | None = None
+                  ) -> dict[tuple[int, ...], torch.Tensor]:
+    """Exact processed next-token distribution after PROMPT + ctx, for every ctx of length 0..2; ``adjust``
+    maps a row of raw logits [1, V] and its ctx to the row sampling processes (penalties, bias)."""
     kv = KVCache(lm.arch, 1, 32, torch.float32)
     from onspec.engine.runner import ModelRunner
 
@@ -345,6 +348,8 @@ def target_tables(lm: LoadedModel, params: SamplingParams) -> dict[tuple[int, ..
     for ctx in ctxs:
         ids = PROMPT + list(ctx)
         logits = runner.run([RowSpec(0, 0, ids, logits_from=len(ids) - 1)]).logits[0]
+        if adjust is not None:
+            logits = adjust(logits, ctx)
         tables[ctx] = process_logits(logits, params)[0].double()
     return tables
 
@@ -430,9 +435,10 @@ def chisq_pvalue(observed: torch.Tensor, probs: torch.Tensor, min_expected: floa
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
-def sampled_triples(lm: LoadedModel, params: SamplingParams, drafter, n_trials: int
+def sampled_triples(lm: LoadedModel, params: SamplingParams, drafter, n_trials: int, seeded: bool = True
                     ) -> tuple[torch.Tensor, Engine]:
-    """Counts [V, V, V] of the first three tokens of n_trials seeded requests of PROMPT (and the engine)."""
+    """Counts [V, V, V] of the first three tokens of n_trials requests of PROMPT (and the engine); ``seeded``:
+    each request has its own seed (the exponential race), otherwise none (rejection sampling)."""
     spec = SpecConfig(mode="learned" if drafter else "off", profile_at_start=False, off_batch_size=10_000,
                       max_batch_draft_tokens=100_000, max_draft_tokens=16)
     eng = engine_for(lm, spec, FORCE if drafter else None, {"learned": drafter} if drafter else None,
@@ -442,7 +448,7 @@ def sampled_triples(lm: LoadedModel, params: SamplingParams, drafter, n_trials: 
     for start in range(0, n_trials, batch):
         rids = []
         for i in range(start, min(n_trials, start + batch)):
-            p = SamplingParams(**{**params.__dict__, "seed": 10_000 + i})
+            p = SamplingParams(**{**params.__dict__, "seed": 10_000 + i if seeded else None})
             eng.add_request(f"t{i}", PROMPT, p)
             rids.append(f"t{i}")
         while eng.has_unfinished():

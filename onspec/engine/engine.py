@@ -37,6 +37,7 @@ from ..spec.tree import DraftTree
 from ..spec.verify import verify_tree
 from .events import EngineEvents
 from .kv_cache import KVCache
+from .penalties import LogitContext, adjust_logits
 from .runner import ModelRunner, RowSpec
 from .sampler import SamplingParams, process_logits, race_noise, sample, seeded_sample, token_logprobs
 from .scheduler import Scheduler
@@ -155,6 +156,13 @@ class Engine:
                 raise ValueError(f"request_id {rid!r} is already in use")
         return ids
 
+    def _check_vocab(self, params: SamplingParams) -> None:
+        """A ValueError naming ``logit_bias`` when it biases a token id outside the model's vocabulary."""
+        vocab = self.loaded.arch.vocab_size
+        bad = [t for t in params.logit_bias if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
     def _add_seq(self, seq: Sequence) -> Sequence:
         seq.seq_id = next(self._ids)
         if seq.params.seed is None and seq.generator is None:
@@ -168,6 +176,7 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     priority: int = 0, group: str | None = None) -> list[Sequence]:
         ids = self._checked_prompt(prompt, [request_id])
+        self._check_vocab(params)
         group = group or (request_id if params.n > 1 else None)
         seqs: list[Sequence] = []
         for i in range(params.n):
@@ -202,6 +211,8 @@ class Engine:
         if len(priorities) != len(request_ids):
             raise ValueError("add_siblings: need one priority per request id")
         ids = self._checked_prompt(prompt, list(request_ids))
+        for p in params:
+            self._check_vocab(p)
         siblings: list[Sequence] = []
         if join is not None:
             if join.siblings is None or join.prompt_ids != ids:
@@ -330,7 +341,7 @@ class Engine:
         self.events.prefill(prefill)
 
     def _verify(self, v: VerifyInput) -> tuple[list[int], int]:
-        seq, tree, logits = v.seq, v.tree, v.logits
+        seq, tree, logits = v.seq, v.tree, self._adjusted(v.seq, v.logits, v.tree)
         if seq.params.greedy:
             if len(tree) == 1:
                 return [0], int(logits[0].argmax())
@@ -348,7 +359,17 @@ class Engine:
             return [0], sample(probs[0], seq.generator)
         return verify_tree(tree, probs, greedy=False, generator=seq.generator)
 
+    def _adjusted(self, seq: Sequence, logits: torch.Tensor, tree: DraftTree | None) -> torch.Tensor:
+        """The rows with the request's bias, min_tokens and penalties applied, each for its own tree path
+        (penalties.py); the rows themselves when the request sets none of them."""
+        p = seq.params
+        if not p.adjusts_logits:
+            return logits
+        stops = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
+        return adjust_logits(logits, p, LogitContext(seq.prompt_ids, seq.output_ids, stops, tree))
+
     def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> int:
+        logits = self._adjusted(seq, logits[None], None)[0]
         if seq.params.greedy:
             return int(logits.argmax())
         probs = process_logits(logits[None], seq.params)[0]
@@ -385,7 +406,7 @@ class Engine:
             reason = None
             if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
                 reason = "stop"
-            elif p.stop:
+            elif p.stop and seq.num_output >= p.min_tokens:  # vLLM: no stop before min_tokens
                 text = self._decode(seq)
                 # Only the tail can hold a new match: search from where the previous text could end one.
                 start = max(0, len(seq.text) - max(len(s) for s in p.stop))

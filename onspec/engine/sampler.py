@@ -11,6 +11,7 @@ Seeded requests sample by an exponential race on noise keyed by (seed, output po
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,10 +32,17 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None          # number of top alternatives to return per token (0 = only the chosen)
+    # Logit adjustments (engine/penalties.py), applied before temperature and the truncations above:
+    presence_penalty: float = 0.0        # OpenAI: minus this for every token already in the output
+    frequency_penalty: float = 0.0       # OpenAI: minus this times the token's count in the output
+    repetition_penalty: float = 1.0      # vLLM/HF: tokens of prompt + output: positive logits / r, negative * r
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    min_tokens: int = 0                  # EOS and stop_token_ids are masked until this many tokens were generated
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.logit_bias = _checked_logit_bias(self.logit_bias)
         checks = [
             (isinstance(self.n, int) and 1 <= self.n <= 128, "n", "must be an integer in [1, 128]"),
             (self.temperature >= 0, "temperature", "must be >= 0"),
@@ -44,6 +52,12 @@ class SamplingParams:
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (_real_in(self.presence_penalty, -2, 2), "presence_penalty", "must be a number in [-2, 2]"),
+            (_real_in(self.frequency_penalty, -2, 2), "frequency_penalty", "must be a number in [-2, 2]"),
+            (_real_in(self.repetition_penalty, 0, math.inf) and self.repetition_penalty > 0, "repetition_penalty",
+             "must be a finite number > 0 (1 is off)"),
+            (_int_in(self.min_tokens, 0, self.max_tokens), "min_tokens",
+             f"must be an integer in [0, max_tokens] (max_tokens is {self.max_tokens})"),
         ]
         for ok, name, msg in checks:
             if not ok:
@@ -52,6 +66,43 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any penalty, bias or min_tokens is set (otherwise the logits go straight to sampling)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
+
+
+def _real_in(x: object, lo: float, hi: float) -> bool:
+    """A finite real number (not a bool) in [lo, hi]."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and lo <= x <= hi
+
+
+def _int_in(x: object, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def _checked_logit_bias(bias: object) -> dict[int, float]:
+    """``logit_bias`` as {token id: bias}, or a ValueError naming it. Keys may be ints or the decimal strings
+    of the OpenAI API (JSON object keys are strings); whether an id is inside the model's vocabulary is checked
+    by the engine, which knows it."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise ValueError("logit_bias: must be a mapping from token id to bias")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and key.isascii() and key.isdecimal():
+            tid = int(key)
+        elif _int_in(key, 0, 2**63):
+            tid = key
+        else:
+            raise ValueError(f"logit_bias: key {key!r} is not a token id (a non-negative integer)")
+        if not _real_in(value, -100, 100):
+            raise ValueError(f"logit_bias: the bias of token {tid} must be a number in [-100, 100], got {value!r}")
+        out[tid] = float(value)
+    return out
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The OpenAI wire format: request models (pydantic, strict) and the JSON shapes of responses and chunks.
 
 Requests are validated strictly (no ``"3"`` for an integer, no ``true`` for a number, no NaN) with the
-OpenAI ranges, so a bad field is a 400 naming it before anything reaches the engine. Parameters we accept
-but do not implement (penalties, logit_bias, tools, json response formats, echo, best_of != n) are refused
-with a 400 naming the field when set to anything but their neutral value, rather than silently ignored.
+OpenAI ranges, so a bad field is a 400 naming it before anything reaches the engine (a ``logit_bias`` token
+id outside the vocabulary is named by the engine, which knows the vocabulary). Parameters we accept but do
+not implement (tools, json response formats, echo, best_of != n) are refused with a 400 naming the field
+when set to anything but their neutral value, rather than silently ignored.
 Unknown fields are ignored, as OpenAI-compatible servers usually do.
 
 Responses are built as plain dicts (one per SSE chunk is cheaper than a pydantic model) in exactly the
@@ -71,19 +72,14 @@ class _Sampling(_Base):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
     user: str | None = None
     # onspec extensions (vLLM spells them the same way)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     priority: int = Field(0, ge=-1000, le=1000)
-
-    def check_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name}: not supported by this server (use 0 or leave it out)", name)
-        if self.logit_bias:
-            raise APIError(400, "logit_bias: not supported by this server", "logit_bias")
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int = Field(0, ge=0)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -95,14 +91,16 @@ class _Sampling(_Base):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's parameters; ``max_tokens=None`` means "the rest of the context" (the bridge caps it)."""
-        self.check_unsupported()
         try:
             return SamplingParams(
                 n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
                 min_p=self.min_p or 0.0, seed=self.seed, max_tokens=max_tokens or 2**31,
                 stop=self.stops(), stop_token_ids=list(self.stop_token_ids or []),
-                ignore_eos=self.ignore_eos, logprobs=logprobs)
+                ignore_eos=self.ignore_eos, logprobs=logprobs,
+                presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                logit_bias=dict(self.logit_bias or {}), min_tokens=self.min_tokens)
         except ValueError as exc:
             field = str(exc).partition(":")[0]
             raise APIError(400, str(exc), field) from None
