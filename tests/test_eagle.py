@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import chisq_pvalue
 from onspec.config import ConfigError, EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
 from onspec.engine.kv_cache import KVCache
@@ -52,19 +53,6 @@ PROMPTS = [[5, 17, 99, 3, 250, 41], [300, 12, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 # ------------------------------------------------------------------------------------------------
 # helpers and fixtures
 # ------------------------------------------------------------------------------------------------
-
-
-def chisq_pvalue(observed: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
-    """Pearson chi-square p-value, pooling cells with expected count < min_expected (see test_verify.py)."""
-    observed = observed.double().flatten()
-    expected = probs.double().flatten() * observed.sum()
-    small = expected < min_expected
-    if small.any():
-        observed = torch.cat([observed[~small], observed[small].sum(0, keepdim=True)])
-        expected = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
-    stat = ((observed - expected) ** 2 / expected).sum()
-    df = observed.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
 @pytest.fixture(scope="module")
@@ -525,13 +513,13 @@ def test_batched_propose_equals_single_and_swap_rebuilds(tiny, cfg, trained) -> 
 def test_merge_trees_union_and_hybrid() -> None:
     a = DraftTree(tokens=[9, 1, 2, 3], parents=[-1, 0, 1, 0], scores=[1, 0.5, 0.5, 0.2], source="learned")
     b = DraftTree(tokens=[9, 1, 4], parents=[-1, 0, 1], scores=[1, 0.9, 0.9], source="suffix")
-    m = merge_trees([a, b], 10)
+    m = merge_trees([a, b], 10, "hybrid")
     paths = {tuple(m.tokens[j] for j in m.path(i)) for i in range(len(m))}
     assert paths == {(9,), (9, 1), (9, 1, 2), (9, 3), (9, 1, 4)}
     cum = dict(zip((tuple(m.tokens[j] for j in m.path(i)) for i in range(len(m))), m.path_scores()))
     assert cum[(9, 1)] == pytest.approx(0.9) and cum[(9, 1, 2)] == pytest.approx(0.25)
     assert cum[(9, 1, 4)] == pytest.approx(0.81) and m.source == "hybrid"
-    assert merge_trees([a, b], 2).num_draft == 2
+    assert merge_trees([a, b], 2, "hybrid").num_draft == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import random
 import pytest
 import torch
 
+from helpers import lossy_verify_tree
 from onspec import LLM
 from onspec.config import SpecConfig
 from onspec.engine import sampler as sampler_mod
@@ -30,7 +31,7 @@ from onspec.engine.kv_cache import KVCache
 from onspec.engine.sampler import SamplingParams, position_seed, race_noise, race_sample, seeded_sample
 from onspec.models.loader import DTYPES, LoadedModel, load_model
 from onspec.spec.tree import DraftTree
-from onspec.spec.verify import lossy_verify_tree, verify_tree
+from onspec.spec.verify import verify_tree
 from test_speculation import (FORCE, FREE, PROMPT, REPEAT_TEXT, SMALL_V, OracleProposer, TableDrafter,
                               chisq_pvalue, engine_for, exact_triples, generate, ids_of, oracle_spec,
                               sampled_triples, target_tables, triple_pvalues)

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import StubProposer, make_tiny_model
+from helpers import chisq_pvalue, lossy_verify_tree
 from onspec import LLM, SamplingParams
 from onspec.config import ConfigError, EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
@@ -32,7 +33,6 @@ from onspec.engine.runner import RowSpec
 from onspec.engine.step import DraftInput
 from onspec.engine.sampler import process_logits
 from onspec.models.loader import DTYPES, LoadedModel, load_model
-from onspec.spec import verify as verify_mod
 from onspec.spec.controller import Controller, StepCostModel, attach_speculation
 from onspec.spec.proposer import Proposer
 from onspec.spec.utility import MeasuredUtility
@@ -417,24 +417,6 @@ class TableDrafter(Proposer):
         return out
 
 
-def chisq_pvalue(observed: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
-    """Pearson chi-square goodness-of-fit p-value, pooling cells with expected count < min_expected
-    (survival function of chi-square = regularised upper incomplete gamma, as in test_verify.py)."""
-    observed = observed.double().flatten()
-    expected = probs.double().flatten() * observed.sum()
-    impossible = expected == 0  # e.g. tokens top-p removed: one draw there fails the test outright
-    if observed[impossible].sum() > 0:
-        return 0.0
-    observed, expected = observed[~impossible], expected[~impossible]
-    small = expected < min_expected
-    if small.any():
-        observed = torch.cat([observed[~small], observed[small].sum(0, keepdim=True)])
-        expected = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
-    stat = ((observed - expected) ** 2 / expected).sum()
-    df = observed.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
-
-
 def sampled_triples(lm: LoadedModel, params: SamplingParams, drafter, n_trials: int, seeded: bool = True
                     ) -> tuple[torch.Tensor, Engine]:
     """Counts [V, V, V] of the first three tokens of n_trials requests of PROMPT (and the engine); ``seeded``:
@@ -511,10 +493,10 @@ def test_plain_engine_matches_exact_tables(small_vocab) -> None:
 
 @pytest.mark.parametrize("kind", ["iid_bad", pytest.param("bad_points", marks=pytest.mark.slow)])
 def test_lossy_verifier_fails_engine_test(small_vocab, monkeypatch, kind: str) -> None:
-    """Power check: the same engine test with verify.py's deliberately lossy variant plugged in fails."""
+    """Power check: the same engine test with a deliberately lossy verifier (tests/helpers.py) fails."""
     import onspec.engine.engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "verify_tree", verify_mod.lossy_verify_tree)
+    monkeypatch.setattr(engine_mod, "verify_tree", lossy_verify_tree)
     params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=1.0)
     tables = target_tables(small_vocab, params)
     counts, _ = sampled_triples(small_vocab, params, TableDrafter(kind, tables), N_TRIALS)

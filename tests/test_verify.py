@@ -16,29 +16,13 @@ import random
 import pytest
 import torch
 
+from helpers import chisq_pvalue, lossy_verify_tree, verify_chain_greedy
 from onspec.spec.tree import DraftTree
-from onspec.spec.verify import _normalise_or, lossy_verify_tree, verify_chain_greedy, verify_tree
+from onspec.spec.verify import _normalise_or, verify_tree
 
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def chisq_pvalue(observed: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
-    """Pearson chi-square goodness-of-fit p-value, pooling cells whose expected count is < min_expected.
-
-    The p-value is the chi-square survival function sf(x; df) = Q(df/2, x/2), the regularised upper
-    incomplete gamma function, which torch ships as ``torch.special.gammaincc`` (so scipy is not needed;
-    ``test_chisq_pvalue_matches_tables`` checks it against published critical values)."""
-    observed = observed.double().flatten()
-    expected = probs.double().flatten() * observed.sum()
-    small = expected < min_expected
-    if small.any():
-        observed = torch.cat([observed[~small], observed[small].sum(0, keepdim=True)])
-        expected = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
-    stat = ((observed - expected) ** 2 / expected).sum()
-    df = observed.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
 def test_chisq_pvalue_matches_tables() -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from onspec.config import SpecConfig
 from onspec.spec.suffix_calibration import MatchCalibration
-from onspec.spec.tree import DraftTree
+from onspec.spec.tree import DraftTree, merge_trees
 
 SOURCES: tuple[str, ...] = ("request", "group", "global")
 
@@ -528,7 +528,7 @@ class SuffixProposer:
         elif len(cands) == 1:
             out = cands[0]
         else:
-            out = _merge(cands, max_nodes)
+            out = merge_trees(cands, max_nodes, "suffix", evidence=True)
         self._num_proposals += 1
         self._num_draft_tokens += out.num_draft
         self._expected_accepted += sum(out.path_scores()[1:])
@@ -563,42 +563,3 @@ class SuffixProposer:
             "mean_draft_tokens": self._num_draft_tokens / n if n else 0.0,
             "mean_expected_accepted": self._expected_accepted / n if n else 0.0,
         }
-
-
-def _merge(trees: list[DraftTree], max_nodes: int) -> DraftTree:
-    """Union of draft trees sharing a root, matched by token path; a node's path probability is the max
-    over the trees that hold it; then the ``max_nodes`` most probable nodes are kept.
-
-    Why merge rather than pick the tree with the highest expected accepted length (sum of path
-    probabilities): the best single tree is one of the candidate node sets of the union, and keeping the
-    top ``max_nodes`` nodes of the union scores at least as high, so merging never does worse by the
-    estimate, and it lets, say, the request tree's long copy and the group's sibling text share a budget.
-    Taking the max (not a sum) because sources with different match lengths have incomparable counts.
-    Since every tree's path probability falls along a path, so does the max: scores stay <= 1.
-    """
-    root = trees[0].tokens[0]
-    tokens, parents, path = [root], [-1], [1.0]
-    keep_evidence = all(len(t.match_evidence) == len(t.tokens) for t in trees)
-    evidence: list[tuple[int, float]] = [(0, 1.0)]
-    index: dict[tuple[int, int], int] = {}
-    for tree in trees:
-        ps = tree.path_scores()
-        remap = [0] * len(tree.tokens)
-        for i in range(1, len(tree.tokens)):
-            par = remap[tree.parents[i]]
-            key = (par, tree.tokens[i])
-            j = index.get(key)
-            ev = tree.match_evidence[i] if keep_evidence else (0, 1.0)
-            if j is None:
-                j = index[key] = len(tokens)
-                tokens.append(tree.tokens[i])
-                parents.append(par)
-                path.append(ps[i])
-                evidence.append(ev)
-            elif ps[i] > path[j]:
-                path[j] = ps[i]
-                evidence[j] = ev
-            remap[i] = j
-    scores = [1.0] + [path[i] / path[parents[i]] for i in range(1, len(tokens))]
-    return DraftTree(tokens, parents, scores, source="suffix",
-                     match_evidence=evidence if keep_evidence else []).prune(max_nodes + 1)

@@ -140,3 +140,49 @@ class DraftTree:
             source=self.source,
             match_evidence=[self.match_evidence[i] for i in kept] if self.match_evidence else [],
         )
+
+
+def merge_trees(trees: list[DraftTree | None], max_nodes: int, source: str, evidence: bool = False) -> DraftTree:
+    """Union of draft trees with the same root, nodes matched by token path; a node held by several trees
+    keeps the largest path probability; then the ``max_nodes`` most probable nodes.
+
+    Why merge rather than pick the tree with the highest expected accepted length (sum of path
+    probabilities): the best single tree is one of the candidate node sets of the union, and keeping the
+    top ``max_nodes`` nodes of the union scores at least as high, so merging never does worse by the
+    estimate; it lets, say, a request's long copy and a sibling's text share one budget. The max, not a
+    sum, because sources with different match lengths have incomparable counts; since every tree's path
+    probability falls along a path, so does the max, and scores stay conditional probabilities <= 1.
+
+    ``child_dists`` are dropped: every child becomes a point-mass proposal, which the verifier accepts
+    losslessly whatever the proposals are (i.i.d. sampling semantics would not survive a union). A tree
+    for another root cannot be merged and is left out. ``evidence``: keep the suffix drafter's
+    ``match_evidence`` (of the tree whose path probability a node keeps) when every tree carries it."""
+    trees = [t for t in trees if t is not None]
+    if not trees:
+        raise ValueError("merge_trees: no trees")
+    root = trees[0].tokens[0]
+    trees = [t for t in trees if t.tokens[0] == root]
+    keep_evidence = evidence and all(len(t.match_evidence) == len(t.tokens) for t in trees)
+    tokens, parents, path = [root], [-1], [1.0]
+    ev: list[tuple[int, float]] = [(0, 1.0)]
+    index: dict[tuple[int, int], int] = {}
+    for tree in trees:
+        ps = tree.path_scores()
+        where = [0] * len(tree)
+        for i in range(1, len(tree)):
+            key = (where[tree.parents[i]], tree.tokens[i])
+            e = tree.match_evidence[i] if keep_evidence else (0, 1.0)
+            j = index.get(key)
+            if j is None:
+                j = index[key] = len(tokens)
+                tokens.append(tree.tokens[i])
+                parents.append(key[0])
+                path.append(ps[i])
+                ev.append(e)
+            elif ps[i] > path[j]:
+                path[j] = ps[i]
+                ev[j] = e
+            where[i] = j
+    scores = [1.0] + [path[i] / path[parents[i]] if path[parents[i]] > 0 else 0.0 for i in range(1, len(tokens))]
+    return DraftTree(tokens, parents, scores, source=source,
+                     match_evidence=ev if keep_evidence else []).prune(max_nodes + 1)

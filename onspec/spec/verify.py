@@ -141,26 +141,7 @@ def _verify_race(tree: DraftTree, target: torch.Tensor, noise: NoiseFn) -> tuple
     return _deepest_match(tree, winner)
 
 
-def _verify_race_lossy(tree: DraftTree, target: torch.Tensor, noise: NoiseFn) -> tuple[list[int], int]:
-    """The deliberately wrong race for :func:`lossy_verify_tree`: a child is accepted whenever its token is
-    among the race's two best (not only the winner), which over-weights drafted tokens."""
-    children: list[list[int]] = [[] for _ in range(len(tree))]
-    for i in range(1, len(tree)):
-        children[tree.parents[i]].append(i)
-    node, accepted = 0, [0]
-    while True:
-        p, e = target[node], noise(len(accepted) - 1).to(target.device)
-        scores = torch.where(p > 0, p / e, torch.full_like(p, -1.0))
-        top2 = [t for t in scores.topk(min(2, p.shape[-1])).indices.tolist() if float(p[t]) > 0]
-        nxt = next((c for c in children[node] if tree.tokens[c] in top2), -1)
-        if nxt < 0:
-            return accepted, top2[0]
-        node = nxt
-        accepted.append(node)
-
-
-def _verify_sample(tree: DraftTree, target: torch.Tensor, generator: torch.Generator | None,
-                   lossless: bool) -> tuple[list[int], int]:
+def _verify_sample(tree: DraftTree, target: torch.Tensor, generator: torch.Generator | None) -> tuple[list[int], int]:
     if target.dtype in (torch.float16, torch.bfloat16):
         target = target.float()
     children: list[list[int]] = [[] for _ in range(len(tree))]
@@ -180,18 +161,15 @@ def _verify_sample(tree: DraftTree, target: torch.Tensor, generator: torch.Gener
                 if u < float(r[x]):
                     nxt = c
                     break
-                if lossless:
-                    z = r.clone()
-                    z[x] = 0.0
-                    r = _normalise_or(z, r)
+                z = r.clone()
+                z[x] = 0.0
+                r = _normalise_or(z, r)
             else:  # i.i.d. from q: accept w.p. min(1, r[x] / q[x])
                 if u * float(q[x]) < float(r[x]):
                     nxt = c
                     break
-                if lossless:
-                    r = _normalise_or((r - q).clamp_(min=0.0), r)
+                r = _normalise_or((r - q).clamp_(min=0.0), r)
         if nxt < 0:
-            # Lossy variant (tests only): the residual was never updated, so this draws from the original p.
             return accepted, _sample(r, next(us))
         node = nxt
         accepted.append(node)
@@ -209,32 +187,4 @@ def verify_tree(tree: DraftTree, target: torch.Tensor, greedy: bool,
         return _verify_greedy(tree, target)
     if noise is not None:
         return _verify_race(tree, target, noise)
-    return _verify_sample(tree, target, generator, lossless=True)
-
-
-def lossy_verify_tree(tree: DraftTree, target: torch.Tensor, greedy: bool,
-                      generator: torch.Generator | None = None,
-                      noise: NoiseFn | None = None) -> tuple[list[int], int]:
-    """FOR TESTS ONLY: a deliberately *wrong* sampler used to show the losslessness test has power.
-
-    Rejection sampling: it accepts with the same per-child rule but never updates the residual: every
-    acceptance test uses the original ``p`` and after rejecting all children it draws from the original
-    ``p`` instead of the residual. This over-weights proposed tokens (and lets a rejected duplicate be
-    accepted). With ``noise`` (seeded): a child is accepted when it is among the race's two best tokens.
-    Greedy is the same as :func:`verify_tree`."""
-    assert target.dim() == 2 and target.shape[0] == len(tree), (tuple(target.shape), len(tree))
-    if greedy:
-        return _verify_greedy(tree, target)
-    if noise is not None:
-        return _verify_race_lossy(tree, target, noise)
-    return _verify_sample(tree, target, generator, lossless=False)
-
-
-def verify_chain_greedy(draft: torch.Tensor, target_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched greedy verification of chains.
-
-    ``draft`` [B, k] drafted tokens; ``target_argmax`` [B, k+1] the target's argmax after the root and after
-    each drafted token. Returns ``(n_accepted [B], next_token [B])``: the length of the prefix on which
-    ``draft == target_argmax[:, :k]`` and the target's argmax after it."""
-    n = (draft == target_argmax[:, :-1]).int().cumprod(-1).sum(-1)
-    return n, target_argmax.gather(-1, n.unsqueeze(-1).long()).squeeze(-1)
+    return _verify_sample(tree, target, generator)

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainerConfig
+from ..spec.utility import pow2_bucket
 from .objective import SoftTargets, simulated_acceptance
 from .publish import VersionError, read_manifest, verify_checksums, version_dir
 from .traces import TraceChunk
@@ -119,10 +119,6 @@ class Gate:
 
 
 # ---- live utility -------------------------------------------------------------------------------------
-def _bucket(batch: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, batch))))
-
-
 @dataclass
 class _Rate:
     tokens: float = 0.0
@@ -157,7 +153,7 @@ class LiveMonitor:
     def observe(self, version: int, batch: int, tokens: int, seconds: float, off_seconds: float | None) -> None:
         if batch <= 0 or seconds <= 0:
             return
-        b = _bucket(batch)
+        b = pow2_bucket(batch)
         with self._lock:
             r = self.rates.setdefault((version, b), _Rate())
             r.tokens += tokens
