@@ -26,6 +26,12 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty, -2..2")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty, -2..2")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="vLLM/HF repetition penalty, > 0 (1: off)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit (repeatable)")
+    p.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop before this many tokens")
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
@@ -51,7 +57,23 @@ def _params(args: argparse.Namespace):
     from .engine.sampler import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=args.stop)
+                          top_k=args.top_k, seed=args.seed, stop=args.stop, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+                          logit_bias=_logit_bias(args.logit_bias), min_tokens=args.min_tokens)
+
+
+def _logit_bias(items: list[str]) -> dict[str, float]:
+    """``--logit-bias ID=BIAS`` flags -> {ID: BIAS} (SamplingParams checks the ids and the range)."""
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError(item)
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"logit_bias: expected ID=BIAS, got {item!r}") from None
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

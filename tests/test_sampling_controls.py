@@ -444,3 +444,30 @@ def test_server_bad_controls_are_400_naming_the_field(served, client, route: str
     assert ok.usage.completion_tokens == 4
     st = served.app.state.onspec
     assert st.bridge.outstanding == 0 and not engine_of(served).requests
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------
+
+CLI_ERRORS = [(["--presence-penalty", "3"], "presence_penalty"), (["--repetition-penalty", "0"], "repetition_penalty"),
+              (["--logit-bias", "5"], "logit_bias"), (["--logit-bias", "x=1"], "logit_bias"),
+              (["--logit-bias", "5=300"], "logit_bias"), (["--min-tokens", "-2"], "min_tokens")]
+
+
+@pytest.mark.parametrize("args, field", CLI_ERRORS)
+def test_cli_bad_controls_are_one_line_exit_2(capsys, args: list[str], field: str) -> None:
+    from onspec import cli
+
+    assert cli.main(["generate", "hi", *args]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"onspec generate: error: {field}:"), lines
+
+
+def test_cli_passes_the_controls() -> None:
+    from onspec import cli, commands
+
+    args = cli.build_parser().parse_args([
+        "generate", "hi", "--presence-penalty", "0.5", "--frequency-penalty", "-0.25", "--repetition-penalty", "1.2",
+        "--logit-bias", "5=-100", "--logit-bias", "7=2.5", "--min-tokens", "3"])
+    p = commands._params(args)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.logit_bias, p.min_tokens) == (
+        0.5, -0.25, 1.2, {5: -100.0, 7: 2.5}, 3)
