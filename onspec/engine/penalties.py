@@ -30,6 +30,7 @@ per row; a request with nothing set never comes here (``SamplingParams.adjusts_l
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 
 import torch
@@ -101,33 +102,40 @@ def _mask_stops(x: torch.Tensor, min_tokens: int, generated: int, depths: list[i
 
 
 def _ids(device: torch.device, ids: list[int]) -> torch.Tensor:
-    return torch.tensor(ids, dtype=torch.long, device=device)
+    """A list of token ids as an int64 tensor (through an array: several times cheaper than torch.tensor)."""
+    if not ids:
+        return torch.empty(0, dtype=torch.long, device=device)
+    return torch.frombuffer(array.array("q", ids), dtype=torch.int64).to(device)
 
 
 def _penalise(x: torch.Tensor, params: SamplingParams, ctx: LogitContext) -> None:
     """The repetition, frequency and presence penalties, in place, on the columns of the tokens that occur."""
     dev = x.device
     n = x.shape[0]
-    out = _ids(dev, ctx.output_ids)
-    drafted = _ids(dev, ctx.tree.tokens[1:] if ctx.tree is not None else [])
     rep = params.repetition_penalty != 1.0
-    prompt = _ids(dev, ctx.prompt_ids if rep else [])
-    cols = torch.unique(torch.cat([prompt, out, drafted]))  # sorted ids of every token that occurs
-    if cols.numel() == 0:
+    prompt = ctx.prompt_ids if rep else []
+    drafted = ctx.tree.tokens[1:] if ctx.tree is not None else []
+    n_prompt, n_out = len(prompt), len(ctx.output_ids)
+    if n_prompt + n_out + len(drafted) == 0:
         return
+    # cols: sorted ids of every token that occurs; col_of[k]: the column of the k-th id of prompt + output +
+    # drafted (one sort for everything, no per-list lookups).
+    cols, col_of = torch.unique(_ids(dev, prompt + ctx.output_ids + drafted), return_inverse=True)
     # counts[i, u]: occurrences of token cols[u] in the committed output plus on row i's path (exact small
     # integers in float32, so every row's arithmetic below is bit for bit what plain decoding does there).
-    counts = torch.bincount(torch.searchsorted(cols, out), minlength=cols.numel()).to(torch.float32)
+    counts = torch.bincount(col_of[n_prompt:n_prompt + n_out], minlength=cols.numel()).to(torch.float32)
     counts = counts.unsqueeze(0).repeat(n, 1)
     rows, nodes = ctx.path_pairs()
     if rows:
-        node_col = torch.searchsorted(cols, drafted)  # column of node j's token is node_col[j - 1]
+        node_col = col_of[n_prompt + n_out:]  # column of node j's token is node_col[j - 1]
         counts.index_put_((_ids(dev, rows), node_col[_ids(dev, nodes) - 1]),
                           torch.ones(len(rows), dtype=torch.float32, device=dev), accumulate=True)
     sub = x[:, cols]
     if rep:
         # HF / vLLM: dividing a positive logit and multiplying a negative one both lower it for r > 1.
-        seen = (counts > 0) | torch.isin(cols, prompt).unsqueeze(0)
+        in_prompt = torch.zeros(cols.numel(), dtype=torch.bool, device=dev)
+        in_prompt[col_of[:n_prompt]] = True
+        seen = (counts > 0) | in_prompt.unsqueeze(0)
         r = params.repetition_penalty
         sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
     if params.presence_penalty or params.frequency_penalty:
