@@ -76,3 +76,20 @@ def verify_chain_greedy(draft: torch.Tensor, target_argmax: torch.Tensor) -> tup
     ``draft == target_argmax[:, :k]`` and the target's argmax after it."""
     n = (draft == target_argmax[:, :-1]).int().cumprod(-1).sum(-1)
     return n, target_argmax.gather(-1, n.unsqueeze(-1).long()).squeeze(-1)
+
+
+class FakeClock:
+    """An injected clock (``Engine.clock``, ``Speculation.clock``): time moves only when a test says so
+    (``advance``) and, with ``tick``, by that much at every reading, so timed work takes the same seconds
+    on any machine."""
+
+    def __init__(self, tick: float = 0.0) -> None:
+        self.now = 0.0
+        self.tick = tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -3,11 +3,10 @@ bucket, where its steps measurably commit fewer tokens per second than plain dec
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from conftest import StubProposer
+from helpers import FakeClock
 from onspec.config import EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
 from onspec.engine.sampler import SamplingParams
@@ -244,15 +243,17 @@ def test_without_a_cheap_record_the_expensive_arm_is_judged_against_plain() -> N
 
 
 class SlowDrafter(StubProposer):
-    """Proposes one always-rejected node per request and takes long doing it: drafting can only lose."""
+    """Proposes one always-rejected node per request and takes long doing it (20 ms on ``clock``, where a
+    forward takes 1 ms): drafting can only lose."""
 
-    def __init__(self, vocab: int) -> None:
+    def __init__(self, vocab: int, clock: FakeClock) -> None:
         self.vocab = vocab
         self.calls = 0
+        self.clock = clock
 
     def propose(self, seqs, budgets):
         self.calls += 1
-        time.sleep(0.02)
+        self.clock.advance(0.02)
         return {s.seq_id: DraftTree.chain(s.tokens[-1], [(s.tokens[-1] + 1) % self.vocab], [0.95], self.name)
                 for s in seqs}
 
@@ -262,8 +263,10 @@ def test_engine_stops_asking_a_drafter_that_measurably_loses(tiny) -> None:
     measured rates can see that every drafting step loses, and they switch the drafter off."""
     eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32",
                               spec=SpecConfig(profile_at_start=False, suffix_min_prob=0.99)), loaded=tiny)
-    drafter = SlowDrafter(tiny.arch.vocab_size)
+    eng.clock = clock = FakeClock(tick=0.001)
+    drafter = SlowDrafter(tiny.arch.vocab_size, clock)
     spec = attach_speculation(eng, eng.cfg.spec, {"learned": drafter})
+    spec.clock = clock
     spec.controller.cost.cost = lambda tokens, kind="masked": 1e-3     # the model's view: nodes are free
     spec.controller.worth_drafting = lambda *a, **k: True
     eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=240, ignore_eos=True))
@@ -284,9 +287,11 @@ class SlowHybrid(SlowDrafter):
 def test_engine_judges_learned_and_hybrid_as_one_expensive_arm(tiny) -> None:
     eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32",
                               spec=SpecConfig(profile_at_start=False, suffix_min_prob=0.99)), loaded=tiny)
-    learned, hybrid = SlowDrafter(tiny.arch.vocab_size), SlowHybrid(tiny.arch.vocab_size)
+    eng.clock = clock = FakeClock(tick=0.001)
+    learned, hybrid = SlowDrafter(tiny.arch.vocab_size, clock), SlowHybrid(tiny.arch.vocab_size, clock)
     learned.wants_aux = True
     spec = attach_speculation(eng, eng.cfg.spec, {"learned": learned, "hybrid": hybrid})
+    spec.clock = clock
     spec.controller.cost.cost = lambda tokens, kind="masked": 1e-3
     spec.controller.worth_drafting = lambda *a, **k: True
     eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=240, ignore_eos=True))

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import StubProposer, make_tiny_model
-from helpers import chisq_pvalue, lossy_verify_tree
+from helpers import FakeClock, chisq_pvalue, lossy_verify_tree
 from onspec import LLM, SamplingParams
 from onspec.config import ConfigError, EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
@@ -770,14 +770,15 @@ def test_a_cheap_drafter_is_always_asked_an_expensive_one_by_its_record() -> Non
 
 def test_a_drafter_models_time_stays_out_of_the_step_cost_curve(tiny) -> None:
     """A learned drafter's forward is priced by its own proposal cost; charged to the step as well, it
-    made every masked step look dearer and so priced every strategy's nodes too high."""
-    import time as time_mod
+    made every masked step look dearer and so priced every strategy's nodes too high. Forwards take 5 ms
+    and each proposal 0.2 s on an injected clock."""
+    clock = FakeClock(tick=0.005)
 
     class SlowLearned(StubProposer):
         wants_aux = True
 
         def propose(self, seqs, budgets):
-            time_mod.sleep(0.2)
+            clock.advance(0.2)
             return {s.seq_id: scored_chain(2, 0.9, "learned") for s in seqs}
 
     class Recorded(StepCostModel):  # records what it observes, prices every step the same (draft everything)
@@ -787,16 +788,15 @@ def test_a_drafter_models_time_stays_out_of_the_step_cost_curve(tiny) -> None:
     eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32", spec=SpecConfig(profile_at_start=False)),
                  loaded=tiny)
     spec = attach_speculation(eng, eng.cfg.spec, {"learned": SlowLearned()})
+    eng.clock = spec.clock = clock
     spec.controller.worth_drafting = lambda *args, **kwargs: True
     spec.controller.cost = cost = Recorded()
     eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=6))
-    t0 = time_mod.perf_counter()
     while eng.has_unfinished():
         eng.step()
-    wall = time_mod.perf_counter() - t0
     assert spec._asked == {} and spec.policy.draft_cost["learned"] >= 0.2   # the drafter was asked and timed
-    assert wall > 0.4
-    # Every observed step cost is the forward alone: far below the 0.2 s each proposal slept.
+    assert clock.now > 0.4                                                  # ... more than once
+    # Every observed step cost is the forward and the step's own work alone, not the 0.2 s proposals.
     assert cost.tables["masked"] and max(cost.tables["masked"].values()) < 0.1
 
 
@@ -804,8 +804,9 @@ def test_a_drafter_models_time_stays_out_of_the_step_cost_curve(tiny) -> None:
 def test_auto_holds_back_a_drafter_whose_heldout_estimate_cannot_pay(tiny, expected, held_back: bool) -> None:
     """A drafter model whose held-out acceptance length (1.0: a random day-0 head) cannot cover its own
     proposal time (10 ms against a 50 ms step: it needs more than 1.2) is asked once, to time it, and then
-    not again; one with a paying estimate, or none, keeps being asked."""
-    import time as time_mod
+    not again; one with a paying estimate, or none, keeps being asked. Proposals take 10 ms on an injected
+    clock."""
+    clock = FakeClock()
 
     class Learned(StubProposer):
         wants_aux = True
@@ -816,13 +817,14 @@ def test_auto_holds_back_a_drafter_whose_heldout_estimate_cannot_pay(tiny, expec
 
         def propose(self, seqs, budgets):
             self.asked += 1
-            time_mod.sleep(0.01)
+            clock.advance(0.01)
             return {s.seq_id: scored_chain(2, 0.9, "learned") for s in seqs}
 
     learned = Learned()
     eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32",
                               spec=SpecConfig(mode="auto", profile_at_start=False)), loaded=tiny)
     spec = attach_speculation(eng, eng.cfg.spec, {"learned": learned})
+    eng.clock = spec.clock = clock
     spec.controller.worth_drafting = lambda *args, **kwargs: True
     spec.controller.cost = FixedCost(lambda n: 0.05)
     eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from helpers import FakeClock
 from onspec.config import EngineConfig, SpecConfig, TrainerConfig
 from onspec.engine.engine import Engine
 from onspec.engine.sampler import SamplingParams
@@ -146,19 +147,13 @@ def test_injected_live_regression_is_rolled_back(tmp_path, target) -> None:
     engine = make_engine(target, max_num_seqs=4)
     ol = build_online_learning(engine, cfg_for(tmp_path / "v", live_window_steps=12, rollback_threshold=0.3),
                               start_trainer=False)
-    real_run = engine.runner.run
+    # forwards and proposals are timed on an injected clock: 10 ms each, then (the regression) 40 ms
+    engine.clock = engine.spec.clock = clock = FakeClock(tick=0.01)
     try:
         serve(engine, ps, 30)                                 # version 0's live record
         publish_version(ol.root, init_drafter(target, seed=5), Manifest(version=1, parent=0, kind="trained"))
         ol.promote(1)
-
-        def slow_run(*a, **k):                                # the injected regression: every step 4x slower
-            t0 = time.perf_counter()
-            out = real_run(*a, **k)
-            time.sleep(3 * (time.perf_counter() - t0) + 0.02)
-            return out
-
-        engine.runner.run = slow_run
+        clock.tick = 0.04                                     # the injected regression: every step 4x slower
         for i, p in enumerate(prompts(4, seed=3)):
             engine.add_request(f"z{i}", p, SamplingParams(temperature=0, max_tokens=30))
         while engine.has_unfinished() and ol.manager.counts["rollbacks"] == 0:
@@ -168,11 +163,9 @@ def test_injected_live_regression_is_rolled_back(tmp_path, target) -> None:
         rb = next(g for g in st["gates"] if g["kind"] == "rollback")
         assert rb["version"] == 1 and rb["to"] == 0 and rb["ratio_previous"] < 0.7
         assert VersionState.load(ol.root).current == 0
-        engine.runner.run = real_run
         while engine.has_unfinished():
             engine.step()
     finally:
-        engine.runner.run = real_run
         ol.stop()
 
 

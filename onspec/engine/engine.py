@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +132,7 @@ class Engine:
         # value tokens by how much they shorten the batch (SpecConfig.objective).
         self.closed_batch = False
         self.events = EngineEvents()  # prefill, step, finish, weights changed, drafter swapped (events.py)
+        self.clock: Callable[[], float] = time.perf_counter  # what forwards are timed by (tests inject one)
         self._weights_seen = self._weights_key()  # what the rows that freed slots retain were computed with
 
     # ---- requests ----------------------------------------------------------------------------
@@ -292,9 +294,9 @@ class Engine:
         want_aux = self.spec is not None and self.spec.wants_aux
         if want_aux and self.spec.aux_layers():
             self.runner.aux_layers = self.spec.aux_layers()  # what the drafter reads (it may change on a swap)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         out = self.runner.run(rows, want_aux=want_aux)
-        seconds = time.perf_counter() - t0
+        seconds = self.clock() - t0
         num_tokens = sum(len(r.tokens) for r in rows)
         self.counters.steps += 1
         self.counters.forward_seconds += seconds

@@ -345,6 +345,7 @@ class Speculation(EngineObserver):
         self._asked: dict[str, float] = {}         # strategies asked for drafts this step -> seconds taken
         self.draft_seconds = 0.0
         self._step_started: float | None = None      # when the current step's drafting began
+        self.clock: Callable[[], float] = time.perf_counter  # what proposals and steps are timed by (tests inject one)
         # Set by online learning (train/online.py) while the engine has lent threads to the trainer
         # (train/channel.py ThreadLender): steps then run slower for a reason drafting does not change.
         self.threads_lent = False
@@ -433,7 +434,7 @@ class Speculation(EngineObserver):
     def draft(self, inp: DraftInput) -> dict[int, DraftTree]:
         """This step's draft trees: the strategies the draft policy lets through are asked, the controller
         picks each row's best tree and spends the batch budget where it pays."""
-        self._step_started = time.perf_counter()
+        self._step_started = self.clock()
         names = self.strategies()
         gate = self.policy.step_gate(inp, names)
         if self.policy.in_play(gate):
@@ -447,10 +448,10 @@ class Speculation(EngineObserver):
             if not self.policy.ask(name, inp):
                 continue
             self.policy.price(name, inp)
-            t0 = time.perf_counter()
+            t0 = self.clock()
             for sid, tree in self.proposers[name].propose(inp.decode, budgets).items():
                 candidates[sid].append(tree)
-            dt = time.perf_counter() - t0
+            dt = self.clock() - t0
             self._asked[name] = dt
             self.policy.asked(name, len(inp.decode), dt)
             self.draft_seconds += dt
@@ -482,7 +483,7 @@ class Speculation(EngineObserver):
         # leaving them out let the controller draft at batch 8 where it lost (0.86x of off).
         started, self._step_started = self._step_started, None
         if started is not None:
-            seconds = max(seconds, time.perf_counter() - started)
+            seconds = max(seconds, self.clock() - started)
         # ... except a drafter model's forward (the learned drafter: ~20 ms a proposal here): it is priced
         # apart (``draft_cost`` in ``worth_drafting``), and charged to the step cost it inflated the masked
         # curve that every strategy's nodes are priced by (in a one-off profile of day-0 serving, a 4-token
