@@ -197,4 +197,4 @@ def test_tiny_model_bf16_batched_speculation_equals_plain_alone(tiny_llama, mode
     plain = outputs(bf16_engine(lm, "off", prefix_reuse=False), prompts, params, batched=False)
     eng = bf16_engine(lm, mode)
     assert outputs(eng, prompts, params, batched=True) == plain and eng.counters.drafted > 0
-    assert lm.model.lm_head._packed[2] == variant            # the variant asked for did the products
+    assert set(lm.model.lm_head._packed) == {variant}         # the variant asked for did the products

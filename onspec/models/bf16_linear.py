@@ -192,9 +192,10 @@ class Bf16Linear(nn.Linear):
     The packed copy of the weight (same size as the weight, in the layout of the process's kernel variant)
     is made on the first such forward and made again whenever the weight changes: ``_version`` counts
     in-place writes (``load_state_dict``, an optimizer step, ``copy_``), so a hot-swapped drafter or a
-    policy update in place is never multiplied with stale panels."""
+    policy update in place is never multiplied with stale panels. A process uses one variant; a bench or a
+    test that alternates variants keeps one packed copy per variant instead of repacking every forward."""
 
-    _packed: tuple[int, int, str, torch.Tensor] | None = None  # (weight data_ptr, _version, variant, panels)
+    _packed: dict[str, tuple[int, int, torch.Tensor]] | None = None  # variant -> (data_ptr, _version, panels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernel_handles(x, self.weight):
@@ -207,16 +208,18 @@ class Bf16Linear(nn.Linear):
         (+ bias); the caller has checked that the kernel applies (``kernel_handles``)."""
         w = self.weight
         variant = current_path().variant
-        key = (w.data_ptr(), w._version, variant)
-        if self._packed is None or self._packed[:3] != key:
+        if self._packed is None:
+            self._packed = {}
+        packed = self._packed.get(variant)
+        if packed is None or packed[:2] != (w.data_ptr(), w._version):
             with torch.no_grad():
                 pack = pack_weight_pairs if variant == "avx512_bf16" else pack_weight
-                self._packed = (*key, pack(w.detach()))
+                packed = self._packed[variant] = (w.data_ptr(), w._version, pack(w.detach()))
         kern = load_kernel()
         if variant == "avx512_bf16":
-            y = kern.linear_bf16_dp(x, self._packed[3], w.shape[0])
+            y = kern.linear_bf16_dp(x, packed[2], w.shape[0])
         else:
-            y = kern.linear_bf16(x, self._packed[3], w.shape[0])
+            y = kern.linear_bf16(x, packed[2], w.shape[0])
         return y if self.bias is None else y + self.bias
 
 
