@@ -24,6 +24,7 @@ def _check(cond: bool, field_name: str, message: str) -> None:
         raise ConfigError(field_name, message)
 
 
+# "parallel": the parallel drafter (spec/parallel_proposer.py), where ``attach_parallel`` gave the engine one
 SPECULATION_MODES = ("auto", "off", "suffix", "learned", "hybrid", "parallel")
 SPECULATION_OBJECTIVES = ("auto", "throughput", "makespan")
 

@@ -42,7 +42,8 @@ from onspec.spec.parallel_drafter import (
     tree_from_depths,
 )
 from onspec.spec.parallel_proposer import ParallelProposer, attach_parallel
-from onspec.train.objective import Batch, Sample, collate, make_optimizer, trainable_parameters
+from onspec.train.objective import (Batch, Sample, accepted_by_depth, collate, make_optimizer,
+                                    simulated_acceptance, trainable_parameters)
 from onspec.train.parallel_objective import train_step
 from onspec.train.publish import Manifest, publish_version
 
@@ -251,6 +252,17 @@ def test_one_drafter_forward_per_proposal_whatever_the_depth(tiny, cfg, depths) 
     assert len(trees) == 3 and all(t.is_chain() and t.num_draft == depths for t in trees.values())
 
 
+def test_swap_takes_the_new_drafters_depths_and_rebuilds_the_cache(tiny, cfg, trained) -> None:
+    prop = ParallelProposer(trained, topk=1)
+    seq = prefilled(prop, tiny, 0, greedy_continuations(tiny, [PROMPTS[2]], 4)[0])
+    assert prop.propose([seq], {0: 16})[0].num_draft == DEPTHS
+    other = init_parallel(tiny, cfg, ParallelConfig(depths=6), seed=9)
+    prop.swap(other)
+    assert isinstance(prop.drafter, ParallelDrafter) and prop.states[0].n_kv == 0
+    tree = prop.propose([seq], {0: 16})[0]
+    assert tree.num_draft == 6 and prop.stats.forwards == 2 and prop.stats.swaps == 1
+
+
 def test_tree_is_the_best_nodes_by_product_of_probabilities() -> None:
     lp = [[math.log(0.6), math.log(0.3)], [math.log(0.9), math.log(0.05)], [math.log(0.5), math.log(0.4)]]
     tok = [[10, 11], [20, 21], [30, 31]]
@@ -350,6 +362,17 @@ def test_loss_of_every_depth_falls_on_a_fixed_batch(tiny, cfg) -> None:
     assert last.loss < 0.7 * first.loss, [r.loss for r in reports]
     assert all(b < a for a, b in zip(first.kl_depths, last.kl_depths)), (first.kl_depths, last.kl_depths)
     assert not torch.equal(drafter.mask_hidden.detach(), mask_before)   # the placeholder is learned
+
+
+def test_acceptance_by_depth_counts_the_chains_leading_matches(tiny, trained) -> None:
+    """``accepted_by_depth`` (what the bench reports): roots whose first d drafts were all accepted, never
+    more at a greater depth, and their sum is the simulated acceptance the promotion gate uses."""
+    batch = training_batch(tiny, trained, n_tokens=24)
+    by_depth, roots = accepted_by_depth(trained, batch, DEPTHS)
+    assert len(by_depth) == DEPTHS and roots > 0 and by_depth[0] > 0
+    assert all(b <= a for a, b in zip(by_depth, by_depth[1:]))
+    length, n = simulated_acceptance(trained, batch.samples, DEPTHS)
+    assert n == roots and length == pytest.approx(1 + sum(by_depth) / roots)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -318,11 +318,19 @@ def _simulated_acceptance(drafter, samples: list[Sample], depth: int, batch_cell
 
 
 def _accept_counts(drafter, batch: Batch, depth: int) -> tuple[float, int]:
+    by_depth, roots = accepted_by_depth(drafter, batch, depth)
+    return float(sum(by_depth)), roots
+
+
+@torch.no_grad()
+def accepted_by_depth(drafter, batch: Batch, depth: int) -> tuple[list[int], int]:
+    """Greedy chain drafting of ``depth`` tokens at every root of ``batch``: how many roots had their first
+    1, 2, .. ``depth`` drafted tokens all accepted, and the number of roots."""
     B, L = batch.tokens.shape
     logits = drafter.forward_train(batch.aux, batch.tokens, lengths=batch.lengths, ttt_steps=depth)
     alive = batch.root_ok.clone()
     roots = int(alive.sum())
-    total = torch.zeros(B, L)
+    out = []
     for i, lg in enumerate(logits):
         # step i at root t drafts token t + 1 + i; accepted when it is the token that was committed.
         truth = torch.full((B, L), -2, dtype=torch.long)
@@ -330,8 +338,8 @@ def _accept_counts(drafter, batch: Batch, depth: int) -> tuple[float, int]:
             truth[:, :L - 1 - i] = batch.draft_tok[:, 1 + i:]
         inside = torch.arange(L)[None] + 1 + i < batch.lengths[:, None]
         alive = alive & inside & (lg.argmax(-1) == truth)
-        total += alive.float()
-    return float(total.sum()), roots
+        out.append(int(alive.sum()))
+    return out, roots
 
 
 def trainable_parameters(drafter, train_head: bool) -> list[torch.nn.Parameter]:
@@ -355,5 +363,5 @@ def clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
-__all__ = ["Batch", "Sample", "SoftTargets", "collate", "discard_loss", "main_loss", "make_optimizer",
-           "objective", "simulated_acceptance", "trainable_parameters", "F"]
+__all__ = ["Batch", "Sample", "SoftTargets", "accepted_by_depth", "collate", "discard_loss", "main_loss",
+           "make_optimizer", "objective", "simulated_acceptance", "trainable_parameters", "F"]
