@@ -282,3 +282,15 @@ def test_acceptance_recorded_from_an_rl_run(tmp_path) -> None:
     assert "mean of 2 steps" in acc.source
     with pytest.raises(ValueError, match="at most draft"):
         parse_acceptance("grouped=9,draft=3")
+
+
+def test_a_slot_needed_for_another_prompt_loses_its_rows() -> None:
+    # one engine slot: the rows (0, 0) left are lost when (1, 0) needs the slot, so (0, 1) finds no prompt
+    cluster = Cluster(workers=1, capacity=1, prompt_tokens=4, slots=1)
+    worker = SimWorker(cluster, policy("fifo"), UNIT, Acceptance(), {})
+    worker.retained.append(events._Retained((0, 0), 7))
+    assert worker._take_slot((1, 0), 4) == 0 and worker.retained == []
+    worker.retained.append(events._Retained((0, 0), 7))
+    assert worker._take_slot((0, 1), 4) == 3                 # a sibling: the prompt, less its last token
+    worker.retained.append(events._Retained((0, 1), 9))
+    assert worker._take_slot((0, 1), 9) == 8                 # its own continuation: all but the last token
