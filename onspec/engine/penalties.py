@@ -76,7 +76,7 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, ctx: LogitContex
     applied, row ``i`` for the context of ``ctx``'s node ``i`` (module docstring). ``logits`` is not changed
     (its rows still give the model's own logprobs)."""
     x = logits.to(torch.float32, copy=True)
-    n, vocab = x.shape
+    n = x.shape[0]
     depths = ctx.depths()
     if len(depths) != n:
         raise ValueError(f"adjust_logits: {n} rows of logits for a tree of {len(depths)} nodes")
