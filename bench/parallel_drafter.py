@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="warm-start optimizer steps per drafter")
     ap.add_argument("--batch", type=int, default=4, help="answers per optimizer step")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="decoding batch sizes for the cost")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8],
+                    help="decoding batch sizes for the cost (none: acceptance only)")
     ap.add_argument("--tokens", type=int, default=24, help="decoded tokens per row in each cost run")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -247,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                              "accepted_per_row_step": median([run["accepted_per_row_step"] for run in runs[mode]]),
                              "step_s": median([s for run in runs[mode] for s in run["step_s"]])}
     results["cost"] = cost
+    payload = {"machine": machine_info(args.threads), "args": vars(args), "results": results}
+    if not cost:
+        print(f"results: {write_results(args.name, payload)[0]}")
+        return 0
     rows = []
     for B, c in cost.items():
         for mode, label in (("parallel", "parallel (P-EAGLE)"), ("learned", "sequential EAGLE-3")):
@@ -257,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"Proposal cost, {args.model} {args.dtype}, {args.threads} threads, depth {args.depths}, budget "
                 f"{args.budget}", ["batch", "drafter", "plain step ms", "proposal ms", "proposal / step",
                                    "forwards / proposal", "accepted / row-step"], rows, notes)
-    payload = {"machine": machine_info(args.threads), "args": vars(args), "results": results}
     jpath, _ = write_results(args.name, payload)
     print(f"results: {jpath}")
     return 0

@@ -7,9 +7,10 @@ What the loaders read (the field names are checked against their code):
   states on) and its ``load_weights`` copies the tensor named ``mask_hidden`` into it (and refuses a
   checkpoint without one); every other tensor is the EAGLE-3 layout (``d2t`` becomes
   ``draft_id_to_target_id``, ``t2d`` is skipped).
-* vLLM's EAGLE proposer, ``vllm/v1/spec_decode/eagle.py`` (``_init_parallel_drafting_params``): the token
-  fed at the masked positions is ``config.json``'s ``pard_token`` or ``ptd_token_id`` (or
-  ``dflash_config.mask_token_id``); newer vLLM also reads a top-level ``mask_token_id``.
+* vLLM's EAGLE proposer, ``vllm/v1/spec_decode/eagle.py`` (in later versions ``llm_base_proposer.py``),
+  ``_init_parallel_drafting_params``: the token fed at the masked positions is ``config.json``'s
+  ``pard_token`` or ``ptd_token_id`` (or ``dflash_config.mask_token_id``); newer vLLM also reads a
+  top-level ``mask_token_id``.
 * the ``speculators`` package's P-EAGLE, ``src/speculators/models/peagle/config.py``
   (``PEagleSpeculatorConfig.mask_token_id``) and ``core.py`` (``para_depths``, ``ptd_token_id``,
   ``mask_hidden`` of ``3 * hidden_size`` values).
