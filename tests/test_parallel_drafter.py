@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_eagle import cfg, tiny  # noqa: F401  (fixtures: the tiny target, float32, and its drafter shape)
 from test_eagle import PROMPTS, FakeSeq, _corrupt, force_all_drafts, greedy_continuations, prefilled, target_pass
 from test_exact_bf16 import bf16_engine, outputs
 from test_speculation import SMALL_V, exact_triples, sampled_triples, target_tables, triple_pvalues
@@ -53,16 +54,6 @@ DEPTHS = 4
 # ------------------------------------------------------------------------------------------------
 # helpers and fixtures
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama):
-    return load_model(str(tiny_llama), dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def cfg(tiny) -> EagleConfig:
-    return EagleConfig.for_target(tiny.arch, draft_vocab_size=200)
 
 
 def sample_of(lm, drafter: ParallelDrafter, key: str, tokens: list[int], prompt_len: int, K: int = 8,
