@@ -314,8 +314,8 @@ def test_sampled_distribution_is_the_targets(small_vocab, monkeypatch) -> None:
     with every proposal a parallel drafter's tree (point masses: accepted or rejected, bonus tokens)."""
     params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=1.0)
     exact = exact_triples(target_tables(small_vocab, params))
-    cfg = EagleConfig.for_target(small_vocab.arch, draft_vocab_size=SMALL_V)
-    prop = ParallelProposer(init_parallel(small_vocab, cfg, ParallelConfig(depths=3), seed=4), topk=3)
+    shape = EagleConfig.for_target(small_vocab.arch, draft_vocab_size=SMALL_V)
+    prop = ParallelProposer(init_parallel(small_vocab, shape, ParallelConfig(depths=3), seed=4), topk=3)
 
     def attach(engine, spec_cfg, extra=None):  # the proposer knows its engine (prefix reuse serves it)
         spec = attach_speculation(engine, spec_cfg, extra)
