@@ -579,9 +579,8 @@ def main() -> int:
         else:
             warm = warm_start_dir(loaded, args)
         # The baseline and suffix-only runs do not depend on the start, but they are run again rather than
-        # reused from day 0: this machine's speed drifts by up to 30% over half an hour, and a day-0 "off"
-        # run from 20-30 minutes earlier made day-1 ratios meaningless (session 11: 1.49x for a hybrid
-        # that ran 1.15x against its own repeat's baseline in online_day1_s11).
+        # reused from day 0: a ratio holds only against a baseline from the same run (docs/decisions.md,
+        # "Baselines in the same run").
         scen["day1"] = scenario_strategies(loaded, texts, args, "day1", warm)
         if not args.warm_from:
             shutil.rmtree(warm.parent, ignore_errors=True)

@@ -6,9 +6,10 @@ Ideas from Seer (arXiv 2511.14617), written for this engine:
   worker (an engine) is handed an item as a *chunk*: a request whose prompt is the original prompt plus
   everything generated so far and whose ``max_tokens`` is ``min(chunk_tokens, remaining)``. When the chunk
   ends at its budget the item goes back to the buffer, so the next chunk can run wherever there is room
-  (``chunk_tokens = 0``: undivided, one request per response). Our engine keeps no KV between requests,
-  so every continuation chunk re-prefills its context; ``reprefill_tokens`` counts that cost and
-  ``moves`` counts chunks that changed worker.
+  (``chunk_tokens = 0``: undivided, one request per response). A continuation chunk that returns to the
+  engine that ran its previous chunk reuses the rows its freed slot still holds (prefix reuse, see
+  engine/scheduler.py); elsewhere it re-prefills its context. ``reprefill_tokens`` counts what was
+  recomputed and ``moves`` counts chunks that changed worker.
 * Context-aware scheduling. Response 0 of each group is its *probe*: probes run first, shortest generated
   first, so every group soon has a finished response. A group's length estimate is its longest finished
   response (``max_tokens`` until one finishes), and the other responses run longest-estimate first, which
@@ -26,7 +27,8 @@ Ideas from Seer (arXiv 2511.14617), written for this engine:
   adds the chunks of one group with the same context together through ``Engine.add_siblings``, and a chunk
   submitted later joins a sibling still running with that context. The prompt is prefilled once per group
   instead of ``group_size`` times; ``shared_prompt_tokens`` counts the cache rows copied instead. (Seer and
-  veRL get the same from vLLM's prefix cache; our engine keeps no cache between requests, hence siblings.)
+  veRL get the same from vLLM's prefix cache; onspec's prefix reuse serves a freed slot's rows to one later
+  sequence, not to several running at once, hence siblings.)
   Only first chunks share: continuation chunks of a divided rollout have per-response contexts.
 
 Exactness: speculation is lossless, so a rollout's tokens have exactly the policy's distribution. Sampling

@@ -37,12 +37,12 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--prompts", type=int, default=100, help="how many warm-up prompts to answer (max 100)")
         p.add_argument("--samples", type=int, default=1,
                        help="answers per training prompt: the greedy one, then sampled ones at --temperature "
-                            "(more data: 4 gave a better head than 1, see README; generation and training "
+                            "(more data: 4 gave a better head than 1, see docs/results.md; generation and training "
                             "time grow with it)")
         p.add_argument("--temperature", type=float, default=0.8, help="temperature of the extra --samples answers")
         p.add_argument("--corpus", type=int, default=0, metavar="N",
                        help="first pretrain on N reference answers written by other models (prefill only: "
-                            "cheap data; 0: none; 1060 have a short enough question). See README for what it gains")
+                            "cheap data; 0: none; 1060 have a short enough question). See docs/results.md for what it gains")
         p.add_argument("--corpus-epochs", type=float, default=1.0, help="passes over the --corpus positions")
         p.add_argument("--max-tokens", type=int, default=192)
         p.add_argument("--concurrency", type=int, default=8, help="sequences decoded at once")

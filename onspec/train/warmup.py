@@ -20,7 +20,7 @@ scenario, so both run the same procedure.
   ~1500/s, and the soft targets are the target model's own distribution whoever wrote the text (EAGLE-1
   trained on fixed ShareGPT text the same way). Text by other writers is not what the model says, so the
   head still fine-tunes on the model's own answers afterwards. ``bench/warmup.py --corpus 2000``
-  (``warmup_corpus_s10``; 1060 references, 377k positions, one epoch): held-out acceptance 1.36 -> 1.44
+  (bench/results/warmup.json; 1060 references, 377k positions, one epoch): held-out acceptance 1.36 -> 1.44
   with one answer per warm-up prompt, 1.47 -> 1.54 with four.
 """
 
