@@ -203,7 +203,7 @@ def drive_tiers(u: MeasuredUtility, batch: int, steps: int, plain_rate: float, c
 
 
 def test_an_expensive_drafter_that_beats_plain_but_not_the_suffix_drafter_is_switched_off() -> None:
-    """Day-1 in session 4: hybrid trees (learned + suffix) beat plain decoding by 10% but the suffix
+    """A day-1 case: hybrid trees (learned + suffix) beat plain decoding by 10% but the suffix
     drafter alone by nothing; the controller kept choosing them. Judged against the suffix drafter's own
     rate (measured in cheap-probe steps) the learned arm is switched off, and the suffix arm is not."""
     u = MeasuredUtility(probe_every=1000)

@@ -16,7 +16,7 @@ embedding matrix (``embed_weight``, a plain tensor attribute, so it is in neithe
 ``state_dict()``) and the checkpoint never stores them.
 
 Draft vocabulary: ``lm_head`` covers only ``draft_vocab_size`` target tokens (the most frequent ones). On a
-CPU the full 49k-row lm_head dominated the cost of a drafter step (4.1 ms, see DESIGN.md), so a small draft
+CPU the full 49k-row lm_head dominated the cost of a drafter step (4.1 ms of it), so a small draft
 vocabulary is what makes drafting cheap. ``d2t[i]`` is the offset from draft id ``i`` to its target id
 (``target = i + d2t[i]``, EAGLE-3's convention) and ``t2d`` marks the target ids that have a draft id.
 

@@ -13,7 +13,7 @@
   bucket for ``live_window_steps`` steps and compared, bucket by bucket, with the previous version's
   (and, for the record, with speculation off as the controller's measured cost model predicts it). A
   regression beyond ``rollback_threshold`` rolls back automatically. (Aurora, arXiv 2602.06932, logs
-  speedup but uses neither a gate nor a rollback; this is the "utility feedback" of DESIGN.md.)
+  speedup but uses neither a gate nor a rollback; this is its "utility feedback" idea carried further.)
 * ``VersionManager`` (versions.py) ties these together: candidates are judged in a background thread and
   recorded, swapped, watched and rolled back on the engine thread.
 """
