@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def replay(prompt: list[int], outputs: list[list[int]], setting: str, spec_cfg) -> tuple[int, int, int]:
     """Replay the suffix drafter over recorded ``outputs`` of one prompt: (tokens, steps, drafted nodes)."""
-    from onspec.spec.suffix import SuffixProposer
+    from onspec.speculation.suffix import SuffixProposer
 
     sources = ("request",) if setting == "per-request" else ("request", "group")
     prop = SuffixProposer(spec_cfg)

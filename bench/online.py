@@ -105,7 +105,7 @@ def make_engine(loaded, mode: str, threads: int, concurrency: int, attach: bool 
     engine = Engine(EngineConfig(model=str(loaded.path), dtype="bfloat16", num_threads=threads,
                                  max_num_seqs=max(4, concurrency), spec=spec), loaded=loaded)
     if mode != "off" and attach:
-        from onspec.spec.controller import attach_speculation
+        from onspec.speculation.controller import attach_speculation
 
         attach_speculation(engine, spec)
     return engine
@@ -225,7 +225,7 @@ def scenario_strategies(loaded, texts, args, tag: str, start_dir: Path | None) -
 
 def warm_start_dir(loaded, args) -> Path:
     """A versions directory holding a warm-started drafter (``onspec warmup``'s procedure, ``train/warmup.py``)."""
-    from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
+    from onspec.speculation.eagle import EagleConfig, attach_learned, init_drafter
     from onspec.train.publish import Manifest, VersionState, publish_version
     from onspec.train.warmup import WarmupSettings, warm_start
 

@@ -74,7 +74,7 @@ def warm_start(drafter, samples: list, cfg, steps: int, batch: int, seed: int) -
     """``steps`` optimizer steps on random batches of ``samples``; the losses."""
     import torch
 
-    from onspec.spec.parallel_drafter import ParallelDrafter
+    from onspec.speculation.parallel_drafter import ParallelDrafter
     from onspec.train.objective import clip, collate, make_optimizer, objective, trainable_parameters
     from onspec.train.parallel_objective import train_step
 
@@ -101,7 +101,7 @@ def warm_start(drafter, samples: list, cfg, steps: int, batch: int, seed: int) -
 
 def force_drafting(spec) -> None:
     """Every step drafts and verifies the whole proposal (as the tests' ``force_all_drafts``)."""
-    from onspec.spec.controller import Plan
+    from onspec.speculation.controller import Plan
 
     spec.controller.plan = lambda trees, base, nd, remaining=None: Plan(
         trees, sum(t.num_draft for t in trees.values()), 0.0, 0.0)
@@ -115,8 +115,8 @@ def decode_run(lm, args, prompts: list[list[int]], mode: str, drafter) -> dict:
     from onspec.config import EngineConfig, SpecConfig
     from onspec.engine.engine import Engine
     from onspec.engine.sampler import SamplingParams
-    from onspec.spec.eagle import attach_learned
-    from onspec.spec.parallel_proposer import attach_parallel
+    from onspec.speculation.eagle import attach_learned
+    from onspec.speculation.parallel_proposer import attach_parallel
 
     spec_cfg = SpecConfig(mode=mode, max_draft_tokens=args.budget, profile_at_start=False, objective="throughput")
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from onspec.config import TrainerConfig
     from onspec.models.loader import load_model
-    from onspec.spec.eagle import EagleConfig, day0_token_counts, init_drafter
-    from onspec.spec.parallel_drafter import ParallelConfig, from_eagle
+    from onspec.speculation.eagle import EagleConfig, day0_token_counts, init_drafter
+    from onspec.speculation.parallel_drafter import ParallelConfig, from_eagle
     from onspec.train.objective import SoftTargets, accepted_by_depth, collate
     from onspec.train.warmup import warmup_prompts
 

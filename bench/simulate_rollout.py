@@ -121,7 +121,7 @@ def record_steps(engine, into: list[list[float]]) -> None:
 def live_table(engine_steps: list[list[float]], source: str) -> TableCost:
     """A cost table from timed engine steps: per kind and power-of-two bucket of tokens, the median seconds
     at the bucket's mean size (``StepCostModel``'s layout)."""
-    from onspec.spec.utility import pow2_bucket
+    from onspec.speculation.utility import pow2_bucket
 
     buckets: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for rows, tokens, secs in engine_steps:

@@ -122,7 +122,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def sources_adapter(spec, sources: tuple[str, ...]):
     """The suffix drafter restricted to some of its trees (request / group / global): the switch between
     group drafting and per-request drafting, without touching the controller."""
-    from onspec.spec.controller import SuffixAdapter
+    from onspec.speculation.controller import SuffixAdapter
 
     class SourcesSuffixAdapter(SuffixAdapter):
         def propose(self, seqs, budgets):
@@ -137,7 +137,7 @@ def make_llm(loaded, mode: str, threads: int, sources: tuple[str, ...] | None = 
     from onspec import LLM
     from onspec.config import EngineConfig, SpecConfig
     from onspec.engine.engine import Engine
-    from onspec.spec.controller import Controller, attach_speculation, profile_costs
+    from onspec.speculation.controller import Controller, attach_speculation, profile_costs
 
     spec = SpecConfig(mode=mode, **(spec_overrides or {}))
     cfg = EngineConfig(model="default", dtype="bfloat16", num_threads=threads, max_num_seqs=max_num_seqs,

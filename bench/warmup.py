@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from onspec.config import EngineConfig, SpecConfig, TrainerConfig
     from onspec.engine.engine import Engine
-    from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
+    from onspec.speculation.eagle import EagleConfig, attach_learned, init_drafter
     from onspec.train.warmup import (WarmupSettings, pretrain_on_corpus, record_answers, train_offline,
                                      warmup_key_parts)
 

@@ -24,7 +24,7 @@ def _check(cond: bool, field_name: str, message: str) -> None:
         raise ConfigError(field_name, message)
 
 
-# "parallel": the parallel drafter (spec/parallel_proposer.py), where ``attach_parallel`` gave the engine one
+# "parallel": the parallel drafter (speculation/parallel_proposer.py), where ``attach_parallel`` gave the engine one
 SPECULATION_MODES = ("auto", "off", "suffix", "learned", "hybrid", "parallel")
 SPECULATION_OBJECTIVES = ("auto", "throughput", "makespan")
 
@@ -39,9 +39,9 @@ class SpecConfig:
     suffix_max_depth: int = 32          # deepest suffix kept in a suffix tree
     suffix_min_prob: float = 0.1        # stop expanding a path below this probability (SuffixDecoding)
     suffix_alpha: float = 4.0           # draft length cap = alpha * match length
-    suffix_calibrate: bool = True       # learn acceptance by match length online (spec/suffix_calibration.py)
+    suffix_calibrate: bool = True       # learn acceptance by match length online (speculation/suffix_calibration.py)
     global_store_requests: int = 256    # recent responses kept in the global suffix store (FIFO)
-    # The draft policy's gates (spec/policy.py):
+    # The draft policy's gates (speculation/policy.py):
     off_batch_size: int = 64            # gate ``batch_size``: never drafted at or above this batch size
     unpaid_backoff_max: int = 8         # gate ``unpaid``: steps skipped after drafts the plan kept none of
                                         # (1, 2, 4 ... up to this)
@@ -53,7 +53,7 @@ class SpecConfig:
     hybrid_suffix_confident: float = 1.0  # hybrid: rows whose suffix tree expects >= this many accepted
                                           # drafts skip the learned drafter (0: always ask it)
     profile_at_start: bool = True       # time target forwards at start-up to seed the cost model
-    # What a committed token is worth to the controller (spec/controller.py, ``MakespanValue``):
+    # What a committed token is worth to the controller (speculation/controller.py, ``MakespanValue``):
     # "throughput": every token alike (a server: each request is someone's stream); "makespan": by how much
     # it shortens the time until every running request is done, whenever no request waits (a closed batch);
     # "auto": makespan inside ``LLM.generate`` (the call returns when the whole batch is done), else throughput.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from onspec.models.loader import load_model, resolve_model_dir
-from onspec.spec.proposer import Proposer
+from onspec.speculation.proposer import Proposer
 
 # Tiny models gain nothing from a second thread, and on a busy 2-core machine (servers, trainer processes
 # and pytest side by side) spinning OpenMP threads slow such work down many times over.

@@ -7,9 +7,9 @@ from unittest import mock
 
 import torch
 
-from onspec.spec import verify as verify_mod
-from onspec.spec.tree import DraftTree
-from onspec.spec.verify import NoiseFn, _verify_greedy
+from onspec.speculation import verify as verify_mod
+from onspec.speculation.tree import DraftTree
+from onspec.speculation.verify import NoiseFn, _verify_greedy
 
 
 def chisq_pvalue(observed: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:

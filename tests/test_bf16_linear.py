@@ -183,7 +183,7 @@ def test_kernel_is_wanted_wherever_it_can_run() -> None:
 @needs_kernel
 def test_the_loaded_target_and_drafter_use_the_kernel_and_agree_with_pytorch(tiny_llama) -> None:
     from onspec.models.loader import load_model
-    from onspec.spec.eagle_model import init_drafter
+    from onspec.speculation.eagle_model import init_drafter
 
     loaded = load_model(str(tiny_llama), dtype="bfloat16")
     model = loaded.model

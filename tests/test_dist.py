@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from onspec.dist.coordinator import LocalPool, run_distributed_rollout
-from onspec.dist.worker import RolloutWorker
+from onspec.distributed.coordinator import LocalPool, run_distributed_rollout
+from onspec.distributed.worker import RolloutWorker
 from onspec.rl.config import RLConfig
 from onspec.rl.loop import build_engine
 from onspec.rl.rollout import ChunkRunner, RolloutConfig, run_rollout
@@ -100,7 +100,7 @@ def test_ray_two_workers_match_one_and_receive_weights(chat_tiny, tmp_path):  # 
 def test_ray_workers_that_do_not_come_up_in_time_are_a_clear_error(chat_tiny, monkeypatch):  # noqa: F811
     """Ray waits forever for an actor by default; a worker that is not ready in time ends the run with one line."""
     pytest.importorskip("ray")
-    from onspec.dist import backend
+    from onspec.distributed import backend
 
     monkeypatch.setattr(backend, "WORKER_START_TIMEOUT_S", 0.01)   # no engine loads a model in 10 ms
     cfg = RLConfig(model=str(chat_tiny), rollout=RolloutConfig(group_size=2, max_tokens=4), speculation="suffix",

@@ -1,4 +1,4 @@
-"""Tests for the EAGLE-3 drafter (onspec.spec.eagle_model) and its proposer (onspec.spec.eagle).
+"""Tests for the EAGLE-3 drafter (onspec.speculation.eagle_model) and its proposer (onspec.speculation.eagle).
 
 Model: config and vocabulary maps; the training-time-test unroll equals what inference computes when it
 drafts a chain (so TTT really feeds the drafter its own outputs); a KL loss falls; EAGLE-3 checkpoints
@@ -25,8 +25,8 @@ from onspec.engine.runner import ModelRunner, RowSpec
 from onspec.engine.sampler import SamplingParams, process_logits
 from onspec.engine.step import Prefill
 from onspec.models.loader import load_model
-from onspec.spec.controller import Plan
-from onspec.spec.eagle import (
+from onspec.speculation.controller import Plan
+from onspec.speculation.eagle import (
     DrafterLoadError,
     EagleConfig,
     EagleDrafter,
@@ -45,7 +45,7 @@ from onspec.spec.eagle import (
     ttt_loss,
     ttt_valid_mask,
 )
-from onspec.spec.tree import DraftTree
+from onspec.speculation.tree import DraftTree
 
 PROMPTS = [[5, 17, 99, 3, 250, 41], [300, 12, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [77, 77, 78, 400]]
 

@@ -568,7 +568,7 @@ def test_n_samples_priorities_and_abort(tiny) -> None:
 
 def test_n_samples_with_suffix_speculation(tiny) -> None:
     from onspec.config import SpecConfig
-    from onspec.spec.controller import attach_speculation
+    from onspec.speculation.controller import attach_speculation
 
     prompts = token_prompts(tiny.arch.vocab_size, lengths=(17, 40))
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, n=4)
@@ -588,7 +588,7 @@ def test_n_samples_share_the_learned_drafters_prompt_aux(tiny) -> None:
     """Samples that copy the prompt's cache rows get the first sample's aux rows for them, so the learned
     drafter can draft for every sample (it needs the aux of every processed token)."""
     from onspec.config import SpecConfig
-    from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
+    from onspec.speculation.eagle import EagleConfig, attach_learned, init_drafter
 
     prompt = token_prompts(tiny.arch.vocab_size, lengths=(21,))[0]
     spec = SpecConfig(mode="learned", max_draft_tokens=4, profile_at_start=False)
@@ -785,7 +785,7 @@ def test_prefix_reuse_gives_the_learned_drafter_the_reused_rows_aux_states(tiny)
     them with the slot (including the finishing step's rows: a conversation's next turn reuses the whole
     previous sequence), so it drafts for that prompt; tokens and aux rows equal a run that prefills all."""
     from onspec.config import SpecConfig
-    from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
+    from onspec.speculation.eagle import EagleConfig, attach_learned, init_drafter
 
     vocab = tiny.arch.vocab_size
     system = token_prompts(vocab, lengths=(30,))[0]

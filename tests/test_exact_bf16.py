@@ -23,9 +23,9 @@ from onspec.models.bf16_linear import active_path, compiled_kernel, load_kernel,
 from onspec.cpu import cpu_flags
 from onspec.models.compute_path import DP_REQUIRES, choose_path, current_path
 from onspec.models.loader import load_model
-from onspec.spec.controller import attach_speculation
-from onspec.spec.eagle import attach_learned
-from onspec.spec.eagle_model import init_drafter
+from onspec.speculation.controller import attach_speculation
+from onspec.speculation.eagle import attach_learned
+from onspec.speculation.eagle_model import init_drafter
 from test_eagle import force_all_drafts
 from test_speculation import FREE, real_prompts
 

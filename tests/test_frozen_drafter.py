@@ -12,7 +12,7 @@ from onspec.config import SpecConfig
 from onspec.models.loader import load_model
 from onspec.rl.config import RLConfig
 from onspec.server.settings import ServerConfig
-from onspec.spec.eagle import init_drafter, save_eagle3
+from onspec.speculation.eagle import init_drafter, save_eagle3
 from onspec.train.frozen import attach_for_mode
 from onspec.train.publish import Manifest, VersionState, publish_version
 from test_speculation import FORCE

@@ -124,7 +124,7 @@ def test_bf16_speculative_greedy_equals_plain_greedy_with_the_kernels(tiny_model
     from onspec.config import EngineConfig, SpecConfig
     from onspec.engine.engine import Engine
     from onspec.models.loader import load_model
-    from onspec.spec.controller import attach_speculation
+    from onspec.speculation.controller import attach_speculation
 
     from test_speculation import FORCE, GREEDY, OracleProposer, generate, oracle_spec, token_prompts
 

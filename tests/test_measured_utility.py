@@ -1,4 +1,4 @@
-"""The measured-utility check on speculation (spec/utility.py): a strategy is switched off, per batch-size
+"""The measured-utility check on speculation (speculation/utility.py): a strategy is switched off, per batch-size
 bucket, where its steps measurably commit fewer tokens per second than plain decoding, and retried later."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from onspec.config import EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
 from onspec.engine.sampler import SamplingParams
 from onspec.models.loader import LoadedModel, load_model
-from onspec.spec.controller import attach_speculation
-from onspec.spec.tree import DraftTree
-from onspec.spec.utility import MeasuredUtility
+from onspec.speculation.controller import attach_speculation
+from onspec.speculation.tree import DraftTree
+from onspec.speculation.utility import MeasuredUtility
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from onspec.engine.runner import ModelRunner, RowSpec, attention_groups, bucket_
 from onspec.engine.sampler import SamplingParams
 from onspec.models.loader import load_model
 from onspec.server import memory as server_memory
-from onspec.spec.controller import attach_speculation
-from onspec.spec.tree import DraftTree
+from onspec.speculation.controller import attach_speculation
+from onspec.speculation.tree import DraftTree
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +278,8 @@ def _linear_rows(module: torch.nn.Module) -> set[int]:
 
 
 def _learned_engine(loaded, bucket: bool) -> tuple[Engine, set[int]]:
-    from onspec.spec.controller import Plan
-    from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter
+    from onspec.speculation.controller import Plan
+    from onspec.speculation.eagle import EagleConfig, attach_learned, init_drafter
 
     spec_cfg = SpecConfig(mode="learned", max_draft_tokens=8, profile_at_start=False)
     eng = Engine(EngineConfig(model=str(loaded.path), dtype="float32", num_threads=1, max_model_len=256,
@@ -334,7 +334,7 @@ def _synthetic_chunks(loaded, n: int, seed: int = 0) -> list:
 
 def _trainer(loaded, **kw):
     from onspec.config import TrainerConfig
-    from onspec.spec.eagle import EagleConfig, init_drafter
+    from onspec.speculation.eagle import EagleConfig, init_drafter
     from onspec.train.trainer import Trainer
 
     cfg = TrainerConfig(autocast=False, min_positions=16, batch_positions=160, buffer_bytes=2**22,

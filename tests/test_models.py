@@ -15,7 +15,7 @@ from conftest import FAMILIES, make_tiny_model
 from onspec.engine.kv_cache import KVCache
 from onspec.engine.runner import ModelRunner, RowSpec
 from onspec.models.loader import LoadedModel, load_model
-from onspec.spec.tree import DraftTree
+from onspec.speculation.tree import DraftTree
 
 TOL = 2e-4  # float32; our maths matches transformers' op for op up to summation order
 

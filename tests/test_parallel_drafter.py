@@ -1,4 +1,4 @@
-"""Tests for the parallel drafter (P-EAGLE: spec/parallel_drafter.py, parallel_proposer.py,
+"""Tests for the parallel drafter (P-EAGLE: speculation/parallel_drafter.py, parallel_proposer.py,
 parallel_checkpoint.py, train/parallel_objective.py).
 
 Model: the training unroll computes what one proposal forward computes; depth d never sees the rows of
@@ -31,10 +31,10 @@ from onspec.engine.sampler import SamplingParams
 from onspec.engine.step import Prefill
 from onspec.models.bf16_linear import compiled_kernel
 from onspec.models.loader import load_model
-from onspec.spec.controller import attach_speculation
-from onspec.spec.eagle import DrafterLoadError, EagleConfig, day0_token_counts, init_drafter, load_eagle3
-from onspec.spec.parallel_checkpoint import PARALLEL_CONFIG_KEYS, load_parallel, save_parallel
-from onspec.spec.parallel_drafter import (
+from onspec.speculation.controller import attach_speculation
+from onspec.speculation.eagle import DrafterLoadError, EagleConfig, day0_token_counts, init_drafter, load_eagle3
+from onspec.speculation.parallel_checkpoint import PARALLEL_CONFIG_KEYS, load_parallel, save_parallel
+from onspec.speculation.parallel_drafter import (
     ParallelConfig,
     ParallelDrafter,
     ParallelInput,
@@ -42,7 +42,7 @@ from onspec.spec.parallel_drafter import (
     init_parallel,
     tree_from_depths,
 )
-from onspec.spec.parallel_proposer import ParallelProposer, attach_parallel
+from onspec.speculation.parallel_proposer import ParallelProposer, attach_parallel
 from onspec.train.objective import (Batch, Sample, accepted_by_depth, collate, make_optimizer,
                                     simulated_acceptance, trainable_parameters)
 from onspec.train.parallel_objective import train_step

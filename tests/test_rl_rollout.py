@@ -112,7 +112,7 @@ def test_rollout_config_errors():
 def _engine(path, spec: str, max_num_seqs: int = 4, prefix_reuse: bool = False):
     from onspec.config import EngineConfig, SpecConfig
     from onspec.engine.engine import Engine
-    from onspec.spec.controller import attach_speculation
+    from onspec.speculation.controller import attach_speculation
 
     # prefix_reuse off: these tests count prefill and sibling sharing exactly (reuse has its own test)
     e = Engine(EngineConfig(model=str(path), dtype="float32", max_num_seqs=max_num_seqs, max_model_len=128,

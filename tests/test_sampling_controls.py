@@ -29,7 +29,7 @@ from onspec.engine import engine as engine_mod
 from onspec.engine.penalties import LogitContext, adjust_logits
 from onspec.models.loader import LoadedModel, load_model
 from onspec.server.app import build_engine
-from onspec.spec.tree import DraftTree
+from onspec.speculation.tree import DraftTree
 from test_server_support import make_chat_model, running_server, tiny_config
 from test_speculation import (FORCE, FREE, PROMPT, SMALL_V, OracleProposer, TableDrafter, engine_for,
                               exact_triples, generate, ids_of, oracle_spec, sampled_triples, small_vocab,

@@ -1,7 +1,7 @@
 """Seeded sampling is reproducible whatever the speculation, and still exactly distributed.
 
 A seeded request samples output position t as argmax p_t / E_t with E_t ~ Exp(1) keyed by (seed, t) only
-(engine/sampler.py, spec/verify.py). Checks:
+(engine/sampler.py, speculation/verify.py). Checks:
 
 * Reproducibility: one seed gives the same tokens with speculation "off", "suffix", "auto" and an oracle
   drafter with long accepted runs (trees, partial acceptance), alone or in a batch with other requests,
@@ -30,8 +30,8 @@ from onspec.engine import sampler as sampler_mod
 from onspec.engine.kv_cache import KVCache
 from onspec.engine.sampler import SamplingParams, position_seed, race_noise, race_sample, seeded_sample
 from onspec.models.loader import DTYPES, LoadedModel, load_model
-from onspec.spec.tree import DraftTree
-from onspec.spec.verify import verify_tree
+from onspec.speculation.tree import DraftTree
+from onspec.speculation.verify import verify_tree
 from test_speculation import (FORCE, FREE, PROMPT, REPEAT_TEXT, SMALL_V, OracleProposer, TableDrafter,
                               chisq_pvalue, engine_for, exact_triples, generate, ids_of, oracle_spec,
                               sampled_triples, target_tables, triple_pvalues)

@@ -33,10 +33,10 @@ from onspec.engine.runner import RowSpec
 from onspec.engine.step import DraftInput
 from onspec.engine.sampler import process_logits
 from onspec.models.loader import DTYPES, LoadedModel, load_model
-from onspec.spec.controller import Controller, StepCostModel, attach_speculation
-from onspec.spec.proposer import Proposer
-from onspec.spec.utility import MeasuredUtility
-from onspec.spec.tree import DraftTree
+from onspec.speculation.controller import Controller, StepCostModel, attach_speculation
+from onspec.speculation.proposer import Proposer
+from onspec.speculation.utility import MeasuredUtility
+from onspec.speculation.tree import DraftTree
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -622,7 +622,7 @@ def test_a_step_with_a_prefill_chunk_drafts_only_what_pays_at_the_decoding_rate(
 def test_makespan_value_of_one_row_is_its_accepted_tokens() -> None:
     """One row: every accepted token saves a whole step, as in the throughput rule. Many rows: a token on a
     row that is ahead saves only the per-row cost c; tied rows save the fixed cost F only together."""
-    from onspec.spec.controller import MakespanValue
+    from onspec.speculation.controller import MakespanValue
 
     one = MakespanValue({7: 30}, step_seconds=0.025, one_row_seconds=0.025)
     assert one.add(7, 0.8) == pytest.approx(0.8 * 0.025) and one.add(7, 0.5) == pytest.approx(1.3 * 0.025)
@@ -702,7 +702,7 @@ def test_start_up_profile_times_batched_decoding_and_verification(tiny) -> None:
 
 def test_policy_off_at_large_batch() -> None:
     """Gate ``batch_size``: at ``off_batch_size`` decoding rows no drafter is asked, however cheap nodes are."""
-    from onspec.spec.policy import DraftPolicy
+    from onspec.speculation.policy import DraftPolicy
 
     cfg = SpecConfig(off_batch_size=16)
     ctl = Controller(cfg)
@@ -725,7 +725,7 @@ def test_controller_choose_prefers_the_better_calibrated_strategy() -> None:
 
 def test_policy_backs_off_exploring_a_losing_strategy_and_forgets_on_a_new_drafter() -> None:
     """Gate ``record``: a strategy whose record does not pay is retried after 4, 8, 16, then every 32 steps."""
-    from onspec.spec.policy import DraftPolicy
+    from onspec.speculation.policy import DraftPolicy
 
     cfg = SpecConfig(mode="learned", record_backoff_first=4, record_backoff_max=32)
     ctl = Controller(cfg)
@@ -840,7 +840,7 @@ def test_a_drafter_model_must_pay_beside_what_the_free_drafter_commits(tiny) -> 
     """With 10 ms proposals against a 50 ms step, a drafter model needs L > 1.2 to beat plain decoding, but
     beside a free drafter that already commits one extra token per row (g = 1) its best case (its drafts
     added to the free drafter's) pays only when L > 1 + 0.2 * 2 = 1.4."""
-    from onspec.spec.controller import StrategyStats
+    from onspec.speculation.controller import StrategyStats
 
     class Learned(StubProposer):
         wants_aux = True

@@ -1,4 +1,4 @@
-"""Tests for onspec.spec.suffix: the bounded suffix trie and the model-free SuffixProposer."""
+"""Tests for onspec.speculation.suffix: the bounded suffix trie and the model-free SuffixProposer."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 from onspec.config import SpecConfig
 from onspec.engine.step import StepResult, Verdict
-from onspec.spec.suffix import SuffixProposer, SuffixTree
-from onspec.spec.suffix_calibration import MatchCalibration
-from onspec.spec.tree import DraftTree
+from onspec.speculation.suffix import SuffixProposer, SuffixTree
+from onspec.speculation.suffix_calibration import MatchCalibration
+from onspec.speculation.tree import DraftTree
 
 
 def naive_counts(seqs: dict[int, list[int]], depth: int) -> Counter:
@@ -419,7 +419,7 @@ def test_group_ceiling_replay_credits_sibling_text_only_to_group_drafting() -> N
     assert acc["group, lockstep"] > 2.0
 
 
-# ---- acceptance calibration by match length (spec/suffix_calibration.py) ----------------------------
+# ---- acceptance calibration by match length (speculation/suffix_calibration.py) ----------------------------
 def test_calibration_credits_only_the_nodes_verification_tested() -> None:
     # root -> 1 (len 2, ratio 1) -> 3 (len 3) -> 4 (len 4); root -> 2 (len 2, ratio 0.5) -> 5 (len 3)
     tree = DraftTree([5, 7, 8, 9, 10, 11], [-1, 0, 0, 1, 3, 2],
@@ -457,7 +457,7 @@ def test_calibration_shrinks_drafts_after_short_matches_and_keeps_long_chains() 
 
 
 def test_the_suffix_drafter_learns_from_verdicts_and_its_evidence_survives_merge_and_prune() -> None:
-    from onspec.spec.controller import SuffixAdapter
+    from onspec.speculation.controller import SuffixAdapter
 
     adapter = SuffixAdapter(SpecConfig(global_store_requests=4))
     sp = adapter.inner

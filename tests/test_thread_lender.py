@@ -98,7 +98,7 @@ def test_steps_run_with_lent_threads_are_not_cost_samples() -> None:
     measured only by steps that draft)."""
     from onspec.config import SpecConfig
     from onspec.engine.step import StepResult
-    from onspec.spec.controller import Speculation
+    from onspec.speculation.controller import Speculation
 
     spec = Speculation(None, SpecConfig(mode="auto"), {})
     spec._pure_decode = True

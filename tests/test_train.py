@@ -29,7 +29,7 @@ from onspec.engine.engine import Engine
 from onspec.engine.runner import RowSpec
 from onspec.engine.sampler import SamplingParams
 from onspec.models.loader import load_model
-from onspec.spec.eagle import EagleConfig, attach_learned, init_drafter, load_eagle3
+from onspec.speculation.eagle import EagleConfig, attach_learned, init_drafter, load_eagle3
 from onspec.train.channel import TraceSender
 from onspec.train.objective import SoftTargets, collate, discard_loss, main_loss, simulated_acceptance
 from onspec.train.publish import (Manifest, VersionError, VersionState, export_version, list_versions,

@@ -21,7 +21,7 @@ from onspec.config import EngineConfig, SpecConfig, TrainerConfig
 from onspec.engine.engine import Engine
 from onspec.engine.sampler import SamplingParams
 from onspec.models.loader import load_model
-from onspec.spec.eagle import init_drafter
+from onspec.speculation.eagle import init_drafter
 from onspec.train.online import build_online_learning, start_online_learning, trainer_config_from
 from onspec.train.publish import Manifest, VersionState, latest_promoted, list_versions, publish_version, version_dir
 
@@ -353,7 +353,7 @@ def test_operator_no_ops_are_not_logged_and_a_refused_rollback_names_no_field(tm
 
 def test_corpus_recording_keeps_every_position_of_each_reference_answer(tmp_path) -> None:
     from conftest import make_tiny_model
-    from onspec.spec.eagle import EagleConfig, attach_learned
+    from onspec.speculation.eagle import EagleConfig, attach_learned
     from onspec.train.trainer import Trainer, offline_config
     from onspec.train.warmup import WarmupSettings, corpus_token_ids, record_corpus
 

@@ -1,4 +1,4 @@
-"""Tests for onspec.spec.verify: greedy walks on hand-built trees, the batched chain helper, and a
+"""Tests for onspec.speculation.verify: greedy walks on hand-built trees, the batched chain helper, and a
 statistical check that tree rejection sampling is lossless (and that a deliberately lossy variant fails it).
 
 Statistical set-up: a toy "target model" over V=6 tokens that is a fixed bigram table P[prev, next]; a
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from helpers import chisq_pvalue, lossy_verify_tree, verify_chain_greedy
-from onspec.spec.tree import DraftTree
-from onspec.spec.verify import _normalise_or, verify_tree
+from onspec.speculation.tree import DraftTree
+from onspec.speculation.verify import _normalise_or, verify_tree
 
 # ------------------------------------------------------------------------------------------------
 # helpers

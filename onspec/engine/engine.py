@@ -34,8 +34,8 @@ import torch
 
 from ..config import EngineConfig
 from ..models.loader import DTYPES, LoadedModel, load_model
-from ..spec.tree import DraftTree
-from ..spec.verify import verify_tree
+from ..speculation.tree import DraftTree
+from ..speculation.verify import verify_tree
 from .events import EngineEvents
 from .kv_cache import KVCache
 from .penalties import LogitContext, adjust_logits

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..spec.tree import DraftTree
+from ..speculation.tree import DraftTree
 from .sampler import SamplingParams
 
 

@@ -152,7 +152,7 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
 # exponential clocks to ring is clock y with probability rate_y / sum(rates) = p(y) (the same fact as
 # Gumbel-max, with -log E(x) ~ Gumbel). The noise E_t is drawn from a stream keyed by (seed, t) only, so it
 # is independent of the prefix, the draft tree, the batch and the drafter: token_t is an exact sample from
-# p_t(. | prefix), and speculative verification (spec/verify.py, ``noise=``) can recompute exactly the token
+# p_t(. | prefix), and speculative verification (speculation/verify.py, ``noise=``) can recompute exactly the token
 # plain seeded decoding would emit at every tree node. Unseeded requests keep ``sample`` (inverse CDF on
 # torch's global RNG) and recursive rejection sampling.
 

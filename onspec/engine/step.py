@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..spec.tree import DraftTree
+from ..speculation.tree import DraftTree
 
 if TYPE_CHECKING:
     from .sequence import Sequence

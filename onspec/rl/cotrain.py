@@ -6,7 +6,7 @@ long tail where only a few responses are still running and most of the machine w
 tail training the drafter on the hidden states the rollout just produced, stops when the rollout ends,
 and hands the new drafter to the engine before the next rollout.
 
-How, with the pieces of ``onspec/train`` and ``onspec/spec/eagle.py``:
+How, with the pieces of ``onspec/train`` and ``onspec/speculation/eagle.py``:
 
 * ``attach(engine)``: a day-0 EAGLE-3 drafter (``init_drafter``) is attached with ``attach_learned`` (the
   controller then chooses per request between suffix, learned and hybrid drafting, or none), and a
@@ -67,7 +67,7 @@ class DrafterCoTrainer:
 
     def attach(self, engine) -> None:
         from ..models.loader import DTYPES
-        from ..spec.eagle import EagleConfig, attach_learned, init_drafter
+        from ..speculation.eagle import EagleConfig, attach_learned, init_drafter
         from ..train.traces import TraceRecorder, attach_recorder
         from ..train.trainer import Trainer
 

@@ -28,7 +28,7 @@ from .tasks import Task
 
 
 class RolloutBackend(Protocol):
-    """Where rollouts run: ``LocalBackend`` (one engine) or ``onspec.dist.RayBackend`` (N workers)."""
+    """Where rollouts run: ``LocalBackend`` (one engine) or ``onspec.distributed.RayBackend`` (N workers)."""
 
     def rollout(self, prompts: list[list[int]], step: int, progress=None) -> RolloutResult: ...
 
@@ -51,7 +51,7 @@ def build_engine(cfg: RLConfig, loaded=None, extra_proposers: dict | None = None
     ecfg = engine_config(cfg)
     engine = Engine(ecfg, loaded)
     if ecfg.spec.mode != "off":
-        from ..spec.controller import attach_speculation
+        from ..speculation.controller import attach_speculation
 
         attach_speculation(engine, ecfg.spec, extra_proposers)
     return engine
@@ -134,7 +134,7 @@ class RLRunner:
         self.cotrainer = cotrainer
         if backend is None:
             if cfg.workers > 1:
-                from ..dist.backend import RayBackend
+                from ..distributed.backend import RayBackend
 
                 from ..models.loader import load_model
 

@@ -51,7 +51,7 @@ def build_engine(cfg: ServerConfig):
                                  num_threads=cfg.num_threads, prefix_reuse=cfg.prefix_reuse, spec=spec))
     if cfg.train == "online":
         # The online learner attaches the learned drafter itself (cfg.speculator becomes its first version).
-        from ..spec.controller import attach_speculation
+        from ..speculation.controller import attach_speculation
 
         attach_speculation(engine, spec)
     else:

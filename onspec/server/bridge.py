@@ -73,7 +73,7 @@ class EngineSnapshot:
     controller: dict[str, dict[str, float]] = field(default_factory=dict)    # name -> drafted/accepted/steps
     decisions: dict[str, int] = field(default_factory=dict)
     measured_utility: dict[int, dict] = field(default_factory=dict)  # batch bucket -> rates, open/closed
-    # decoding steps by the draft policy's reason, strategies left out by gate (spec/policy.py DraftCounts)
+    # decoding steps by the draft policy's reason, strategies left out by gate (speculation/policy.py DraftCounts)
     draft_policy: dict = field(default_factory=lambda: {"steps": {}, "strategies": {}})
     draft_seconds: float = 0.0
     running: int = 0

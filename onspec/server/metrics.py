@@ -234,7 +234,7 @@ class _EngineCollector:
         yield counter("onspec_strategy_committed_tokens", "Tokens committed, by strategy",
                       [([k], com) for k, (_, com) in snap.by_strategy.items()], ["strategy"])
         yield counter("onspec_draft_policy_steps", "Decoding steps by how the draft policy ended them: drafted, "
-                      "or the gate that kept them plain (spec/policy.py)",
+                      "or the gate that kept them plain (speculation/policy.py)",
                       [([reason], n) for reason, n in snap.draft_policy["steps"].items()], ["reason"])
         yield counter("onspec_draft_policy_strategy_skips", "Decoding steps a strategy was not asked in, by the "
                       "draft policy's gate that closed it",

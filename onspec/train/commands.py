@@ -8,7 +8,7 @@ is an EAGLE-3 checkpoint).
 export-speculator: copies a version (default: the latest promoted, else the first one; with no versions
 at all, a fresh day-0 drafter for the model) to ``--out`` as ``config.json`` + ``model.safetensors`` (+ the
 manifest), ready for SGLang / vLLM EAGLE-3 loaders. With ``--parallel DEPTHS`` it writes that head as a
-parallel drafter instead (vLLM's P-EAGLE layout, spec/parallel_checkpoint.py; ``load_parallel`` reads it).
+parallel drafter instead (vLLM's P-EAGLE layout, speculation/parallel_checkpoint.py; ``load_parallel`` reads it).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.version is not None:
         raise ValueError(f"version: no versions in {root}")
     # Nothing trained yet: the initial (day-0) drafter for this model.
-    from ..spec.eagle import EagleConfig, init_drafter, save_eagle3
+    from ..speculation.eagle import EagleConfig, init_drafter, save_eagle3
 
     if loaded is None:
         from ..models.loader import load_model
@@ -107,14 +107,14 @@ def _export(args: argparse.Namespace) -> int:
 
 def _export_parallel(args: argparse.Namespace, root: Path, loaded) -> int:
     """``export-speculator --parallel DEPTHS``: the chosen version's (or a day-0) EAGLE-3 head as a parallel
-    drafter (spec/parallel_drafter.py ``from_eagle``) in the layout of spec/parallel_checkpoint.py."""
+    drafter (speculation/parallel_drafter.py ``from_eagle``) in the layout of speculation/parallel_checkpoint.py."""
     import tempfile
 
     import torch
 
-    from ..spec.eagle import EagleConfig, init_drafter, load_eagle3
-    from ..spec.parallel_checkpoint import save_parallel
-    from ..spec.parallel_drafter import ParallelConfig, from_eagle
+    from ..speculation.eagle import EagleConfig, init_drafter, load_eagle3
+    from ..speculation.parallel_checkpoint import save_parallel
+    from ..speculation.parallel_drafter import ParallelConfig, from_eagle
     from .publish import VersionError, export_version, list_versions
 
     out = Path(args.out)
@@ -146,7 +146,7 @@ def _export_parallel(args: argparse.Namespace, root: Path, loaded) -> int:
 def _warmup(args: argparse.Namespace) -> int:
     from ..config import EngineConfig, SpecConfig
     from ..engine.engine import Engine
-    from ..spec.eagle import EagleConfig, attach_learned, init_drafter
+    from ..speculation.eagle import EagleConfig, attach_learned, init_drafter
     from .publish import Manifest, VersionState, latest_promoted, next_version, publish_version
     from .swap import CandidateError, load_candidate
     from .warmup import WarmupSettings, warm_start

@@ -37,7 +37,7 @@ log = logging.getLogger("onspec.train")
 
 def _frozen_drafter(engine, speculator: str, versions_dir: str, mode: str):
     """(fp32 drafter, expected acceptance or None, where it came from)."""
-    from ..spec.eagle import load_eagle3
+    from ..speculation.eagle import load_eagle3
     from .online import default_versions_dir
     from .publish import VersionError, latest_promoted, read_manifest
     from .swap import CandidateError, load_candidate
@@ -70,7 +70,7 @@ def _frozen_drafter(engine, speculator: str, versions_dir: str, mode: str):
 def attach_for_mode(engine, spec_cfg: SpecConfig, speculator: str = "", versions_dir: str = ""):
     """Attach the drafters ``spec_cfg.mode`` needs (see the module docstring); returns the
     ``Speculation``, or None for ``off``."""
-    from ..spec.controller import attach_speculation
+    from ..speculation.controller import attach_speculation
 
     mode = spec_cfg.mode
     if mode == "off":
@@ -79,7 +79,7 @@ def attach_for_mode(engine, spec_cfg: SpecConfig, speculator: str = "", versions
         return None
     if mode not in NEEDS_DRAFTER and not speculator:
         return attach_speculation(engine, spec_cfg)
-    from ..spec.eagle import attach_learned
+    from ..speculation.eagle import attach_learned
 
     drafter, estimate, origin = _frozen_drafter(engine, speculator, versions_dir, mode)
     spec = attach_learned(engine, spec_cfg, drafter.to_dtype(engine.loaded.model.embed_tokens.weight.dtype),

@@ -127,7 +127,7 @@ def publish_drafter(root: Path, base_model: str, drafter, kind: str, parent: int
 def starting_drafter(loaded, cfg: TrainerConfig, root: Path, events: EventLog) -> StartingDrafter:
     """``--speculator PATH`` (imported: day 1), else the latest promoted version (a restart resumes), else a
     fresh random drafter (day 0); published as a version if it is not one yet."""
-    from ..spec.eagle import EagleConfig, init_drafter, load_eagle3
+    from ..speculation.eagle import EagleConfig, init_drafter, load_eagle3
     from .swap import CandidateError, load_candidate
 
     name = str(loaded.name)
@@ -175,7 +175,7 @@ class OnlineParts:
 
 def build_online_learning(engine, cfg: TrainerConfig, start_trainer: bool = True) -> OnlineLearning:
     """Assemble online drafter learning for ``engine`` and start it (see the module docstring)."""
-    from ..spec.eagle import attach_learned
+    from ..speculation.eagle import attach_learned
     from .channel import CpuLease, ThreadLender, TraceSender
     from .trainer import TrainerLaunch, TrainerProcess
     from .versions import VersionManager

@@ -7,7 +7,7 @@ sequential head, train/objective.py):
 
 * ``q_d(t)``: the parallel drafter's depth-d distribution for root t, from ONE forward over all depths
   (``ParallelDrafter.forward_train`` with ``depths`` unroll steps: depth d's row reads the placeholders, see
-  spec/parallel_drafter.py); ``p_{t+d-1}``: the target's distribution of token ``t + d`` recorded by
+  speculation/parallel_drafter.py); ``p_{t+d-1}``: the target's distribution of token ``t + d`` recorded by
   verification (soft labels over the draft vocabulary, top-K, ``objective.SoftTargets``). Every depth is
   trained at every position at once: forward KL per depth, weights falling with depth (``ttt_decay``).
 * the rejected-branch term (``objective.discard_loss``): rejected tree nodes give the target's
@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import TrainerConfig
-from ..spec.parallel_drafter import ParallelDrafter
+from ..speculation.parallel_drafter import ParallelDrafter
 from .objective import Batch, clip, objective
 
 

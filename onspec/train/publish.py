@@ -3,7 +3,7 @@
 A version is a directory ``<root>/v0007/`` holding
 
 * ``config.json`` + ``model.safetensors``: the drafter in the EAGLE-3 layout (written by
-  ``onspec.spec.eagle.save_eagle3``), loadable by SGLang / vLLM EAGLE-3 loaders as is;
+  ``onspec.speculation.eagle.save_eagle3``), loadable by SGLang / vLLM EAGLE-3 loaders as is;
 * ``manifest.json``: version, parent, training step, samples seen, held-out simulated acceptance length,
   the sha256 of every weight file, when and from what it was made;
 * ``optimizer.pt`` (optional): AdamW state, so a restarted trainer continues where it stopped.
@@ -119,7 +119,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def publish_version(root: Path, drafter, manifest: Manifest, optimizer_state: dict | None = None) -> Path:
     """Write ``drafter`` as version ``manifest.version`` under ``root`` atomically; returns its directory."""
-    from ..spec.eagle import save_eagle3
+    from ..speculation.eagle import save_eagle3
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainerConfig
-from ..spec.utility import pow2_bucket
+from ..speculation.utility import pow2_bucket
 from .objective import SoftTargets, simulated_acceptance
 from .publish import VersionError, read_manifest, verify_checksums, version_dir
 from .traces import TraceChunk
@@ -43,7 +43,7 @@ class CandidateError(ValueError):
 
 def load_candidate(root: Path, version: int, target, reference=None):
     """(fp32 drafter, manifest) of a version, validated against the target and the serving drafter."""
-    from ..spec.eagle import DrafterLoadError, load_eagle3
+    from ..speculation.eagle import DrafterLoadError, load_eagle3
 
     d = version_dir(root, version)
     try:

@@ -201,7 +201,7 @@ def drop_layers_below(target, keep_from: int) -> int:
 
 def load_version_for_training(root: Path, version: int, target):
     """(fp32 drafter, optimizer state or None, manifest) of a published version."""
-    from ..spec.eagle import load_eagle3
+    from ..speculation.eagle import load_eagle3
     from .publish import OPTIMIZER_FILE, read_manifest, verify_checksums, version_dir
 
     d = version_dir(root, version)

@@ -3,7 +3,7 @@
 A step of a worker runs ``rows`` sequences through the target model and computes ``tokens`` tokens in all
 (one per decoding row, ``1 + draft`` per drafting row, a prompt's share for a prefilling row). Two models:
 
-* ``TableCost``: a measured table read through onspec's own ``StepCostModel`` (``onspec/spec/controller.py``),
+* ``TableCost``: a measured table read through onspec's own ``StepCostModel`` (``onspec/speculation/controller.py``),
   the curve the speculation controller budgets drafts with, so the simulator prices a step exactly as the
   controller does: a ``plain`` curve (every row one token) and a ``masked`` one (draft trees or prefill).
   It comes from a cost table file (JSON, with a ``source`` line saying where the figures come from, e.g.
@@ -55,7 +55,7 @@ class TableCost:
     _model: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from ...spec.controller import StepCostModel
+        from ...speculation.controller import StepCostModel
 
         if not any(self.tables.get(k) for k in KINDS):
             raise ValueError("cost table: no figures (need a 'plain' or 'masked' table of tokens -> seconds)")
@@ -117,7 +117,7 @@ def measure_cost(model: str = "default", dtype: str = "float32", threads: int = 
 
     from ...config import EngineConfig, SpecConfig
     from ...engine.engine import Engine
-    from ...spec.controller import attach_speculation, profile_costs
+    from ...speculation.controller import attach_speculation, profile_costs
 
     if threads:
         torch.set_num_threads(threads)

@@ -30,7 +30,7 @@ class DraftTree:
     child_dists: dict[int, torch.Tensor] = field(default_factory=dict)
     source: str = "none"
     # Suffix drafting: per node, (effective match length, count ratio) its probability came from, so the
-    # drafter can learn from the verdict (spec/suffix_calibration.py); empty for other drafters.
+    # drafter can learn from the verdict (speculation/suffix_calibration.py); empty for other drafters.
     match_evidence: list[tuple[int, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:

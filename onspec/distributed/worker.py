@@ -1,6 +1,6 @@
 """A rollout worker: one engine that runs the chunks the coordinator hands it.
 
-A plain class, so it can be unit-tested in process; ``dist/backend.py`` wraps it as a Ray actor. The
+A plain class, so it can be unit-tested in process; ``distributed/backend.py`` wraps it as a Ray actor. The
 protocol is a *tick*: the coordinator sends new chunks and sibling text to share, the worker runs engine
 steps until at least one chunk finishes (or ``max_steps`` pass) and returns what finished plus its load.
 Ticks keep every worker busy without a thread per worker and let the coordinator rebalance between them.

@@ -1,6 +1,6 @@
 """Measured utility of speculation by batch size: a last check on the controller's cost model.
 
-The controller (``spec/controller.py``) decides from a model: a step-cost curve and calibrated
+The controller (``speculation/controller.py``) decides from a model: a step-cost curve and calibrated
 acceptance. A model can be wrong in ways it cannot see from inside: the cost of a verification step
 depends on the attention grid, the cache lengths and the Python work per drafted row as much as on the
 token count, and an accepted token is worth less when it only finishes one request early while the others

@@ -75,7 +75,7 @@ from collections.abc import Callable
 import torch
 
 from onspec.engine.sampler import race_sample
-from onspec.spec.tree import DraftTree
+from onspec.speculation.tree import DraftTree
 
 NoiseFn = Callable[[int], torch.Tensor]  # depth of the parent node -> Exp(1) noise [V] for its children
 

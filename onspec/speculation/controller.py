@@ -331,14 +331,14 @@ class Controller:
 class Speculation(EngineObserver):
     """Glue between the engine and the proposers: lifecycle hooks, drafting, verdict feedback. The engine's
     first event subscriber; it hands every event on to its proposers. Whether a step drafts, and which
-    drafters it asks, is the draft policy's (spec/policy.py); what it drafts, the controller's plan."""
+    drafters it asks, is the draft policy's (speculation/policy.py); what it drafts, the controller's plan."""
 
     def __init__(self, engine, cfg: SpecConfig, proposers: dict[str, Proposer]) -> None:
         self.engine = engine
         self.cfg = cfg
         self.proposers = proposers
         self.controller = Controller(cfg)
-        # auto mode: the controller's model-driven choice is also judged by what it achieved (spec/utility.py)
+        # auto mode: the controller's model-driven choice is also judged by what it achieved (speculation/utility.py)
         self.utility = MeasuredUtility()
         self.policy = DraftPolicy(cfg, self.controller, self.utility, proposers)
         self._pure_decode = False                  # the current step carries no prefill chunk

@@ -1,10 +1,10 @@
 """The parallel drafter as a proposer (strategy ``"parallel"``): one drafter forward per proposal.
 
-``ParallelProposer`` is the EAGLE-3 proposer (spec/eagle.py) with its drafting replaced: it keeps the same
+``ParallelProposer`` is the EAGLE-3 proposer (speculation/eagle.py) with its drafting replaced: it keeps the same
 per-sequence aux rows and drafter KV cache (so prefix reuse, shared prompts, swaps and the engine's events
 work as they do for the learned strategy), but where the sequential proposer catches the cache up and then
 runs one forward per tree depth, it runs ONE forward over the uncached context rows plus the rows of
-depths 2..k (P-EAGLE, arXiv 2602.01469; spec/parallel_drafter.py) and builds each tree best-first from the
+depths 2..k (P-EAGLE, arXiv 2602.01469; speculation/parallel_drafter.py) and builds each tree best-first from the
 k distributions (``tree_from_depths``). The context rows' keys/values are cached as usual; the depth rows'
 are dropped (they stand for tokens not drafted yet).
 

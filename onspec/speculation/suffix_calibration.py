@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from onspec.spec.tree import DraftTree
+from onspec.speculation.tree import DraftTree
 
 # Effective match lengths are bucketed on a roughly logarithmic scale: the difference between 1 and 2
 # tokens of context is large, between 20 and 24 small.

@@ -1,6 +1,6 @@
 """The multi-worker rollout driver: a global buffer (``rl.rollout.Coordinator``) feeding N workers.
 
-Each worker runs ticks (see ``dist/worker.py``). Whenever a tick returns, its finished chunks go back to
+Each worker runs ticks (see ``distributed/worker.py``). Whenever a tick returns, its finished chunks go back to
 the coordinator (finished responses are done; continuing ones re-enter the buffer), the buffer is handed
 out again in Seer order to the least-loaded workers with room, and that worker's next tick is sent with
 its new chunks. A continuation chunk may land on another worker (Seer's divided rollout); without a

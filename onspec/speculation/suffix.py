@@ -37,8 +37,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from onspec.config import SpecConfig
-from onspec.spec.suffix_calibration import MatchCalibration
-from onspec.spec.tree import DraftTree, merge_trees
+from onspec.speculation.suffix_calibration import MatchCalibration
+from onspec.speculation.tree import DraftTree, merge_trees
 
 SOURCES: tuple[str, ...] = ("request", "group", "global")
 
@@ -404,7 +404,7 @@ class SuffixProposer:
 
     A request's own trie and the global store are brought up to date lazily, when a draft reads them
     (``propose``, ``global_tree``), not on every committed token and every finish. Why: where the controller
-    drafts nothing (the draft policy's gates ``batch_size`` and ``unpaid``, spec/policy.py) those eager
+    drafts nothing (the draft policy's gates ``batch_size`` and ``unpaid``, speculation/policy.py) those eager
     updates were speculation's whole overhead: at batch 32 the global store's insertions alone took 0.2 s of
     a 10 s run (cProfile), for a store no draft read before the run ended. Catching up later makes the same
     updates in the same order, so the tries and the drafts are the same. Group trees stay eager: their

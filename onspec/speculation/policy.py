@@ -7,7 +7,7 @@ Step gates (the first that closes ends the step's drafting: it runs as plain dec
 3. ``unpaid``: the back-off after steps at this batch size (power-of-two class) whose drafts the plan kept
    none of: asking again costs the proposals and the plan's work for the same answer, so the next 1, 2,
    4 ... ``unpaid_backoff_max`` steps are not asked (docs/decisions.md, 'Unpaid back-off');
-4. ``probe`` (auto): the measured utility (spec/utility.py) runs this step plain to keep its baseline
+4. ``probe`` (auto): the measured utility (speculation/utility.py) runs this step plain to keep its baseline
    measured.
 
 Strategy gates (per strategy, in order; a strategy a gate closes is not asked this step):
@@ -24,11 +24,11 @@ node pays: this feeds gate 3) or ``drafted``.
 
 Every decoding step is counted under the reason it ended with (``counts.steps``) and every strategy left out
 under the gate that closed it (``counts.strategies``); the server exports both (Prometheus and
-``/v1/speculator``). All back-offs are one ``Backoff`` (spec/backoff.py); their constants are in ``SpecConfig``.
+``/v1/speculator``). All back-offs are one ``Backoff`` (speculation/backoff.py); their constants are in ``SpecConfig``.
 
 Two rules inside the drafters shape a tree rather than gate a step, and stay there: the hybrid proposer's
 ``hybrid_suffix_confident`` (rows whose suffix tree is already confident skip the drafter model,
-spec/eagle.py) and the learned proposer's ``_depth_pays`` (a tree stops growing where one more depth
+speculation/eagle.py) and the learned proposer's ``_depth_pays`` (a tree stops growing where one more depth
 costs more than it can add, priced here by ``price``).
 """
 

@@ -12,7 +12,7 @@ class-level declarations the speculation glue and the draft policy read:
   shared prompts serve it;
 * ``wraps``: the proposer whose trees it merges with others (the hybrid proposer wraps the learned one:
   asking both in one step is redundant);
-* ``arm``: the measured-utility record it is judged in (spec/utility.py), by default its name;
+* ``arm``: the measured-utility record it is judged in (speculation/utility.py), by default its name;
 * ``expected_acceptance``: a drafter model's held-out acceptance length, if measured (``estimate``).
 """
 

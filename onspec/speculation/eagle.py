@@ -1,6 +1,6 @@
 """The learned drafter as a proposer: EAGLE-3 model (re-exported from ``eagle_model``) + EAGLE-2 tree drafting.
 
-``EagleProposer`` is a ``Proposer`` (spec/proposer.py, name ``"learned"``) that reads aux states and keeps
+``EagleProposer`` is a ``Proposer`` (speculation/proposer.py, name ``"learned"``) that reads aux states and keeps
 them. What flows in:
 
 * ``aux_layers()`` is the drafter's ``cfg.aux_layers``: the engine has its runner return, for every token of
@@ -154,7 +154,7 @@ class EagleProposer(Proposer):
         # Tokens per verification the serving drafter is expected to reach, as measured on held-out traces
         # (its version's gate figure, or a resumed version's manifest figure; 1.0 for a random day-0 head);
         # None: unknown. The draft policy does not ask a drafter whose estimate cannot pay for its own
-        # proposals (spec/policy.py, gate ``estimate``).
+        # proposals (speculation/policy.py, gate ``estimate``).
         self.expected_acceptance: float | None = None
         # Cost-aware depth (the controller sets these before each proposal, ``Speculation.draft``): one more
         # depth costs ``depth_seconds`` (an EMA measured here over whole depths: the drafter forward, its
@@ -342,7 +342,7 @@ class EagleProposer(Proposer):
     def _draft(self, active: list) -> dict[int, DraftTree]:
         """The trees of the sequences that can draft (``(seq, state, budget)`` each): catch the drafter cache
         up to the root, then grow the tree depth by depth. The parallel proposer drafts every depth in one
-        forward instead (spec/parallel_proposer.py)."""
+        forward instead (speculation/parallel_proposer.py)."""
         root_hidden, root_logits = self._catch_up(active)
         return self._tree(active, root_hidden, root_logits)
 
@@ -554,7 +554,7 @@ class HybridProposer(Proposer):
     themselves and observe everything directly."""
 
     name = "hybrid"
-    arm = "learned"  # judged with the learned strategy: both pay the same drafter forward (spec/utility.py)
+    arm = "learned"  # judged with the learned strategy: both pay the same drafter forward (speculation/utility.py)
     wants_aux = True
 
     def __init__(self, learned: EagleProposer, suffix=None, confident: float = 0.0) -> None:

@@ -395,7 +395,7 @@ class EagleDrafter(nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings and features [B, L, H] of unroll step ``step >= 1`` (``prenorm``: step
         ``step - 1``'s output). EAGLE-3's TTT: the data's token ``t + step`` and the drafter's own previous
-        output. The parallel drafter (spec/parallel_drafter.py) feeds its placeholders here instead."""
+        output. The parallel drafter (speculation/parallel_drafter.py) feeds its placeholders here instead."""
         B, L = input_ids.shape
         ids = torch.cat((input_ids[:, step:], input_ids.new_zeros(B, min(step, L))), dim=1)[:, :L]
         return self.embed(ids), prenorm
