@@ -1,4 +1,4 @@
-"""``onspec``: serve | generate | chat | bench | rl | simulate-rollout | warmup | export-speculator.
+"""``onspec``: serve | generate | chat | bench | rl | simulate-rollout | warmup | export-speculator | info.
 
 Each subcommand lives with the code it drives (``onspec/<room>/commands.py`` exposes ``add_arguments`` and
 ``run``); this module only assembles the parser and turns bad input into a one-line message with exit
