@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from onspec.cpu import cpu_flags
-from onspec.models.bf16_linear import (Bf16Linear, adopt_bf16_kernel, build_lock, compiled_kernel, kernel_wanted,
+from onspec.models.bf16_linear import (Bf16Linear, adopt_bf16_kernel, build_lock, compiled_kernel,
                                        pack_weight, pack_weight_pairs)
-from onspec.models.compute_path import DP_REQUIRES
+from onspec.models.compute_path import DP_REQUIRES, choose_path, kernel_mode
 
 # Kernel tests run wherever the kernel can run (every AVX2+FMA CPU), whatever path is the default there, and
 # each test of the product runs once per variant this CPU can run.
@@ -166,6 +166,10 @@ def test_switching_variant_repacks_the_weight(monkeypatch) -> None:
         monkeypatch.setenv("ONSPEC_BF16_KERNEL", "avx2")
         assert torch.equal(lin(x), a) and lin._packed["avx2"][2] is panels   # kept, not repacked
     assert _ulps(a, b) <= 1                                  # two orders of the same fp32 sums
+
+
+def kernel_wanted(mode: str, flags: frozenset[str]) -> bool:
+    return choose_path(kernel_mode(mode), flags).kernels
 
 
 def test_kernel_is_wanted_wherever_it_can_run() -> None:

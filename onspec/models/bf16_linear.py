@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cpu import cpu_flags
-from .compute_path import KERNEL_REQUIRES, ComputePath, choose_path, current_path, kernel_mode
+from .compute_path import KERNEL_REQUIRES, NOT_EXACT, ComputePath, current_path, pytorch_path
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,6 @@ KERNEL_HEADERS = ("bf16.h", "bf16_simd.h")
 # -fopenmp: at::parallel_for is an OpenMP pragma in PyTorch's headers; compiled without it
 # the kernels ran on one thread whatever torch.get_num_threads() said, half the machine on 2 cores
 KERNEL_CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
-
-
-def kernel_wanted(mode: str | None = None, flags: frozenset[str] | None = None) -> bool:
-    """Whether the kernels are wanted for ``mode`` (default: ``ONSPEC_BF16_KERNEL``) on a CPU with ``flags``
-    (default: this one's; tests inject them). A variant the CPU cannot run is a ValueError."""
-    return choose_path(kernel_mode(mode), cpu_flags() if flags is None else frozenset(flags)).kernels
 
 
 # One compiled extension per process: loading it twice is impossible anyway (Python caches the module).
@@ -68,9 +62,7 @@ def active_path() -> ComputePath:
     be built (then PyTorch's ops, not exact, and the reason says so). Builds the kernels on first call."""
     path = current_path()
     if path.kernels and compiled_kernel() is None:
-        return ComputePath(path.mode, False, "", False, "onspec's kernels could not be built (see the warning above): "
-                           "PyTorch's bf16 ops, which are not batch-invariant, so speculative and batched outputs "
-                           "may differ from plain ones in their last bits", path.flags)
+        return pytorch_path(path.mode, path.flags, "onspec's kernels could not be built (see the warning above)")
     return path
 
 
@@ -97,11 +89,8 @@ def compiled_kernel() -> ModuleType | None:
                         build_directory=str(build), extra_cflags=list(KERNEL_CFLAGS), extra_ldflags=["-fopenmp"],
                         verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: PyTorch's product still works
-        log.warning("onspec's CPU kernels unavailable (%s: %s); using PyTorch's bf16 ops, which are not "
-                    "batch-invariant: speculative and batched outputs may differ from plain ones in their last "
-                    "bits", type(exc).__name__, exc)
+        log.warning("onspec's CPU kernels unavailable (%s: %s); using %s", type(exc).__name__, exc, NOT_EXACT)
         return None
-
 
 
 def path_for_dtype(dtype: torch.dtype) -> ComputePath:
@@ -111,9 +100,9 @@ def path_for_dtype(dtype: torch.dtype) -> ComputePath:
     if dtype is torch.bfloat16:
         return path
     name = str(dtype).removeprefix("torch.")
-    return ComputePath(path.mode, False, "", False, f"{name} models use PyTorch's products, which are not "
-                       "batch-invariant: speculative and batched outputs may differ from plain ones in their "
-                       "last bits (use bfloat16, the default, for bit-exact outputs)", path.flags)
+    return pytorch_path(path.mode, path.flags, f"{name} models (onspec's kernels are bf16 kernels; use bfloat16, "
+                        "the default, for bit-exact outputs)")
+
 
 @contextlib.contextmanager
 def build_lock(build: Path) -> Iterator[None]:
@@ -210,16 +199,14 @@ class Bf16Linear(nn.Linear):
         variant = current_path().variant
         if self._packed is None:
             self._packed = {}
+        kern = compiled_kernel()          # the caller's check already read the path: no second read here
+        pack, product = ((pack_weight_pairs, kern.linear_bf16_dp) if variant == "avx512_bf16"
+                         else (pack_weight, kern.linear_bf16))
         packed = self._packed.get(variant)
         if packed is None or packed[:2] != (w.data_ptr(), w._version):
             with torch.no_grad():
-                pack = pack_weight_pairs if variant == "avx512_bf16" else pack_weight
                 packed = self._packed[variant] = (w.data_ptr(), w._version, pack(w.detach()))
-        kern = load_kernel()
-        if variant == "avx512_bf16":
-            y = kern.linear_bf16_dp(x, packed[2], w.shape[0])
-        else:
-            y = kern.linear_bf16(x, packed[2], w.shape[0])
+        y = product(x, packed[2], w.shape[0])
         return y if self.bias is None else y + self.bias
 
 

@@ -69,17 +69,23 @@ def kernel_mode(mode: str | None = None) -> str:
     return value
 
 
+NOT_EXACT = ("PyTorch's ops, which are not batch-invariant, so speculative and batched outputs may differ "
+             "from plain ones in their last bits")
+
+
+def pytorch_path(mode: str, flags: tuple[str, ...], why: str) -> ComputePath:
+    """PyTorch's ops for the reason ``why``: reported as not exact, and why not."""
+    return ComputePath(mode, False, "", False, f"{why}: {NOT_EXACT}", flags)
+
+
 @functools.lru_cache(maxsize=16)
 def choose_path(mode: str, flags: frozenset[str]) -> ComputePath:
     """The path for a kernel ``mode`` on a CPU with ``flags`` (pure: tests inject both)."""
     reported = tuple(f for f in REPORTED_FLAGS if f in flags)
-    not_exact = "PyTorch's bf16 ops, which are not batch-invariant, so speculative and batched outputs may " \
-                "differ from plain ones in their last bits"
     if mode == "off":
-        return ComputePath(mode, False, "", False, f"{KERNEL_ENV}=off: {not_exact}", reported)
+        return pytorch_path(mode, reported, f"{KERNEL_ENV}=off")
     if not KERNEL_REQUIRES <= flags:
-        return ComputePath(mode, False, "", False, f"this CPU lacks AVX2/FMA, which onspec's kernels need: "
-                           f"{not_exact}", reported)
+        return pytorch_path(mode, reported, "this CPU lacks AVX2/FMA, which onspec's kernels need")
     has_dp = DP_REQUIRES <= flags
     if mode == "avx512_bf16" and not has_dp:
         raise ValueError(f"{KERNEL_ENV}=avx512_bf16: this CPU lacks AVX-512 BF16; use auto, on or avx2")
