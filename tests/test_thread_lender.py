@@ -102,11 +102,11 @@ def test_steps_run_with_lent_threads_are_not_cost_samples() -> None:
 
     spec = Speculation(None, SpecConfig(mode="auto"), {})
     spec._pure_decode = True
-    spec.threads_lent = True
+    spec.set_threads_lent(True)
     spec.on_step(StepResult(rows=2, tokens=6, seconds=0.05))
     spec.on_step(StepResult(rows=2, tokens=2, seconds=0.05))
     assert spec.controller.cost.table == {}
-    spec.threads_lent = False
+    spec.set_threads_lent(False)
     spec.on_step(StepResult(rows=2, tokens=6, seconds=0.02))
     spec.on_step(StepResult(rows=2, tokens=2, seconds=0.01))
     assert spec.controller.cost.tables["masked"] == {8: 0.02} and spec.controller.cost.tables["plain"] == {2: 0.01}

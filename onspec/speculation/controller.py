@@ -346,9 +346,17 @@ class Speculation(EngineObserver):
         self.draft_seconds = 0.0
         self._step_started: float | None = None      # when the current step's drafting began
         self.clock: Callable[[], float] = time.perf_counter  # what proposals and steps are timed by (tests inject one)
-        # Set by online learning (train/online.py) while the engine has lent threads to the trainer
-        # (train/channel.py ThreadLender): steps then run slower for a reason drafting does not change.
-        self.threads_lent = False
+        self._threads_lent = False
+
+    @property
+    def threads_lent(self) -> bool:
+        """Whether the next step runs with threads lent to the trainer (train/channel.py ``ThreadLender``)."""
+        return self._threads_lent
+
+    def set_threads_lent(self, lent: bool) -> None:
+        """Online learning (train/online.py) says whether the engine has lent threads to the trainer: such
+        steps run slower for a reason drafting does not change, so they are not cost samples."""
+        self._threads_lent = lent
 
     @property
     def wants_aux(self) -> bool:

@@ -277,7 +277,7 @@ class OnlineLearning(EngineObserver):
             self.trainer.clock.tick()
         self._last_step_t = time.monotonic()
         self.lender.between_steps()
-        self.spec.threads_lent = self.lender.lent  # the next step runs with fewer threads: not a cost sample
+        self.spec.set_threads_lent(self.lender.lent)  # the next step runs with fewer threads: not a cost sample
         self._steps += 1
         if self._stopped:
             return
@@ -416,7 +416,7 @@ class OnlineLearning(EngineObserver):
         self._detach_recorder()
         self.engine.events.unsubscribe(self)
         self.lender.release()
-        self.spec.threads_lent = False
+        self.spec.set_threads_lent(False)
         self.manager.state.save(self.root)
 
 
