@@ -23,7 +23,7 @@ from onspec.engine.engine import Engine
 from onspec.engine.kv_cache import KVCache
 from onspec.engine.runner import ModelRunner, RowSpec
 from onspec.engine.sampler import SamplingParams, process_logits
-from onspec.engine.step import Prefill
+from onspec.engine.step import Prefill, StepResult
 from onspec.models.loader import load_model
 from onspec.speculation.controller import Plan
 from onspec.speculation.eagle import (
@@ -671,11 +671,11 @@ def test_hybrid_leaves_confident_suffix_rows_to_the_suffix_drafter(tiny, trained
     assert 11 in trees[1].tokens[1:]
     assert hyb.suffix_only == 1
     forwards = prop.stats.forwards
-    hyb.suffix = FixedSuffix({0: sure, 1: sure})
-    prop._epoch += 1                                   # a new step: nothing cached
+    hyb = HybridProposer(prop, FixedSuffix({0: sure, 1: sure}), confident=1.0)
+    prop.on_step(StepResult())                         # a new step: nothing cached
     trees = hyb.propose(seqs, budgets)
     assert prop.stats.forwards == forwards and {t.source for t in trees.values()} == {"suffix"}
-    hyb.confident = 0.0
+    hyb = HybridProposer(prop, FixedSuffix({0: sure, 1: sure}), confident=0.0)
     trees = hyb.propose(seqs, budgets)
     assert prop.stats.forwards > forwards and {t.source for t in trees.values()} == {"hybrid"}
 
@@ -736,16 +736,14 @@ def test_tree_depth_stops_where_a_forward_costs_more_than_it_can_add(tiny, train
     free = prop.propose([seq], {0: 64})[0]
     free_forwards = prop.stats.forwards
     assert max(free.depths()) == 5 and prop.depth_stops == 0
-    prop.tokens_per_second = 1e9                       # a forward's time is worth more than any draft
-    prop._epoch += 1
+    prop.price_depth(1e9, 1.0)                         # a forward's time is worth more than any draft
     tree = prop.propose([seq], {0: 64})[0]
     assert max(tree.depths()) == 1 and prop.stats.forwards - free_forwards == 1 and prop.depth_stops == 1
     # A price the first expansion pays for (its best node alone is worth 0.99 of it) but the deepest,
     # less likely levels do not.
     best_child = max(free.scores[c] for c in free.children(0))
-    prop.tokens_per_second = 0.99 * best_child / prop.depth_seconds
+    prop.price_depth(0.99 * best_child / prop.depth_seconds, 1.0)
     before = prop.stats.forwards
-    prop._epoch += 1
     mid = prop.propose([seq], {0: 64})[0]
     assert 2 <= prop.stats.forwards - before < free_forwards
     assert 1 < max(mid.depths()) < 5

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -130,7 +131,8 @@ class EagleProposer(Proposer):
     keeps_aux = True
 
     def __init__(self, drafter: EagleDrafter, topk: int = 4, max_depth: int = 6,
-                 dtype: torch.dtype | None = None, min_path_prob: float = 0.02) -> None:
+                 dtype: torch.dtype | None = None, min_path_prob: float = 0.02,
+                 expected_acceptance: float | None = None) -> None:
         if topk < 1 or max_depth < 1:
             raise ValueError("topk and max_depth: must be >= 1")
         self.topk = topk
@@ -155,7 +157,7 @@ class EagleProposer(Proposer):
         # (its version's gate figure, or a resumed version's manifest figure; 1.0 for a random day-0 head);
         # None: unknown. The draft policy does not ask a drafter whose estimate cannot pay for its own
         # proposals (speculation/policy.py, gate ``estimate``).
-        self.expected_acceptance: float | None = None
+        self.expected_acceptance = expected_acceptance
         # Cost-aware depth (the controller sets these before each proposal, ``Speculation.draft``): one more
         # depth costs ``depth_seconds`` (an EMA measured here over whole depths: the drafter forward, its
         # draft-vocabulary logits and top-k, and the Python bookkeeping), and it pays only if the tokens it
@@ -194,6 +196,11 @@ class EagleProposer(Proposer):
 
     def price_depth(self, tokens_per_second: float, calibration: float) -> None:
         self.tokens_per_second, self.calibration = tokens_per_second, calibration
+
+    def set_expected_acceptance(self, acceptance: float | None) -> None:
+        """The serving drafter's held-out acceptance length was measured again (the version manager's gate,
+        train/versions.py); None: unknown."""
+        self.expected_acceptance = acceptance
 
     def swap(self, drafter: EagleDrafter, expected_acceptance: float | None = None) -> None:
         """Use ``drafter`` from the next ``propose`` on (call between engine steps). Drafter caches are
@@ -557,12 +564,15 @@ class HybridProposer(Proposer):
     arm = "learned"  # judged with the learned strategy: both pay the same drafter forward (speculation/utility.py)
     wants_aux = True
 
-    def __init__(self, learned: EagleProposer, suffix=None, confident: float = 0.0) -> None:
+    def __init__(self, learned: EagleProposer, suffix: Proposer | None = None, confident: float = 0.0,
+                 score: Callable[[DraftTree], float] | None = None) -> None:
         self.learned = learned
         self.wraps = learned
         self.suffix = suffix
         self.confident = confident
-        self.score = lambda tree: sum(tree.path_scores()[1:])  # attach_learned wires the controller's
+        # expected accepted drafts of a suffix tree; by default its uncalibrated path probabilities
+        # (attach_learned passes the controller's calibrated expectation)
+        self.score: Callable[[DraftTree], float] = score or (lambda tree: sum(tree.path_scores()[1:]))
         self.suffix_only = 0  # rows given their suffix tree without asking the head
 
     def aux_layers(self) -> tuple[int, ...]:
@@ -603,17 +613,21 @@ def attach_learned(engine, spec_cfg, drafter: EagleDrafter, topk: int = 4, max_d
     lm_head costs 0.6-1.6 ms for 1-32 rows against 1.3-14 ms in float32, and the lm_head is most of a
     drafter step. (The trainer's float32 weights are converted on attach and on every swap.)"""
     from ..models.loader import DTYPES
-    from .controller import attach_speculation
+    from .controller import SuffixAdapter, attach_speculation
 
     if dtype is None:
         dtype = DTYPES.get(engine.cfg.dtype, drafter.dtype)
-    learned = EagleProposer(drafter, topk=topk, max_depth=max_depth, dtype=dtype)
+    learned = EagleProposer(drafter, topk=topk, max_depth=max_depth, dtype=dtype,
+                            expected_acceptance=expected_acceptance)
     learned.attach(engine)
-    learned.expected_acceptance = expected_acceptance
-    hybrid = HybridProposer(learned, confident=spec_cfg.hybrid_suffix_confident)
-    spec = attach_speculation(engine, spec_cfg, extra={"learned": learned, "hybrid": hybrid})
-    hybrid.suffix = spec.proposers["suffix"]
-    hybrid.score = lambda tree: sum(spec.controller.calibrated(tree)[1:])
+    suffix = SuffixAdapter(spec_cfg)  # registered as strategy "suffix" and merged by the hybrid proposer
+
+    def calibrated(tree: DraftTree) -> float:
+        """The controller's calibrated expected accepted drafts (``spec`` is bound below, before any step)."""
+        return sum(spec.controller.calibrated(tree)[1:])
+
+    hybrid = HybridProposer(learned, suffix, confident=spec_cfg.hybrid_suffix_confident, score=calibrated)
+    spec = attach_speculation(engine, spec_cfg, extra={"suffix": suffix, "learned": learned, "hybrid": hybrid})
     return spec
 
 

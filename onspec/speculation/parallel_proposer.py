@@ -29,8 +29,10 @@ class ParallelProposer(EagleProposer):
 
     name = PARALLEL_SOURCE
 
-    def __init__(self, drafter: ParallelDrafter, topk: int = 4, dtype: torch.dtype | None = None) -> None:
-        super().__init__(drafter, topk=topk, max_depth=drafter.depths, dtype=dtype)
+    def __init__(self, drafter: ParallelDrafter, topk: int = 4, dtype: torch.dtype | None = None,
+                 expected_acceptance: float | None = None) -> None:
+        super().__init__(drafter, topk=topk, max_depth=drafter.depths, dtype=dtype,
+                         expected_acceptance=expected_acceptance)
         self.drafter: ParallelDrafter
 
     def swap(self, drafter: ParallelDrafter, expected_acceptance: float | None = None) -> None:
@@ -91,9 +93,8 @@ def attach_parallel(engine, spec_cfg, drafter: ParallelDrafter, topk: int = 4, d
 
     if dtype is None:
         dtype = DTYPES.get(engine.cfg.dtype, drafter.dtype)
-    proposer = ParallelProposer(drafter, topk=topk, dtype=dtype)
+    proposer = ParallelProposer(drafter, topk=topk, dtype=dtype, expected_acceptance=expected_acceptance)
     proposer.attach(engine)
-    proposer.expected_acceptance = expected_acceptance
     return attach_speculation(engine, spec_cfg, extra={PARALLEL_SOURCE: proposer})
 
 

@@ -216,7 +216,7 @@ class VersionManager:
         estimate (a warm start's came from other traffic; this one is what serving will see)."""
         self.expected[version] = acceptance
         if self.current == version:
-            self.proposer.expected_acceptance = acceptance
+            self.proposer.set_expected_acceptance(acceptance)
 
     def _queue_swap(self, version: int, drafter, kind: DecisionKind, figures: dict, reason: str) -> None:
         serve = drafter.to_dtype(self.serve_dtype) if self.serve_dtype is not None else drafter

@@ -117,16 +117,18 @@ def measure_cost(model: str = "default", dtype: str = "float32", threads: int = 
 
     from ...config import EngineConfig, SpecConfig
     from ...engine.engine import Engine
-    from ...speculation.controller import attach_speculation, profile_costs
+    from ...speculation.controller import Controller, profile_costs
 
     if threads:
         torch.set_num_threads(threads)
     cfg = EngineConfig(model=model, dtype=dtype, max_num_seqs=max_num_seqs, num_threads=threads,
                        spec=SpecConfig(mode="auto", profile_at_start=False))
+    # A controller of its own, not attached: the engine decodes plain steps, and only the steps timed here
+    # reach the cost model (an attached controller would draft and time every step itself).
     engine = Engine(cfg)
-    spec = attach_speculation(engine, cfg.spec)
-    profile_costs(engine, spec.controller, rows=rows, context=context, repeats=repeats)
-    cost = spec.controller.cost
+    controller = Controller(cfg.spec)
+    profile_costs(engine, controller, rows=rows, context=context, repeats=repeats)
+    cost = controller.cost
     if live_steps:
         _observe_live_steps(engine, cost, rows, context, live_steps)
     # the curve the controller reads (live where measured, scaled profile elsewhere), at each bucket's size
@@ -144,7 +146,6 @@ def _observe_live_steps(engine, cost, rows: tuple[int, ...], context: int, steps
 
     from ...engine.sampler import SamplingParams
 
-    engine.spec = None  # plain steps: the controller would otherwise draft (and time) them itself
     prompt = [100 + i % 1000 for i in range(context)]
     for b in rows:
         if b > engine.cfg.max_num_seqs:
