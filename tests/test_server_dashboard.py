@@ -1,5 +1,6 @@
 """The dashboard in a real headless Chromium: it loads without any external network, draws non-empty charts
-after some traffic (drafter events included), and a screenshot is saved.
+after some traffic (drafter events included), lists the draft policy's counts as the series route serves
+them, and a screenshot is saved.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``); skipped with that hint when it is missing.
 Set ``ONSPEC_TEST_ARTIFACTS=DIR`` to keep the screenshot (otherwise it lives in pytest's tmp dir).
@@ -13,18 +14,19 @@ import re
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from onspec.server.bridge import EngineSnapshot
+from onspec.server.metrics import SeriesRecorder
 from test_server_support import FakeLearner, make_chat_model, running_server, tiny_config, wait_until
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
                  if shutil.which(n)), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed; "
-                                                         "install it with: apt-get install -y chromium")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed; "
+                                                             "install it with: apt-get install -y chromium")
 CHARTS = ("c-tps", "c-acc", "c-speed", "c-load")
 
 
@@ -35,7 +37,9 @@ def chromium(profile: Path, url: str, *args: str) -> subprocess.CompletedProcess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
-def make_traffic(url: str, seconds: float, admin_key: str, stop: threading.Event) -> None:
+def make_traffic(url: str, admin_key: str, stop: threading.Event) -> None:
+    """Rounds of four streamed completions until ``stop`` is set; a promotion after round 2 and a rollback
+    after round 4."""
     prompts = ["List the numbers: one two three four one two three four", "tick tock " * 6,
                "The quick brown fox jumps over the lazy dog. The quick brown fox", "a b c d e f g a b c d e f g"]
     body = {"model": "default", "max_tokens": 48, "temperature": 0, "stream": True, "ignore_eos": True}
@@ -46,11 +50,10 @@ def make_traffic(url: str, seconds: float, admin_key: str, stop: threading.Event
             for _ in r.iter_lines():
                 pass
 
-    deadline = time.monotonic() + seconds
     admin = {"Authorization": f"Bearer {admin_key}"}
     i = 0
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        while time.monotonic() < deadline and not stop.is_set():
+        while not stop.is_set():
             list(pool.map(one, range(i, i + 4)))
             i += 4
             if i == 8:
@@ -59,16 +62,49 @@ def make_traffic(url: str, seconds: float, admin_key: str, stop: threading.Event
                 httpx.post(url + "/v1/speculator/rollback", headers=admin, timeout=30)
 
 
+def test_series_carries_the_draft_policy_counts_of_the_latest_sample() -> None:
+    """The draft policy panel's data path: the engine snapshot's ``draft_policy`` (DraftCounts.summary) is what
+    the series route serves beside its points, as of the latest sample."""
+    series = SeriesRecorder()
+    assert series.to_json()["draft_policy"] == {"steps": {}, "strategies": {}}
+    first = {"steps": {"probe": 1, "drafted": 3}, "strategies": {}}
+    latest = {"steps": {"probe": 2, "plan": 1, "drafted": 7}, "strategies": {"learned": {"estimate": 4}}}
+    series.sample(EngineSnapshot(time=1.0, draft_policy=first), 0, None, now=1.0)
+    assert series.to_json()["draft_policy"] == first
+    series.sample(EngineSnapshot(time=2.0, draft_policy=latest), 0, None, now=2.0)
+    assert series.to_json(since=5.0)["draft_policy"] == latest     # whatever ``since``: counts are totals
+
+
+def policy_rows(dom: str, table: str) -> list[tuple[str, list[str]]]:
+    """(data-key, cell texts) of each row of ``table``'s body in the dumped DOM."""
+    body = re.search(rf'<table id="{table}"[^>]*>.*?<tbody>(.*?)</tbody>', dom, re.S)
+    assert body, dom[:3000]
+    return [(key, re.findall(r"<td[^>]*>(.*?)</td>", cells))
+            for key, cells in re.findall(r'<tr data-key="([^"]*)">(.*?)</tr>', body.group(1), re.S)]
+
+
+@needs_chromium
 def test_dashboard_renders_charts_in_headless_chromium(tmp_path_factory, tmp_path):
     model = make_chat_model(tmp_path_factory.mktemp("dash") / "tiny-chat")
     cfg = tiny_config(model, api_key="k", admin_key="adm", max_concurrency=8)
     with running_server(cfg, handle=FakeLearner()) as srv:
         stop = threading.Event()
-        traffic = threading.Thread(target=make_traffic, args=(srv.url, 7.0, "adm", stop), daemon=True)
+        traffic = threading.Thread(target=make_traffic, args=(srv.url, "adm", stop), daemon=True)
         traffic.start()
-        series = srv.app.state.onspec.series
-        assert wait_until(lambda: sum(p.tokens_per_s > 0 for p in series.points) >= 4, timeout=60)
-        traffic.join(60)
+        state = srv.app.state.onspec
+        series = state.series
+        kinds = lambda: {e["kind"] for e in series.events}  # noqa: E731
+        try:
+            assert wait_until(lambda: sum(p.tokens_per_s > 0 for p in list(series.points)) >= 4
+                              and {"promote", "rollback"} <= kinds(), timeout=60)
+        finally:
+            stop.set()
+            traffic.join(60)
+        # the engine is idle now: the next sample carries its final draft policy counts
+        assert wait_until(lambda: series.draft_policy == state.worker.snapshot.draft_policy, timeout=10)
+        served = httpx.get(f"{srv.url}/v1/dashboard/series", headers={"Authorization": "Bearer k"},
+                           timeout=30).json()["draft_policy"]
+        assert served == state.worker.snapshot.draft_policy and sum(served["steps"].values()) > 0
         page = f"{srv.url}/dashboard#key=k"
 
         dom = chromium(tmp_path / "profile-dom", page, "--dump-dom")
@@ -79,6 +115,13 @@ def test_dashboard_renders_charts_in_headless_chromium(tmp_path_factory, tmp_pat
         m = re.search(r'<canvas id="c-tps"[^>]*data-max="([0-9.e+-]+)"', dom.stdout)
         assert m and float(m.group(1)) > 0
         assert "promote" in dom.stdout and "rollback" in dom.stdout  # the events table
+        # the draft policy panel: one row per reason, in the served order, with the served counts
+        assert re.search(rf'<table id="policy-steps" data-total="{sum(served["steps"].values())}"', dom.stdout)
+        assert [(k, cells[:2]) for k, cells in policy_rows(dom.stdout, "policy-steps")] == \
+            [(reason, [reason, str(n)]) for reason, n in served["steps"].items()]
+        skips = [(f"{name}/{gate}", [name, gate, str(n)]) for name, gates in served["strategies"].items()
+                 for gate, n in gates.items()]
+        assert policy_rows(dom.stdout, "policy-skips") == skips
         assert "needs an API key" not in dom.stdout and "Cannot reach" not in dom.stdout
 
         shot = tmp_path / "dashboard.png"
@@ -91,6 +134,7 @@ def test_dashboard_renders_charts_in_headless_chromium(tmp_path_factory, tmp_pat
             shutil.copy(shot, Path(keep) / "dashboard.png")
 
 
+@needs_chromium
 def test_dashboard_asks_for_a_key_when_one_is_needed(tmp_path_factory, tmp_path):
     model = make_chat_model(tmp_path_factory.mktemp("dash2") / "tiny-chat")
     with running_server(tiny_config(model, api_key="k", speculation="off")) as srv:

@@ -102,11 +102,13 @@ class _Prev:
 
 @dataclass
 class SeriesRecorder:
-    """Per-second points in a bounded ring buffer, and drafter events (swap, promote, rollback)."""
+    """Per-second points in a bounded ring buffer, drafter events (swap, promote, rollback), and the draft
+    policy's counts as of the latest sample (``DraftCounts.summary``: steps by reason, strategies by gate)."""
 
     maxlen: int = 900
     points: collections.deque = field(default_factory=collections.deque)
     events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
+    draft_policy: dict = field(default_factory=lambda: {"steps": {}, "strategies": {}})
     _prev: _Prev | None = None
     _seen_events: set = field(default_factory=set)
 
@@ -115,6 +117,7 @@ class SeriesRecorder:
         now = time.time() if now is None else now
         prev, self._prev = self._prev, _Prev(snap, requests_total)
         self._ingest_events(status)
+        self.draft_policy = snap.draft_policy
         if prev is None:
             return None
         dt = max(1e-3, snap.time - prev.snap.time) if snap.time > prev.snap.time else max(1e-3, now - prev.snap.time)
@@ -167,7 +170,7 @@ class SeriesRecorder:
     def to_json(self, since: float = 0.0) -> dict:
         pts = [asdict(p) for p in self.points if p.t > since]
         evs = [e for e in self.events if e["t"] > since]
-        return {"points": pts, "events": evs}
+        return {"points": pts, "events": evs, "draft_policy": self.draft_policy}
 
 
 def _num(x: Any) -> float | None:

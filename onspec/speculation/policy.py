@@ -75,7 +75,14 @@ class DraftCounts:
         return sum(self.strategies.get(strategy, {}).values())
 
     def summary(self) -> dict:
-        return {"steps": dict(self.steps), "strategies": {k: dict(v) for k, v in self.strategies.items()}}
+        """Both counts as plain dicts, reasons and gates in the policy's order (the dashboard lists them so)."""
+        return {"steps": _in_order(self.steps, STEP_REASONS),
+                "strategies": {k: _in_order(v, STRATEGY_GATES) for k, v in self.strategies.items()}}
+
+
+def _in_order(counts: dict[str, int], order: tuple[str, ...]) -> dict[str, int]:
+    """``counts`` with the keys of ``order`` first, in that order, then any others."""
+    return {**{k: counts[k] for k in order if k in counts}, **counts}
 
 
 class DraftPolicy:

@@ -1,4 +1,5 @@
-/* onspec dashboard: polls /v1/dashboard/series once a second and redraws four charts.
+/* onspec dashboard: polls /v1/dashboard/series once a second, redraws four charts and fills the draft
+ * policy's and the drafter events' tables.
  * An API key, when the server needs one, is read from the URL fragment (/dashboard#key=...), which the
  * browser never sends to the server, and kept in sessionStorage for reloads.
  */
@@ -7,7 +8,7 @@
 (function () {
   const KEEP_SECONDS = 900;
   const STRATEGY_COLORS = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2"];
-  const state = {points: [], events: [], since: 0, meta: null, offset: 0};
+  const state = {points: [], events: [], since: 0, meta: null, offset: 0, draftPolicy: {steps: {}, strategies: {}}};
 
   const m = /(?:^|[#&])key=([^&]+)/.exec(location.hash);
   if (m) sessionStorage.setItem("onspec-key", decodeURIComponent(m[1]));
@@ -88,22 +89,56 @@
       const last = state.points[state.points.length - 1];
       document.getElementById("f-tps").textContent = last ? last.tokens_per_s.toFixed(1) : "0";
     }
-    const body = document.querySelector("#events tbody");
-    if (state.events.length) {
-      body.innerHTML = "";
-      for (const e of state.events.slice(-12).reverse()) {
-        const tr = document.createElement("tr");
-        const cells = [new Date(e.t * 1000).toLocaleTimeString(), e.kind,
-                       e.version === null || e.version === undefined ? "" : "v" + e.version, e.detail || ""];
-        cells.forEach((text, i) => {
-          const td = document.createElement("td");
-          td.textContent = text;
-          if (i === 1) td.className = "kind-" + e.kind;
-          tr.appendChild(td);
-        });
-        body.appendChild(tr);
-      }
+    fillTable(document.querySelector("#events tbody"), state.events.slice(-12).reverse().map(e => ({
+      key: e.kind,
+      cells: [new Date(e.t * 1000).toLocaleTimeString(), e.kind,
+              e.version === null || e.version === undefined ? "" : "v" + e.version, e.detail || ""],
+      classes: {1: "kind-" + e.kind}})));
+    renderDraftPolicy(state.draftPolicy);
+  }
+
+  // Replace a table body's rows with ``rows`` ({key, cells: [text or Node], classes: {index: className}});
+  // with no rows the body keeps what it has (its "nothing yet" line).
+  function fillTable(body, rows) {
+    if (!rows.length) return;
+    body.innerHTML = "";
+    for (const row of rows) {
+      const tr = document.createElement("tr");
+      tr.dataset.key = row.key;
+      row.cells.forEach((cell, i) => {
+        const td = document.createElement("td");
+        if (cell instanceof Node) td.appendChild(cell); else td.textContent = cell;
+        if (row.classes && row.classes[i]) td.className = row.classes[i];
+        tr.appendChild(td);
+      });
+      body.appendChild(tr);
     }
+  }
+
+  function shareBar(share) {
+    const cell = document.createElement("span");
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = Math.round(120 * share) + "px";
+    cell.appendChild(bar);
+    cell.appendChild(document.createTextNode((100 * share).toFixed(1) + "%"));
+    return cell;
+  }
+
+  // The draft policy's counts (DraftCounts.summary, speculation/policy.py): decoding steps by the reason they
+  // ended with, and per strategy the steps each gate left it out of.
+  function renderDraftPolicy(policy) {
+    const steps = Object.entries(policy.steps || {});
+    const total = steps.reduce((sum, [, n]) => sum + n, 0);
+    const stepsTable = document.getElementById("policy-steps");
+    stepsTable.dataset.total = String(total);
+    fillTable(stepsTable.querySelector("tbody"), steps.map(([reason, n]) => ({
+      key: reason, cells: [reason, String(n), shareBar(total ? n / total : 0)]})));
+    const skips = [];
+    for (const [strategy, gates] of Object.entries(policy.strategies || {})) {
+      for (const [gate, n] of Object.entries(gates)) skips.push({key: strategy + "/" + gate, cells: [strategy, gate, String(n)]});
+    }
+    fillTable(document.querySelector("#policy-skips tbody"), skips);
   }
 
   async function poll() {
@@ -119,6 +154,7 @@
       banner("");
       state.meta = data.meta;
       state.offset = Date.now() / 1000 - data.meta.server_time;   // tolerate clock skew
+      if (data.draft_policy) state.draftPolicy = data.draft_policy;
       for (const p of data.points) state.points.push(p);
       const seen = new Set(state.events.map(e => e.t + "/" + e.kind + "/" + e.version));
       for (const e of data.events) if (!seen.has(e.t + "/" + e.kind + "/" + e.version)) state.events.push(e);
