@@ -18,6 +18,7 @@ import psutil
 import pytest
 import torch
 
+from helpers import FakeClock
 from onspec.config import EngineConfig, SpecConfig
 from onspec.engine.engine import Engine
 from onspec.engine.kv_cache import KVCache
@@ -524,21 +525,20 @@ def test_trainer_drops_target_layers_it_never_reads(tiny_model_dirs) -> None:
     torch.testing.assert_close(PromptHidden(loaded, (0, 1, hi))._top_layers(x), before)
 
 
-def test_trimmer_trims_under_load_but_less_often_than_when_idle(monkeypatch) -> None:
+def test_trimmer_trims_under_load_but_less_often_than_when_idle() -> None:
     """A server at steady concurrency never goes idle; it must still give freed heap memory back, at the
     slower busy rate."""
-    from onspec.server import memory
+    from onspec.server.memory import MemoryTrimmer
 
-    clock = [1000.0]
-    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+    clock = FakeClock()
+    clock.advance(1000.0)
     calls = []
-    t = memory.MemoryTrimmer(min_interval=10.0, busy_interval=60.0)
-    t._loaded, t._trim = True, calls.append
+    t = MemoryTrimmer(min_interval=10.0, busy_interval=60.0, clock=clock, malloc_trim=calls.append)
     assert t.maybe_trim(busy=True) and calls == [0]
-    clock[0] += 30
+    clock.advance(30)
     assert not t.maybe_trim(busy=True)          # too soon under load
     assert t.maybe_trim(busy=False)             # but due when idle
     for _ in range(5):
-        clock[0] += 20
+        clock.advance(20)
         t.maybe_trim(busy=True)
     assert len(calls) == 3                      # 100 s of load: one more trim, not five

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -464,7 +463,8 @@ def test_metrics_after_traffic(server, client):
 
 def test_dashboard_series_and_page(server, client):
     client.completions.create(model="default", prompt="tick tock tick tock", max_tokens=40, temperature=0)
-    time.sleep(2.2)
+    points = state(server).series.points      # one a second, from the server's sampler
+    assert wait_until(lambda: sum(p.tokens_per_s > 0 for p in list(points)) >= 1 and len(points) >= 2, timeout=10)
     data = httpx.get(server.url + "/v1/dashboard/series", headers=auth(), timeout=30).json()
     assert data["meta"]["model"] and len(data["points"]) >= 2
     assert any(p["tokens_per_s"] > 0 for p in data["points"])

@@ -1,12 +1,11 @@
 """The engine lends threads to work beside it (trainer process, gate evaluations) between two steps."""
 
 import multiprocessing
-import threading
-import time
 
 import pytest
 import torch
 
+from helpers import FakeClock
 from onspec.train.channel import CpuLease, ThreadLender
 
 
@@ -18,8 +17,10 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def _lease() -> CpuLease:
-    return CpuLease(multiprocessing.get_context("spawn"))
+def _lease(clock: FakeClock | None = None, sleep=None) -> CpuLease:
+    """A lease; with ``clock`` and ``sleep`` its borrower waits on them instead of the wall clock."""
+    ctx = multiprocessing.get_context("spawn")
+    return CpuLease(ctx) if clock is None else CpuLease(ctx, clock=clock, sleep=sleep)
 
 
 def test_the_engine_lends_a_thread_only_while_someone_wants_it(two_threads):
@@ -61,35 +62,41 @@ def test_release_takes_threads_back_from_a_borrower_that_died_holding_them(two_t
 
 
 def test_borrow_waits_for_the_grant_of_a_stepping_engine(two_threads):
+    """The borrower waits until the engine's next step boundary grants it; here the engine steps once
+    every 20 ms of the borrower's (injected) wait, and lends between two steps."""
     lender = ThreadLender(lend=1)
-    lease = lender.add(_lease())
-    seen: list = []
-    stop = threading.Event()
+    clock = FakeClock()
+    waited: list[float] = []
 
-    def engine():  # steps every 20 ms; lends between them
-        while not stop.is_set():
-            time.sleep(0.02)
+    def wait(seconds: float) -> None:
+        waited.append(seconds)
+        clock.advance(seconds)
+        if len(waited) % 10 == 0:                 # 20 ms waited: a step ended, the engine lends
             lender.between_steps()
 
-    t = threading.Thread(target=engine)
-    t.start()
-    try:
-        with lease.borrow(lambda: False) as granted:
-            seen.append((granted, lender.lent))
-    finally:
-        stop.set()
-        t.join()
-    assert seen == [(True, True)]
+    lease = lender.add(_lease(clock, wait))
+    with lease.borrow(lambda: False) as granted:
+        assert granted and lender.lent and torch.get_num_threads() == 1
+    assert len(waited) == 10 and lease.want.value == 0
     lender.between_steps()
     assert not lender.lent and torch.get_num_threads() == 2
 
 
 def test_borrow_does_not_wait_for_an_engine_that_is_not_stepping():
-    lease = _lease()
-    t0 = time.monotonic()
+    waited: list[float] = []
+    lease = _lease(FakeClock(), waited.append)
     with lease.borrow(lambda: True) as granted:
         assert granted is False and lease.want.value == 1
-    assert lease.want.value == 0 and time.monotonic() - t0 < 0.5
+    assert lease.want.value == 0 and waited == []
+
+
+def test_borrow_gives_up_after_its_timeout_when_no_step_ends():
+    """One long step (a long prefill) grants nothing: the borrower computes ungranted after ``timeout``."""
+    clock = FakeClock()
+    lease = _lease(clock, clock.advance)
+    with lease.borrow(lambda: False, timeout=1.0) as granted:
+        assert granted is False and 1.0 < clock.now < 1.01
+    assert lease.want.value == 0
 
 
 def test_steps_run_with_lent_threads_are_not_cost_samples() -> None:

@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -53,11 +54,15 @@ class MemoryTrimmer:
 
     min_interval: float = 10.0
     busy_interval: float = 60.0
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)   # what the intervals are timed by
+    malloc_trim: Callable[[int], object] | None = field(default=None, repr=False)  # None: the C library's
     _last: float = 0.0
     _trim: object = field(default=None, repr=False)
     _loaded: bool = False
 
     def _fn(self):
+        if self.malloc_trim is not None:
+            return self.malloc_trim
         if not self._loaded:
             self._loaded = True
             try:
@@ -69,13 +74,13 @@ class MemoryTrimmer:
 
     def maybe_trim(self, busy: bool = False) -> bool:
         """Trim if the last trim is old enough (for an idle or a ``busy`` process); True when a trim ran."""
-        if time.monotonic() - self._last < (self.busy_interval if busy else self.min_interval):
+        if self.clock() - self._last < (self.busy_interval if busy else self.min_interval):
             return False
         return self.trim()
 
     def trim(self) -> bool:
         """Trim now (after large transient work); True when a trim ran."""
-        self._last = time.monotonic()
+        self._last = self.clock()
         fn = self._fn()
         if fn is None:
             return False

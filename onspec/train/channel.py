@@ -105,11 +105,15 @@ class EngineClock:
 class CpuLease:
     """A borrower's side of a thread lend (see :class:`ThreadLender`): two shared ints, ``want`` written by
     the borrower and ``granted`` by the engine. Made from a multiprocessing context, so the trainer process
-    and threads of the engine process borrow the same way."""
+    and threads of the engine process borrow the same way. ``clock`` and ``sleep`` pace the borrower's wait
+    (tests inject them: a wait then takes no wall time)."""
 
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.want = ctx.Value("i", 0, lock=False)
         self.granted = ctx.Value("i", 0, lock=False)
+        self.clock = clock
+        self.sleep = sleep
 
     @contextmanager
     def borrow(self, engine_idle: Callable[[], bool], timeout: float = 5.0, stop=None):
@@ -118,11 +122,11 @@ class CpuLease:
         whether it was granted. ``timeout`` bounds the wait (e.g. one long prefill step)."""
         self.want.value = 1
         try:
-            t0 = time.monotonic()
+            t0 = self.clock()
             while not self.granted.value:
-                if engine_idle() or time.monotonic() - t0 > timeout or (stop is not None and stop.is_set()):
+                if engine_idle() or self.clock() - t0 > timeout or (stop is not None and stop.is_set()):
                     break
-                time.sleep(0.002)
+                self.sleep(0.002)
             yield bool(self.granted.value)
         finally:
             self.want.value = 0
