@@ -611,7 +611,7 @@ def test_n_samples_share_the_learned_drafters_prompt_aux(tiny) -> None:
     ref = outputs(make_llm(tiny), [prompt], replace(params, n=1))[0]
     assert [sq.output_ids for sq in seqs] == [ref] * 3
     assert all(sq.stats.by_strategy.get("learned", [0])[0] > 0 for sq in seqs)
-    assert eng.counters.shared_prompt_tokens == 2 * (len(prompt) - 1) and not learned._prompt_aux
+    assert eng.counters.shared_prompt_tokens == 2 * (len(prompt) - 1) and learned.shared_prompts_kept == 0
 
 
 # ---- add_siblings: separate requests (RL responses) that prefill one prompt once --------------------------

@@ -794,7 +794,7 @@ def test_a_drafter_models_time_stays_out_of_the_step_cost_curve(tiny) -> None:
     eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=6))
     while eng.has_unfinished():
         eng.step()
-    assert spec._asked == {} and spec.policy.draft_cost["learned"] >= 0.2   # the drafter was asked and timed
+    assert spec.policy.draft_cost["learned"] >= 0.2                         # the drafter was asked and timed
     assert clock.now > 0.4                                                  # ... more than once
     # Every observed step cost is the forward and the step's own work alone, not the 0.2 s proposals.
     assert cost.tables["masked"] and max(cost.tables["masked"].values()) < 0.1

@@ -526,4 +526,4 @@ def test_tries_catch_up_lazily_and_draft_as_if_updated_eagerly() -> None:
                 [tuple(p[j:j + length]) for p in phrases for j in range(len(p) - length + 1)]:
             assert lazy.global_tree().count(list(path)) == eager.global_tree().count(list(path))
     keys = ("requests", "global_requests", "global_nodes")
-    assert [lazy.stats()[k] for k in keys] == [eager.stats()[k] for k in keys] == [0, 3, eager._global.num_nodes]
+    assert [lazy.stats()[k] for k in keys] == [eager.stats()[k] for k in keys] == [0, 3, eager.global_tree().num_nodes]

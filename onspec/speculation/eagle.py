@@ -194,6 +194,11 @@ class EagleProposer(Proposer):
     def aux_layers(self) -> tuple[int, ...]:
         return tuple(self.drafter.cfg.aux_layers)
 
+    @property
+    def shared_prompts_kept(self) -> int:
+        """Shared prompts whose aux rows it keeps for their siblings (each dropped once every sibling finished)."""
+        return len(self._prompt_aux)
+
     def price_depth(self, tokens_per_second: float, calibration: float) -> None:
         self.tokens_per_second, self.calibration = tokens_per_second, calibration
 
