@@ -141,12 +141,9 @@ class DrafterCoTrainer:
 
     def between_steps(self, step: int) -> dict:
         """The policy was just updated: refresh the soft targets, swap the trained drafter in."""
-        from ..train.objective import SoftTargets
-
         with self._lock:
-            model = self.engine.loaded.model
             tr = self.trainer
-            tr.targets = SoftTargets(model.lm_head.weight, tr.drafter.draft_ids, self.tcfg.target_topk)
+            tr.set_target_head(self.engine.loaded.model.lm_head.weight)
             if self.tail_steps > 0:
                 self.proposer.swap(tr.drafter.to_dtype(self.serve_dtype))
                 self.version += 1

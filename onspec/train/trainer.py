@@ -71,6 +71,10 @@ class Trainer:
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
+    def set_target_head(self, lm_head_weight: torch.Tensor) -> None:
+        """The target's lm_head changed (an RL policy update): soft targets come through this one from now on."""
+        self.targets = SoftTargets(lm_head_weight, self.drafter.draft_ids, self.cfg.target_topk)
+
     # ---- data ------------------------------------------------------------------------------------
     def add(self, chunk: TraceChunk) -> Sample:
         self.prompt_hidden.fill(chunk)  # soft targets at prompt positions too
