@@ -53,6 +53,8 @@ class SpecConfig:
     hybrid_suffix_confident: float = 1.0  # hybrid: rows whose suffix tree expects >= this many accepted
                                           # drafts skip the learned drafter (0: always ask it)
     profile_at_start: bool = True       # time target forwards at start-up to seed the cost model
+    grammar_drafts: bool = True         # structured outputs: propose the tokens the grammar forces
+                                        # (speculation/grammar_drafter.py), in every mode but off
     # What a committed token is worth to the controller (speculation/controller.py, ``MakespanValue``):
     # "throughput": every token alike (a server: each request is someone's stream); "makespan": by how much
     # it shortens the time until every running request is done, whenever no request waits (a closed batch);

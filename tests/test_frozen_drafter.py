@@ -68,7 +68,7 @@ def test_a_checkpoint_directory_is_served_in_any_mode_and_refused_with_off(tiny_
                                                                           empty_cache) -> None:
     ckpt = save_eagle3(tmp_path / "ckpt", init_drafter(target, seed=5))
     llm = LLM(model=str(tiny_llama), dtype="float32", speculation="hybrid", num_threads=1, speculator=str(ckpt))
-    assert set(llm.engine.spec.proposers) == {"suffix", "learned", "hybrid"}
+    assert set(llm.engine.spec.proposers) == {"suffix", "grammar", "learned", "hybrid"}
     assert llm.engine.spec.proposers["learned"].expected_acceptance is None  # no manifest: explored
     assert torch.equal(llm.engine.spec.proposers["learned"].drafter.fc.weight.float(),
                        init_drafter(target, seed=5).fc.weight)
@@ -77,8 +77,10 @@ def test_a_checkpoint_directory_is_served_in_any_mode_and_refused_with_off(tiny_
     with pytest.raises(ValueError, match="not a directory"):
         LLM(model=str(tiny_llama), dtype="float32", speculation="learned", num_threads=1,
             speculator=str(tmp_path / "missing"))
-    # auto without a speculator stays suffix-only, whatever the cache holds
-    assert set(LLM(model=str(tiny_llama), dtype="float32", num_threads=1).engine.spec.proposers) == {"suffix"}
+    # auto without a speculator stays model-free (suffix, and grammar for constrained requests), whatever the
+    # cache holds
+    assert set(LLM(model=str(tiny_llama), dtype="float32", num_threads=1).engine.spec.proposers) == {"suffix",
+                                                                                                     "grammar"}
 
 
 def test_cli_learned_without_a_drafter_is_one_line_exit_2(tiny_llama, empty_cache, capsys) -> None:

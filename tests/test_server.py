@@ -369,7 +369,7 @@ def test_chat_specific_errors(server):
     url = server.url + "/v1/chat/completions"
     cases = [({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
              ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages"),
-             ({"tools": [{"type": "function"}]}, "tools"), ({"response_format": {"type": "json_object"}},
+             ({"tools": [{"type": "function"}]}, "tools"), ({"response_format": {"type": "xml"}},
                                                             "response_format"),
              ({"top_logprobs": 3}, "top_logprobs")]
     for patch, param in cases:

@@ -125,7 +125,9 @@ class OracleProposer(Proposer):
 
 
 def engine_for(loaded: LoadedModel, spec: SpecConfig | None = None, cost: StepCostModel | None = None,
-               extra: dict | None = None, **kw) -> Engine:
+               extra: dict | None = None, grammars=None, **kw) -> Engine:
+    """An engine over ``loaded`` (float32, one thread); ``grammars``: its grammar compiler, where the
+    tokenizer's would not do (engine/grammar.py)."""
     kw.setdefault("max_model_len", 256)
     cfg = EngineConfig(model=str(loaded.path), dtype="float32", num_threads=1,
                        spec=spec or SpecConfig(mode="off"), **kw)
@@ -133,7 +135,7 @@ def engine_for(loaded: LoadedModel, spec: SpecConfig | None = None, cost: StepCo
         # Injected costs say what drafting costs, and the tests that inject them want every paying node
         # drafted: value tokens per step (LLM.generate would otherwise value them by the batch's makespan).
         cfg = replace(cfg, spec=replace(cfg.spec, objective="throughput"))
-    eng = Engine(cfg, loaded=loaded)
+    eng = Engine(cfg, loaded=loaded, grammars=grammars)
     if cfg.spec.mode != "off":
         attach_speculation(eng, cfg.spec, extra)
         if cost is not None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grammar import GrammarSpec
+
 
 @dataclass
 class SamplingParams:
@@ -38,6 +40,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0      # vLLM/HF: tokens of prompt + output: positive logits / r, negative * r
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     min_tokens: int = 0                  # EOS and stop_token_ids are masked until this many tokens were generated
+    grammar: GrammarSpec | None = None   # structured output: tokens the grammar forbids are masked (engine/grammar.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

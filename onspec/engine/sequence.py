@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grammar import GrammarState
 from .sampler import SamplingParams
 
 
@@ -65,6 +66,8 @@ class Sequence:
     # cache to hold the prompt's first ``num_prompt - 1`` rows, copy them, and prefill only the last prompt
     # token (see Scheduler.schedule).
     siblings: list["Sequence"] | None = field(default=None, repr=False)
+    # Structured output: the grammar's matcher at the committed output (engine/grammar.py); None without one.
+    grammar: GrammarState | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.tokens:

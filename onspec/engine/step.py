@@ -70,6 +70,7 @@ class VerifyInput:
     seq: Sequence
     tree: DraftTree
     logits: torch.Tensor  # [len(tree), vocab]
+    mask: torch.Tensor | None = None  # the grammar's packed mask per node (engine/grammar.py), if constrained
 
 
 @dataclass

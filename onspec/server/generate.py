@@ -5,6 +5,9 @@ opens one engine request per prompt through the bridge, then either collects eve
 (while watching for the client leaving) or streams them as OpenAI chunks. Whichever way it ends (finished,
 client gone, error), ``cleanup`` aborts what is still running, which frees the cache slots, and releases
 the reservation exactly once.
+
+With tools (tools.py), a chat answer's text is parsed for tool calls: the message carries ``tool_calls``
+and ``finish_reason`` is ``tool_calls``; a stream sends each call as one delta once it is complete.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from . import protocol as P
 from .bridge import EngineFailure, Stream
 from .errors import APIError
 from .state import ServerState, get_state, require_api_key
+from .tools import ToolCallStream, check_tool_support, parse_tool_calls, tool_grammar
 
 
 def add_routes(app: FastAPI) -> None:
@@ -41,14 +45,21 @@ def add_routes(app: FastAPI) -> None:
     async def chat_completions(body: P.ChatRequest, request: Request) -> Response:
         st = get_state(request)
         st.check_model(body.model)
-        params = body.to_params()
+        tokenizer = st.engine.tokenizer
+        tools = body.active_tools()
+        grammar = None
+        if tools:
+            fmt = check_tool_support(tokenizer, st.engine.loaded.arch.family, body.model)
+            grammar = tool_grammar(fmt, tools, body.tool_choice_wire(), body.parallel_tool_calls is not False,
+                                   tokenizer)
+        params = body.to_params(grammar)
         try:
-            text = st.engine.tokenizer.apply_chat_template(body.conversation(), tokenize=False,
-                                                           add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(body.conversation(), tools=tools or None, tokenize=False,
+                                                 add_generation_prompt=True)
         except Exception as exc:  # jinja's TemplateError (e.g. roles must alternate), a missing template ...
             raise APIError(400, f"messages: the model's chat template rejected them: {exc}", "messages") from None
         explicit = (body.max_completion_tokens or body.max_tokens) is not None
-        return await _generate(st, request, "chat", body, [text], params, explicit, "messages")
+        return await _generate(st, request, "chat", body, [text], params, explicit, "messages", bool(tools))
 
 
 @dataclass
@@ -64,7 +75,7 @@ def _finish(reason: str | None) -> str | None:
 
 
 async def _generate(st: ServerState, request: Request, kind: str, body, prompts: list, params: SamplingParams,
-                    explicit_max_tokens: bool, param_name: str) -> Response:
+                    explicit_max_tokens: bool, param_name: str, tools: bool = False) -> Response:
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     rid = f"{prefix}-{uuid.uuid4().hex}"
     total = params.n * len(prompts)
@@ -96,11 +107,11 @@ async def _generate(st: ServerState, request: Request, kind: str, body, prompts:
         st.metrics.request_seconds.labels(route).observe(time.perf_counter() - t0)
 
     if body.stream:
-        gen = _sse(st, stream, kind, rid, body, total, t0, route, cleanup)
+        gen = _sse(st, stream, kind, rid, body, total, t0, route, cleanup, tools)
         return StreamingResponse(gen, media_type="text/event-stream", background=BackgroundTask(cleanup),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        return await _collect(st, request, stream, kind, rid, body, total, t0, route)
+        return await _collect(st, request, stream, kind, rid, body, total, t0, route, tools)
     finally:
         cleanup()
 
@@ -114,7 +125,7 @@ async def _watch_disconnect(request: Request) -> None:
 
 
 async def _collect(st: ServerState, request: Request, stream: Stream, kind: str, rid: str, body, total: int,
-                   t0: float, route: str) -> Response:
+                   t0: float, route: str, tools: bool = False) -> Response:
     choices = [_Choice() for _ in range(total)]
     first = [True]
 
@@ -153,9 +164,16 @@ async def _collect(st: ServerState, request: Request, stream: Stream, kind: str,
     for i, ch in enumerate(choices):
         text = "".join(ch.text)
         if kind == "chat":
-            out.append({"index": i, "message": {"role": "assistant", "content": text},
+            message: dict = {"role": "assistant", "content": text}
+            finish = ch.finish_reason
+            if tools:
+                content, calls = parse_tool_calls(text)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": [c.wire() for c in calls]}
+                    finish = "tool_calls" if finish == "stop" else finish
+            out.append({"index": i, "message": message,
                         "logprobs": P.chat_logprobs(ch.tokens, ch.logprobs) if wants_lp else None,
-                        "finish_reason": ch.finish_reason})
+                        "finish_reason": finish})
         else:
             out.append({"index": i, "text": text,
                         "logprobs": P.completion_logprobs(ch.tokens, ch.logprobs, 0) if wants_lp else None,
@@ -165,17 +183,31 @@ async def _collect(st: ServerState, request: Request, stream: Stream, kind: str,
     return JSONResponse(resp(rid, model, created, out, use))
 
 
+def _chat_delta(calls: ToolCallStream, text: str, finished: bool) -> dict:
+    """A chat stream delta with tools on: content outside the calls, and the calls completed by ``text``
+    (numbered across the choice's stream, as the OpenAI stream numbers them)."""
+    first = len(calls.calls)
+    content, new = calls.feed(text)
+    if finished:
+        content += calls.finish()
+    delta: dict = {"content": content} if content else {}
+    if new:
+        delta["tool_calls"] = [c.wire(first + k) for k, c in enumerate(new)]
+    return delta
+
+
 def _sse_event(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
 async def _sse(st: ServerState, stream: Stream, kind: str, rid: str, body, total: int, t0: float, route: str,
-               cleanup) -> AsyncIterator[str]:
+               cleanup, tools: bool = False) -> AsyncIterator[str]:
     created = P.now()
     model = body.model
     wants_lp = body.logprobs not in (None, False)
     offsets = [0] * total
     held: list[tuple[list, list]] = [([], []) for _ in range(total)]  # logprobs of tokens with held-back text
+    calls = [ToolCallStream() for _ in range(total)] if tools else []
     first = True
     try:
         if kind == "chat":
@@ -203,7 +235,10 @@ async def _sse(st: ServerState, stream: Stream, kind: str, rid: str, body, total
                 offsets[c.index] += len(c.text)
                 fr = _finish(c.finish_reason) if c.finished else None
                 if kind == "chat":
-                    delta = {"content": c.text} if c.text else {}
+                    delta = _chat_delta(calls[c.index], c.text, c.finished) if tools else (
+                        {"content": c.text} if c.text else {})
+                    if fr == "stop" and tools and calls[c.index].calls:
+                        fr = "tool_calls"
                     choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": fr})
                 else:
                     choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": fr})

@@ -2,9 +2,11 @@
 
 Requests are validated strictly (no ``"3"`` for an integer, no ``true`` for a number, no NaN) with the
 OpenAI ranges, so a bad field is a 400 naming it before anything reaches the engine (a ``logit_bias`` token
-id outside the vocabulary is named by the engine, which knows the vocabulary). Parameters we accept but do
-not implement (tools, json response formats, echo, best_of != n) are refused with a 400 naming the field
-when set to anything but their neutral value, rather than silently ignored.
+id outside the vocabulary, and a grammar xgrammar cannot compile, are named by the engine, which knows the
+vocabulary). Structured outputs (``response_format``, vLLM's ``structured_outputs`` and ``guided_*``) become
+the engine's ``GrammarSpec`` (structured.py); tools are resolved against the model by the chat route
+(tools.py). Parameters we accept but do not implement (echo, best_of != n, suffix) are refused with a 400
+naming the field when set to anything but their neutral value, rather than silently ignored.
 Unknown fields are ignored, as OpenAI-compatible servers usually do.
 
 Responses are built as plain dicts (one per SSE chunk is cheaper than a pydantic model) in exactly the
@@ -14,13 +16,16 @@ logprobs.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine.grammar import GrammarSpec
 from ..engine.sampler import SamplingParams
 from .errors import APIError
+from .structured import checked_schema, grammar_of
 
 MAX_SEED = 2**62
 MAX_TOP_LOGPROBS = 20
@@ -39,10 +44,25 @@ class TextPart(_Base):
     text: str
 
 
+class FunctionCall(_Base):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Base):
+    """A tool call of an earlier assistant message, as the client sends it back."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -52,8 +72,38 @@ class ChatMessage(_Base):
         return "".join(p.text for p in self.content)
 
 
+class JSONSchemaFormat(_Base):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore", populate_by_name=True)
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Base):
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+
+class FunctionDef(_Base):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Base):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Base):
+    name: str
+
+
+class NamedToolChoice(_Base):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _Sampling(_Base):
@@ -80,6 +130,19 @@ class _Sampling(_Base):
     priority: int = Field(0, ge=-1000, le=1000)
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int = Field(0, ge=0)
+    # structured outputs: the OpenAI field, and vLLM's (structured.py)
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def grammar(self) -> GrammarSpec | None:
+        """The request's structured-output constraint, or None (a 400 names a bad or doubled one)."""
+        guided = {k: getattr(self, k) for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                  if getattr(self, k) is not None}
+        return grammar_of(self.response_format, self.structured_outputs, guided)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -89,7 +152,8 @@ class _Sampling(_Base):
             raise APIError(400, "stop: stop sequences must be non-empty strings", "stop")
         return stops
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        grammar: GrammarSpec | None = None) -> SamplingParams:
         """The engine's parameters; ``max_tokens=None`` means "the rest of the context" (the bridge caps it)."""
         try:
             return SamplingParams(
@@ -100,7 +164,7 @@ class _Sampling(_Base):
                 ignore_eos=self.ignore_eos, logprobs=logprobs,
                 presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                logit_bias=dict(self.logit_bias or {}), min_tokens=self.min_tokens)
+                logit_bias=dict(self.logit_bias or {}), min_tokens=self.min_tokens, grammar=grammar)
         except ValueError as exc:
             field = str(exc).partition(":")[0]
             raise APIError(400, str(exc), field) from None
@@ -138,7 +202,7 @@ class CompletionRequest(_Sampling):
         return prompts
 
     def to_params(self) -> SamplingParams:
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        return self.sampling_params(self.max_tokens, self.logprobs, self.grammar())
 
 
 class ChatRequest(_Sampling):
@@ -146,31 +210,72 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
-    def to_params(self) -> SamplingParams:
-        if self.tools:
-            raise APIError(400, "tools: tool calling is not supported by this server", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice: tool calling is not supported by this server", "tool_choice")
-        if self.response_format and self.response_format.type != "text":
-            raise APIError(400, f"response_format: type {self.response_format.type!r} is not supported; "
-                                "only 'text'", "response_format")
+    def active_tools(self) -> list[dict]:
+        """The tools the model may call (OpenAI's shape, parameters checked as JSON schemas), or [] when
+        there are none or ``tool_choice`` is ``none``; a 400 names a choice that does not fit the tools."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none", "auto"):
+                raise APIError(400, "tool_choice: requires tools", "tool_choice")
+            return []
+        if choice == "none":
+            return []
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise APIError(400, "tools: function names must be unique", "tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError(400, f"tool_choice: no tool is named {choice.function.name!r}", "tool_choice")
+        out = []
+        for t in self.tools:
+            fn = t.function.model_dump(exclude_none=True)
+            if t.function.parameters is not None:
+                checked_schema(t.function.parameters, "tools")
+            out.append({"type": "function", "function": fn})
+        return out
+
+    def tool_choice_wire(self) -> str | dict:
+        choice = self.tool_choice or "auto"
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+    def to_params(self, tool_grammar: GrammarSpec | None = None) -> SamplingParams:
+        """The engine's parameters; ``tool_grammar``: the grammar that checks tool calls (tools.py)."""
+        grammar = self.grammar()
+        if grammar is not None and tool_grammar is not None:
+            raise APIError(400, f"{grammar.field}: cannot be combined with tools (use tool_choice 'none')",
+                           grammar.field)
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs: requires logprobs to be true", "top_logprobs")
         lp = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(self.max_completion_tokens or self.max_tokens, lp)
+        return self.sampling_params(self.max_completion_tokens or self.max_tokens, lp, grammar or tool_grammar)
 
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages as the tokenizer's chat template expects them (text only; 'developer' is a system prompt)."""
+    def conversation(self) -> list[dict]:
+        """Messages as the tokenizer's chat template expects them ('developer' is a system prompt); earlier
+        tool calls carry their arguments as objects where they parse (Hermes templates print them as JSON)."""
         out = []
         for m in self.messages:
-            role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text()})
+            msg: dict = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.function.name,
+                                                   "arguments": _json_or_text(c.function.arguments)}}
+                                     for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                msg["name"] = m.name
+            out.append(msg)
         return out
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 # ---- response shapes ---------------------------------------------------------------------------------

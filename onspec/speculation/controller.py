@@ -33,6 +33,7 @@ import torch
 from ..config import SpecConfig
 from ..engine.events import EngineObserver
 from ..engine.step import DraftInput, Prefill, StepResult
+from .grammar_drafter import GRAMMAR, GrammarProposer, with_forced_tokens
 from .policy import DraftPolicy
 from .proposer import Proposer
 from .tree import DraftTree
@@ -362,16 +363,19 @@ class Speculation(EngineObserver):
     def wants_aux(self) -> bool:
         return any(p.wants_aux for p in self.proposers.values())
 
-    def strategies(self) -> list[str]:
+    def strategies(self, decode: list | None = None) -> list[str]:
         """The proposers asked this step. In auto mode a learned proposer that a hybrid one wraps is left
         out: the hybrid tree holds the learned tree's best nodes (and the suffix tree's), so asking the
         learned one too could only draft for rows the hybrid proposer deliberately leaves to the suffix
-        drafter."""
+        drafter. The grammar drafter is asked, in every mode, only in steps where some of the ``decode``
+        sequences have a grammar: it drafts for nothing else, and unconstrained traffic never sees it."""
         mode = self.cfg.mode
+        constrained = decode is not None and GRAMMAR in self.proposers and any(s.grammar is not None for s in decode)
+        grammar = [GRAMMAR] if constrained else []
         if mode == "auto":
             wrapped = {id(p.wraps) for p in self.proposers.values() if p.wraps is not None}
-            return [name for name, p in self.proposers.items() if id(p) not in wrapped]
-        return [mode] if mode in self.proposers else []
+            return [name for name, p in self.proposers.items() if id(p) not in wrapped and name != GRAMMAR] + grammar
+        return ([mode] if mode in self.proposers and mode != GRAMMAR else []) + grammar
 
     def arm(self, name: str) -> str:
         """The measured-utility record a strategy is judged in: its proposer's ``arm`` (the hybrid strategy
@@ -443,7 +447,7 @@ class Speculation(EngineObserver):
         """This step's draft trees: the strategies the draft policy lets through are asked, the controller
         picks each row's best tree and spends the batch budget where it pays."""
         self._step_started = self.clock()
-        names = self.strategies()
+        names = self.strategies(inp.decode)
         gate = self.policy.step_gate(inp, names)
         if self.policy.in_play(gate):
             self._pure_decode = inp.pure_decode
@@ -463,7 +467,7 @@ class Speculation(EngineObserver):
             self._asked[name] = dt
             self.policy.asked(name, len(inp.decode), dt)
             self.draft_seconds += dt
-        chosen = self.controller.choose(candidates)
+        chosen = with_forced_tokens(self.controller.choose(candidates), candidates, self.cfg.max_draft_tokens)
         remaining = self._closed_remaining(inp.decode)
         plan = self.controller.plan(chosen, inp.step_tokens, len(inp.decode), remaining)
         proposed = any(t.num_draft for trees in candidates.values() for t in trees)
@@ -591,6 +595,8 @@ def profile_costs(engine, controller: Controller, rows: tuple[int, ...] = (1, 2,
 def attach_speculation(engine, cfg: SpecConfig, extra: dict[str, Proposer] | None = None) -> Speculation:
     """Give an engine speculative decoding: the suffix drafter always, plus any extra proposers."""
     proposers: dict[str, Proposer] = {"suffix": SuffixAdapter(cfg)}
+    if cfg.grammar_drafts:
+        proposers[GRAMMAR] = GrammarProposer()
     proposers.update(extra or {})
     spec = Speculation(engine, cfg, proposers)
     if engine.runner.bucket_shapes:

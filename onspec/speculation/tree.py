@@ -130,13 +130,18 @@ class DraftTree:
             while p > 0 and p not in kept_set:
                 kept_set.add(p)
                 p = self.parents[p]
-        kept = sorted(kept_set)
+        return self.select(sorted(kept_set))
+
+    def select(self, kept: list[int], child_dists: dict[int, torch.Tensor] | None = None) -> "DraftTree":
+        """The tree of the nodes ``kept`` (sorted, the root and every kept node's parent included), with
+        ``child_dists`` (by the old indices) in place of the tree's own where given."""
+        dists = self.child_dists if child_dists is None else child_dists
         remap = {old: new for new, old in enumerate(kept)}
         return DraftTree(
             tokens=[self.tokens[i] for i in kept],
             parents=[-1 if i == 0 else remap[self.parents[i]] for i in kept],
             scores=[self.scores[i] for i in kept],
-            child_dists={remap[i]: d for i, d in self.child_dists.items() if i in remap},
+            child_dists={remap[i]: d for i, d in dists.items() if i in remap},
             source=self.source,
             match_evidence=[self.match_evidence[i] for i in kept] if self.match_evidence else [],
         )
