@@ -113,7 +113,11 @@ class TrainerConfig:
     """
 
     versions_dir: str = ""              # where versions live ("" = <cache>/speculators/<model name>)
-    speculator: str = ""                # start from this EAGLE-3 checkpoint (day-1) instead of random (day-0)
+    speculator: str = ""                # start from this checkpoint (day-1) instead of random (day-0)
+    # Which drafter the online learner trains (train/heads.py): "eagle", the sequential EAGLE-3 head (strategies
+    # learned and hybrid), or "parallel", the parallel drafter (strategy parallel; its versions in <versions>/parallel)
+    drafter: str = "eagle"
+    parallel_depths: int = 5            # depths per forward of a parallel drafter made from scratch or an EAGLE-3 head
     resume: bool = True                 # restart from the latest promoted version found in versions_dir
     # --- traces ---
     chunk_positions: int = 256          # a sequence's trace is cut into chunks of this many positions
@@ -164,6 +168,8 @@ class TrainerConfig:
     on_trainer_exit: str = "suffix"     # "suffix": drop the learned drafter when the trainer dies; "keep"
 
     def __post_init__(self) -> None:
+        _check(self.drafter in ("eagle", "parallel"), "drafter", f"must be 'eagle' or 'parallel', got {self.drafter!r}")
+        _check(1 <= self.parallel_depths <= 16, "parallel_depths", "must be in [1, 16]")
         _check(self.chunk_positions >= 8, "chunk_positions", "must be >= 8")
         _check(0 <= self.chunk_context < self.chunk_positions, "chunk_context", "must be in [0, chunk_positions)")
         _check(self.queue_chunks >= 1, "queue_chunks", "must be >= 1")

@@ -31,8 +31,11 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "serve") -> None:
                    help="online: learn the drafter from live traffic (needs onspec.train)")
     p.add_argument("--speculator-dir", default=d.speculator_dir, help="where drafter versions are kept")
     p.add_argument("--speculator", default=d.speculator, metavar="PATH",
-                   help="an EAGLE-3 checkpoint directory: with --train online the first version (day-1), "
-                        "with --train off served as it is")
+                   help="an EAGLE-3 or parallel drafter (P-EAGLE) checkpoint directory: with --train online the "
+                        "first version (day-1), with --train off served as it is")
+    p.add_argument("--train-drafter", default=d.train_drafter, choices=["eagle", "parallel"],
+                   help="the drafter --train online learns: the sequential EAGLE-3 head (strategies learned, hybrid) "
+                        "or the parallel drafter (strategy parallel: one drafter forward per draft)")
     p.add_argument("--max-concurrency", type=int, default=d.max_concurrency,
                    help="sequences decoded at once (engine cache slots)")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
@@ -54,7 +57,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         admin_key=(args.admin_key if args.admin_key is not None
                                    else os.environ.get("ONSPEC_ADMIN_KEY", "")),
                         speculation=args.speculation, train=args.train, speculator_dir=args.speculator_dir,
-                        speculator=args.speculator,
+                        speculator=args.speculator, train_drafter=args.train_drafter,
                         max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                         max_model_len=args.max_model_len, prefix_reuse=not args.no_prefix_reuse,
                         shutdown_timeout=args.shutdown_timeout,

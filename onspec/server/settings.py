@@ -27,8 +27,9 @@ class ServerConfig:
     speculation: str = "auto"
     train: str = "off"                # "online": start the online drafter trainer (if installed)
     speculator_dir: str = ""          # where drafter versions are written / read ("" = trainer's default)
-    speculator: str = ""              # an EAGLE-3 checkpoint: imported as the first version (train online)
-                                      # or served frozen (train off)
+    speculator: str = ""              # an EAGLE-3 or parallel drafter checkpoint: imported as the first version
+                                      # (train online) or served frozen (train off)
+    train_drafter: str = "eagle"      # which drafter train online learns: "eagle" (sequential) or "parallel"
     max_concurrency: int = 32         # sequences decoded at once (= engine cache slots)
     max_queue: int = 128              # sequences admitted beyond max_concurrency before answering 503
     max_model_len: int = 2048
@@ -47,6 +48,7 @@ class ServerConfig:
         _check(self.train in ("online", "off"), "train", "must be 'online' or 'off'")
         _check(not (self.train == "online" and self.speculation == "off"), "train",
                "online drafter learning needs speculation on (not 'off')")
+        _check(self.train_drafter in ("eagle", "parallel"), "train_drafter", "must be 'eagle' or 'parallel'")
         _check(0 <= self.port <= 65535, "port", "must be in [0, 65535]")
         _check(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
         _check(self.max_queue >= 0, "max_queue", "must be >= 0")

@@ -610,8 +610,10 @@ class HybridProposer(Proposer):
 
 
 def attach_learned(engine, spec_cfg, drafter: EagleDrafter, topk: int = 4, max_depth: int = 6,
-                   dtype: torch.dtype | None = None, expected_acceptance: float | None = None):
-    """Give ``engine`` speculation with the suffix, learned and hybrid strategies; returns the
+                   dtype: torch.dtype | None = None, expected_acceptance: float | None = None,
+                   extra: dict[str, Proposer] | None = None):
+    """Give ``engine`` speculation with the suffix, learned and hybrid strategies (and the ``extra``
+    proposers, e.g. a parallel drafter the draft policy measures beside them); returns the
     ``Speculation``. ``expected_acceptance``: the drafter's held-out acceptance length, if measured.
 
     The drafter runs in ``dtype``, by default the engine's: on this CPU a bfloat16 draft-vocabulary
@@ -632,7 +634,8 @@ def attach_learned(engine, spec_cfg, drafter: EagleDrafter, topk: int = 4, max_d
         return sum(spec.controller.calibrated(tree)[1:])
 
     hybrid = HybridProposer(learned, suffix, confident=spec_cfg.hybrid_suffix_confident, score=calibrated)
-    spec = attach_speculation(engine, spec_cfg, extra={"suffix": suffix, "learned": learned, "hybrid": hybrid})
+    spec = attach_speculation(engine, spec_cfg,
+                              extra={"suffix": suffix, "learned": learned, "hybrid": hybrid, **(extra or {})})
     return spec
 
 

@@ -214,6 +214,11 @@ class EagleDrafter(nn.Module):
         """A new drafter of the same shape and kind (weights uninitialised, no embeddings)."""
         return EagleDrafter(self.cfg)
 
+    def unroll_steps(self, ttt_steps: int) -> int:
+        """Unroll steps it is trained and judged with (the objective, the trainer's held-out figure, the
+        promotion gate): the sequential head the configured training-time-test depth ``ttt_steps``."""
+        return ttt_steps
+
     def to_dtype(self, dtype: torch.dtype) -> "EagleDrafter":
         """A copy in ``dtype`` sharing the embeddings (``deepcopy`` would copy the target's embedding too)."""
         out = self.blank()

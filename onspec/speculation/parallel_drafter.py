@@ -106,6 +106,10 @@ class ParallelDrafter(EagleDrafter):
     def depths(self) -> int:
         return self.parallel.depths
 
+    def unroll_steps(self, ttt_steps: int) -> int:
+        """Every depth of a proposal, whatever the sequential head's ``ttt_steps``: unroll step i is depth i + 1."""
+        return self.depths
+
     def placeholders(self, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings and features [B, T, H] of rows standing for tokens not drafted yet."""
         tok = torch.full((B, T), self.parallel.mask_token_id, dtype=torch.long, device=self.mask_hidden.device)

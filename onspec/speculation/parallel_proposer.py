@@ -12,14 +12,18 @@ Trees are point-mass proposals, so verification stays lossless whatever the draf
 cost-aware depth of the sequential proposer (``price_depth``) does not apply: every depth costs the same
 one forward, and the controller's plan keeps only the nodes that pay.
 
-``attach_parallel(engine, spec_cfg, drafter)`` wires it into an engine next to the suffix drafter.
+``attach_parallel(engine, spec_cfg, drafter)`` wires it into an engine next to the suffix drafter, and next to a
+sequential EAGLE-3 head too when given one (``learned``): the draft policy then asks both and judges each by
+its own record (strategy and measured-utility arm ``"parallel"``, priced as a drafter model: ``wants_aux``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .eagle import EagleProposer
+from .eagle import EagleDrafter, EagleProposer, attach_learned
 from .parallel_drafter import PARALLEL_SOURCE, ParallelDrafter, ParallelInput, tree_from_depths
 from .tree import DraftTree
 
@@ -28,6 +32,8 @@ class ParallelProposer(EagleProposer):
     """See the module docstring. ``topk``: children per node (each depth's top tokens)."""
 
     name = PARALLEL_SOURCE
+    arm = PARALLEL_SOURCE   # its own measured-utility record: its one forward costs what the sequential head's
+                            # several do not (wants_aux and keeps_aux come from EagleProposer: a drafter model)
 
     def __init__(self, drafter: ParallelDrafter, topk: int = 4, dtype: torch.dtype | None = None,
                  expected_acceptance: float | None = None) -> None:
@@ -85,9 +91,11 @@ class ParallelProposer(EagleProposer):
 
 
 def attach_parallel(engine, spec_cfg, drafter: ParallelDrafter, topk: int = 4, dtype: torch.dtype | None = None,
-                    expected_acceptance: float | None = None):
-    """Give ``engine`` speculation with the suffix and parallel strategies; returns the ``Speculation``.
-    The drafter runs in ``dtype``, by default the engine's (as ``attach_learned`` does)."""
+                    expected_acceptance: float | None = None, learned: LearnedHead | None = None):
+    """Give ``engine`` speculation with the suffix and parallel strategies, plus the learned and hybrid ones
+    when ``learned`` gives a sequential head; returns the ``Speculation``. The drafters run in ``dtype``, by
+    default the engine's (as ``attach_learned`` does). Both drafters read the same aux states, so their aux
+    layers must agree (a ``ValueError`` says so)."""
     from ..models.loader import DTYPES
     from .controller import attach_speculation
 
@@ -95,7 +103,21 @@ def attach_parallel(engine, spec_cfg, drafter: ParallelDrafter, topk: int = 4, d
         dtype = DTYPES.get(engine.cfg.dtype, drafter.dtype)
     proposer = ParallelProposer(drafter, topk=topk, dtype=dtype, expected_acceptance=expected_acceptance)
     proposer.attach(engine)
-    return attach_speculation(engine, spec_cfg, extra={PARALLEL_SOURCE: proposer})
+    if learned is None:
+        return attach_speculation(engine, spec_cfg, extra={PARALLEL_SOURCE: proposer})
+    if tuple(learned.drafter.cfg.aux_layers) != tuple(drafter.cfg.aux_layers):
+        raise ValueError(f"drafter: the parallel drafter reads aux layers {tuple(drafter.cfg.aux_layers)}, the "
+                         f"sequential head {tuple(learned.drafter.cfg.aux_layers)}: one engine serves one set")
+    return attach_learned(engine, spec_cfg, learned.drafter, dtype=dtype,
+                          expected_acceptance=learned.expected_acceptance, extra={PARALLEL_SOURCE: proposer})
 
 
-__all__ = ["ParallelProposer", "attach_parallel"]
+@dataclass(frozen=True)
+class LearnedHead:
+    """A sequential EAGLE-3 head served beside a parallel drafter, and its held-out acceptance if measured."""
+
+    drafter: EagleDrafter
+    expected_acceptance: float | None = None
+
+
+__all__ = ["LearnedHead", "ParallelProposer", "attach_parallel"]

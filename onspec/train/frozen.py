@@ -16,6 +16,13 @@ Which drafters an engine gets:
   directory (what ``onspec warmup`` and ``onspec serve --train online`` write). With neither, a
   :class:`ValueError` says how to get one: a random day-0 head drafts nothing useful and never improves
   here, since nothing trains it.
+* ``parallel``: the same with a parallel drafter (strategy ``"parallel"``, one drafter forward per draft):
+  a ``speculator`` in the P-EAGLE layout (``export-speculator --parallel``; the config's parallel-drafting
+  fields tell it from an EAGLE-3 head, speculation/checkpoints.py) or the latest promoted version of the
+  parallel lineage (``<versions>/parallel``, what ``--train-drafter parallel`` publishes).
+* ``auto`` with a ``speculator`` of either kind: that drafter, plus the other kind's latest promoted version
+  when its lineage has one, so the draft policy measures both and picks. A speculator of the wrong kind for
+  a forced mode (a parallel drafter for ``learned``) is a ``ValueError`` saying so.
 
 The drafter is frozen: nothing records traces and no version is published. In ``auto`` the controller
 prices it by its manifest's held-out acceptance (as a resumed online version is priced), so a weak
@@ -30,41 +37,64 @@ from pathlib import Path
 import torch
 
 from ..config import SpecConfig
+from ..speculation.checkpoints import EAGLE, PARALLEL
+from .heads import Served, attach_drafters, head_for, mode_serves, promoted_version
 
-NEEDS_DRAFTER = ("learned", "hybrid")
+NEEDS_DRAFTER = ("learned", "hybrid", "parallel")
 log = logging.getLogger("onspec.train")
 
 
-def _frozen_drafter(engine, speculator: str, versions_dir: str, mode: str):
-    """(fp32 drafter, expected acceptance or None, where it came from)."""
-    from ..speculation.eagle import load_eagle3
+def _speculator(path: Path, loaded, mode: str) -> tuple[str, Served]:
+    """(kind, drafter) of a ``--speculator`` directory, checked against ``mode``."""
+    from ..speculation.checkpoints import checkpoint_kind, load_drafter
+    from .publish import VersionError, read_manifest
+
+    if not path.is_dir():
+        raise ValueError(f"speculator: {path} is not a directory (expected an EAGLE-3 or parallel drafter "
+                         "checkpoint: config.json + model.safetensors)")
+    kind = checkpoint_kind(path)
+    if not mode_serves(mode, kind):
+        want = "a parallel drafter (`onspec export-speculator --parallel DEPTHS` writes one)" if mode == "parallel" \
+            else "a sequential EAGLE-3 head"
+        raise ValueError(f"speculator: {path} is {'a parallel drafter' if kind == PARALLEL else 'an EAGLE-3 head'}; "
+                         f"speculation {mode!r} drafts with {want} (auto serves either)")
+    drafter = load_drafter(path, loaded, dtype=torch.float32)  # DrafterLoadError is a ValueError
+    try:
+        estimate = read_manifest(path).heldout_acceptance
+    except (VersionError, OSError, ValueError):
+        estimate = None  # another project's checkpoint: no figure, the controller explores it
+    return kind, Served(drafter, estimate, str(path))
+
+
+def _frozen_drafters(engine, speculator: str, versions_dir: str, mode: str) -> dict[str, Served]:
+    """The drafters to serve, by kind (see the module docstring)."""
     from .online import default_versions_dir
-    from .publish import VersionError, latest_promoted, read_manifest
-    from .swap import CandidateError, load_candidate
 
     loaded = engine.loaded
+    base = Path(versions_dir) if versions_dir else default_versions_dir(loaded)
+    out: dict[str, Served] = {}
     if speculator:
-        path = Path(speculator)
-        if not path.is_dir():
-            raise ValueError(f"speculator: {path} is not a directory (expected an EAGLE-3 checkpoint: "
-                             "config.json + model.safetensors)")
-        drafter = load_eagle3(path, loaded, dtype=torch.float32)  # DrafterLoadError is a ValueError
-        try:
-            estimate = read_manifest(path).heldout_acceptance
-        except (VersionError, OSError, ValueError):
-            estimate = None  # another project's checkpoint: no figure, the controller explores it
-        return drafter, estimate, str(path)
-    root = Path(versions_dir) if versions_dir else default_versions_dir(loaded)
-    version = latest_promoted(root) if root.is_dir() else None
-    if version is None:
+        kind, served = _speculator(Path(speculator), loaded, mode)
+        out[kind] = served
+        if mode == "auto":  # the other kind joins it when a version of it was promoted: the policy measures both
+            other = EAGLE if kind == PARALLEL else PARALLEL
+            companion = promoted_version(head_for(other).root(base), loaded)
+            if companion is not None:
+                out[other] = companion
+        return out
+    kind = PARALLEL if mode == "parallel" else EAGLE
+    root = head_for(kind).root(base)
+    served = promoted_version(root, loaded)
+    if served is None:
+        if kind == PARALLEL:
+            raise ValueError(f"speculation: 'parallel' needs a trained parallel drafter and {root} has no promoted "
+                             "version; pass a speculator (`onspec export-speculator --parallel DEPTHS` writes one) "
+                             "or serve with --train online --train-drafter parallel")
         raise ValueError(f"speculation: {mode!r} needs a trained drafter and {root} has no promoted version; "
                          "run `onspec warmup` first, pass a speculator (an EAGLE-3 checkpoint directory), "
                          "or serve with --train online")
-    try:
-        drafter, manifest = load_candidate(root, version, loaded)
-    except CandidateError as exc:
-        raise ValueError(f"speculation: cannot load version {version} of {root}: {exc}") from None
-    return drafter, manifest.heldout_acceptance, f"version {version} of {root}"
+    out[kind] = served
+    return out
 
 
 def attach_for_mode(engine, spec_cfg: SpecConfig, speculator: str = "", versions_dir: str = ""):
@@ -79,10 +109,8 @@ def attach_for_mode(engine, spec_cfg: SpecConfig, speculator: str = "", versions
         return None
     if mode not in NEEDS_DRAFTER and not speculator:
         return attach_speculation(engine, spec_cfg)
-    from ..speculation.eagle import attach_learned
-
-    drafter, estimate, origin = _frozen_drafter(engine, speculator, versions_dir, mode)
-    spec = attach_learned(engine, spec_cfg, drafter.to_dtype(engine.loaded.model.embed_tokens.weight.dtype),
-                          expected_acceptance=estimate)
-    log.info("speculation %r with a frozen learned drafter: %s", mode, origin)
+    drafters = _frozen_drafters(engine, speculator, versions_dir, mode)
+    spec = attach_drafters(engine, spec_cfg, drafters.get(EAGLE), drafters.get(PARALLEL))
+    log.info("speculation %r with frozen drafters: %s", mode,
+             "; ".join(f"{kind} from {d.origin}" for kind, d in drafters.items()))
     return spec

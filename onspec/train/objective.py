@@ -271,8 +271,10 @@ def discard_loss(drafter, batch: Batch, max_branches: int, generator: torch.Gene
 
 def objective(drafter, batch: Batch, cfg: TrainerConfig, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, dict]:
-    """The full training loss of one batch and its parts."""
-    logits = drafter.forward_train(batch.aux, batch.tokens, lengths=batch.lengths, ttt_steps=cfg.ttt_steps)
+    """The full training loss of one batch and its parts; the unroll is the drafter's (``unroll_steps``: a
+    parallel drafter trains every depth it drafts, train/parallel_objective.py)."""
+    logits = drafter.forward_train(batch.aux, batch.tokens, lengths=batch.lengths,
+                                   ttt_steps=drafter.unroll_steps(cfg.ttt_steps))
     main, per_step = main_loss(logits, batch, cfg.ttt_decay)
     loss = main
     disc, n_br = torch.zeros(()), 0

@@ -4,10 +4,13 @@
 
 What it wires together (docs/design.md, the learning loop):
 
-1. the starting drafter: ``--speculator PATH`` (an EAGLE-3 checkpoint: day-1), else the latest promoted
-   version in the versions directory (a restart resumes), else a fresh ``init_drafter`` (day-0); it is
+1. the starting drafter of the kind it learns (``TrainerConfig.drafter``, train/heads.py: the sequential
+   EAGLE-3 head, or the parallel drafter with its versions in ``<versions>/parallel``): ``--speculator PATH``
+   (a checkpoint: day-1; an EAGLE-3 one becomes a parallel drafter when that is what is learned), else the
+   latest promoted version of its lineage (a restart resumes), else a fresh random one (day-0); it is
    published as a version if it is not one yet, and attached to the engine (suffix + learned + hybrid
-   strategies; the controller chooses per request);
+   strategies, or suffix + parallel; in auto, the other kind's latest promoted version too, frozen, so the
+   draft policy measures both; the controller chooses per request);
 2. a :class:`~onspec.train.traces.TraceRecorder` on the engine's verdicts and prefills, feeding the
    trainer process through a bounded drop-oldest queue, held-out chunks also kept here for the gate;
 3. the trainer process (:mod:`onspec.train.trainer`), which publishes candidate versions;
@@ -39,6 +42,8 @@ import torch
 from ..config import TrainerConfig
 from ..engine.events import EngineObserver
 from ..engine.step import StepResult
+from ..speculation.checkpoints import EAGLE, PARALLEL
+from .heads import Served, attach_drafters, head_for, mode_serves, promoted_version
 from .publish import Manifest, latest_promoted, list_versions, next_version, publish_version
 
 log = logging.getLogger("onspec.train")
@@ -91,7 +96,7 @@ def trainer_config_from(obj) -> TrainerConfig:
 class StartingDrafter:
     """The drafter serving starts with, and where it came from."""
 
-    drafter: object          # fp32 EagleDrafter
+    drafter: object          # fp32 EagleDrafter or ParallelDrafter
     version: int
     origin: str
     estimate: float | None   # held-out acceptance length it is expected to reach (None: unknown, explored)
@@ -125,14 +130,17 @@ def publish_drafter(root: Path, base_model: str, drafter, kind: str, parent: int
 
 
 def starting_drafter(loaded, cfg: TrainerConfig, root: Path, events: EventLog) -> StartingDrafter:
-    """``--speculator PATH`` (imported: day 1), else the latest promoted version (a restart resumes), else a
-    fresh random drafter (day 0); published as a version if it is not one yet."""
-    from ..speculation.eagle import EagleConfig, init_drafter, load_eagle3
+    """``--speculator PATH`` (imported: day 1), else the latest promoted version of ``root`` (a restart
+    resumes), else a fresh random drafter (day 0), of the kind ``cfg.drafter`` names; published as a version
+    if it is not one yet."""
+    from ..speculation.checkpoints import load_drafter
     from .swap import CandidateError, load_candidate
 
     name = str(loaded.name)
+    head = head_for(cfg.drafter)
     if cfg.speculator:
-        drafter = load_eagle3(cfg.speculator, loaded, dtype=torch.float32)  # DrafterLoadError: a ValueError
+        drafter = load_drafter(cfg.speculator, loaded, dtype=torch.float32)  # DrafterLoadError: a ValueError
+        drafter = head.from_checkpoint(drafter, cfg, cfg.speculator)
         version = publish_drafter(root, name, drafter, "imported", None, note=f"imported from {cfg.speculator}")
         return StartingDrafter(drafter, version, f"imported {cfg.speculator}", None)
     if cfg.resume and (v := latest_promoted(root)) is not None:
@@ -143,7 +151,7 @@ def starting_drafter(loaded, cfg: TrainerConfig, root: Path, events: EventLog) -
             return StartingDrafter(drafter, v, f"resumed version {v}", manifest.heldout_acceptance)
         except CandidateError as exc:
             events.add("invalid", v, f"cannot resume: {exc}")
-    drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch), seed=cfg.seed)
+    drafter = head.day0(loaded, cfg)
     version = publish_drafter(root, name, drafter, "initial", None, note="day-0 random drafter")
     return StartingDrafter(drafter, version, "day-0 random drafter", 1.0)  # random: nothing to expect yet
 
@@ -165,7 +173,7 @@ class OnlineParts:
     root: Path
     events: EventLog
     start: StartingDrafter
-    spec: object                         # the engine's Speculation, with the learned drafter
+    spec: object                         # the engine's Speculation, with the drafter being learned
     manager: object                      # VersionManager
     trainer: object | None               # TrainerProcess (None: no trainer process)
     sender: object | None                # TraceSender into the trainer's queue
@@ -175,7 +183,6 @@ class OnlineParts:
 
 def build_online_learning(engine, cfg: TrainerConfig, start_trainer: bool = True) -> OnlineLearning:
     """Assemble online drafter learning for ``engine`` and start it (see the module docstring)."""
-    from ..speculation.eagle import attach_learned
     from .channel import CpuLease, ThreadLender, TraceSender
     from .trainer import TrainerLaunch, TrainerProcess
     from .versions import VersionManager
@@ -184,7 +191,12 @@ def build_online_learning(engine, cfg: TrainerConfig, start_trainer: bool = True
     spec_cfg = engine.spec.cfg if engine.spec is not None else engine.cfg.spec
     if spec_cfg.mode == "off":
         raise ValueError("speculation: online drafter learning needs speculation on (not 'off')")
-    root = Path(cfg.versions_dir) if cfg.versions_dir else default_versions_dir(engine.loaded)
+    head = head_for(cfg.drafter)
+    if not mode_serves(spec_cfg.mode, head.kind):
+        raise ValueError(f"speculation: {spec_cfg.mode!r} does not draft with the {head.kind} drafter the online "
+                         "learner trains (--train-drafter)")
+    base = Path(cfg.versions_dir) if cfg.versions_dir else default_versions_dir(engine.loaded)
+    root = head.root(base)
     root.mkdir(parents=True, exist_ok=True)
     loaded = engine.loaded
     events = EventLog()
@@ -192,8 +204,14 @@ def build_online_learning(engine, cfg: TrainerConfig, start_trainer: bool = True
     events.add("start", start.version, start.origin)
     # the engine's other event subscribers stay subscribed; estimate None (imported): unknown, so explored
     serve_dtype = loaded.model.embed_tokens.weight.dtype
-    spec = attach_learned(engine, spec_cfg, start.drafter.to_dtype(serve_dtype), expected_acceptance=start.estimate)
-    manager = VersionManager(root, cfg, loaded, spec.proposers["learned"], start.version, start.drafter, serve_dtype)
+    served = {head.kind: Served(start.drafter, start.estimate, start.origin)}
+    other = EAGLE if head.kind == PARALLEL else PARALLEL
+    if spec_cfg.mode == "auto" and (companion := promoted_version(head_for(other).root(base), loaded)) is not None:
+        served[other] = companion   # frozen: judged beside the learned one by the draft policy
+        events.add("companion", None, f"{other} drafter {companion.origin} served beside it (frozen)")
+    spec = attach_drafters(engine, spec_cfg, served.get(EAGLE), served.get(PARALLEL))
+    manager = VersionManager(root, cfg, loaded, spec.proposers[head.strategy], start.version, start.drafter,
+                             serve_dtype)
     trainer = sender = None
     if start_trainer:
         launch = TrainerLaunch(cfg=cfg, model_path=str(loaded.path), model_dtype=engine.cfg.dtype,
@@ -224,7 +242,8 @@ class OnlineLearning(EngineObserver):
         self.root = parts.root
         self.log = parts.events
         self.spec = parts.spec
-        self.proposer = parts.spec.proposers["learned"]
+        self.head = head_for(cfg.drafter)
+        self.proposer = parts.spec.proposers[self.head.strategy]
         self.manager = parts.manager
         self.trainer = parts.trainer
         self.sender = parts.sender
@@ -281,11 +300,12 @@ class OnlineLearning(EngineObserver):
         self._steps += 1
         if self._stopped:
             return
-        if self.fallback and "learned" in self.spec.proposers:
+        learning = self.head.strategy in self.spec.proposers
+        if self.fallback and learning:
             self._fall_back_to_suffix()
             return
         # The step that just ran used the serving version: account for it before any swap.
-        if result.num_prefill == 0 and result.num_decode > 0 and "learned" in self.spec.proposers:
+        if result.num_prefill == 0 and result.num_decode > 0 and learning:
             batch = result.num_decode
             off = self.spec.controller.cost.cost(batch, "plain") if self.spec.controller.cost.table else None
             self.manager.observe_step(batch, tokens, result.seconds + draft, off)
@@ -299,7 +319,7 @@ class OnlineLearning(EngineObserver):
         """Serve on with suffix drafting only (the trainer is gone; nothing would improve the drafter)."""
         if self.trainer is not None:
             self.lender.remove(self.trainer.lease)  # threads the dead process had borrowed come back
-        self.spec.remove_strategies("learned", "hybrid")
+        self.spec.remove_strategies(*self.head.strategies)
         self._detach_recorder()
         self._event("fallback", self.manager.current, "trainer process exited: speculation falls back to suffix "
                     "drafting")
@@ -377,7 +397,8 @@ class OnlineLearning(EngineObserver):
             "traces": {"chunks": rec.chunks, "positions": rec.positions, "branches": rec.branches,
                        "dropped": self.sender.dropped if self.sender else 0,
                        "sent": self.sender.sent if self.sender else 0},
-            "fallback": self.fallback or "learned" not in self.spec.proposers, "versions_dir": str(self.root),
+            "fallback": self.fallback or self.head.strategy not in self.spec.proposers, "versions_dir": str(self.root),
+            "drafter": self.head.kind,
             "events": events,
         }
 

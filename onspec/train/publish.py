@@ -2,8 +2,8 @@
 
 A version is a directory ``<root>/v0007/`` holding
 
-* ``config.json`` + ``model.safetensors``: the drafter in the EAGLE-3 layout (written by
-  ``onspec.speculation.eagle.save_eagle3``), loadable by SGLang / vLLM EAGLE-3 loaders as is;
+* ``config.json`` + ``model.safetensors``: the drafter in its kind's layout (``speculation/checkpoints.py``
+  ``save_drafter``: EAGLE-3, or a parallel drafter's P-EAGLE layout), loadable by SGLang / vLLM loaders as is;
 * ``manifest.json``: version, parent, training step, samples seen, held-out simulated acceptance length,
   the sha256 of every weight file, when and from what it was made;
 * ``optimizer.pt`` (optional): AdamW state, so a restarted trainer continues where it stopped.
@@ -119,7 +119,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def publish_version(root: Path, drafter, manifest: Manifest, optimizer_state: dict | None = None) -> Path:
     """Write ``drafter`` as version ``manifest.version`` under ``root`` atomically; returns its directory."""
-    from ..speculation.eagle import save_eagle3
+    from ..speculation.checkpoints import save_drafter
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ def publish_version(root: Path, drafter, manifest: Manifest, optimizer_state: di
         raise VersionError(f"version {manifest.version} already exists in {root}")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version_name(manifest.version)}-", dir=root))
     try:
-        save_eagle3(tmp, drafter)
+        save_drafter(tmp, drafter)
         manifest.sha256 = {name: sha256_file(tmp / name) for name in _payload_files(tmp)}
         if optimizer_state is not None:  # not in sha256: old versions drop it to save disk (see prune)
             import torch

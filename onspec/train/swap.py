@@ -1,9 +1,10 @@
 """Bringing a new drafter version into a running engine: validate, gate, swap, watch, roll back.
 
 * ``load_candidate``: off the step loop, a published version is checked before it can serve: sha256 of
-  every weight file against its manifest, the EAGLE-3 tensors' names, shapes and finiteness, and vocabulary
-  maps and aux layers equal to the serving drafter's (``load_eagle3`` checks d2t/t2d themselves). Any
-  failure is a ``CandidateError`` naming the file and the problem; serving is untouched.
+  every weight file against its manifest, the tensors' names, shapes and finiteness (EAGLE-3, plus the mask
+  vector of a parallel drafter: ``checkpoints.load_drafter``), and kind, vocabulary maps and aux layers equal
+  to the serving drafter's (the loaders check d2t/t2d themselves). Any failure is a ``CandidateError``
+  naming the file and the problem; serving is untouched.
 * ``Gate``: a candidate is promoted only if its simulated acceptance length on a held-out window of recent
   traces (chunks the trainer never trained on) is at least the serving version's on the same window.
   Both are measured here, by the engine side, not read from the manifest: a candidate is judged on
@@ -43,16 +44,20 @@ class CandidateError(ValueError):
 
 def load_candidate(root: Path, version: int, target, reference=None):
     """(fp32 drafter, manifest) of a version, validated against the target and the serving drafter."""
-    from ..speculation.eagle import DrafterLoadError, load_eagle3
+    from ..speculation.checkpoints import drafter_kind, load_drafter
+    from ..speculation.eagle import DrafterLoadError
 
     d = version_dir(root, version)
     try:
         manifest = verify_checksums(d, read_manifest(d))
-        drafter = load_eagle3(d, target, dtype=torch.float32)
+        drafter = load_drafter(d, target, dtype=torch.float32)
     except (VersionError, DrafterLoadError) as exc:
         raise CandidateError(str(exc)) from None
     if reference is not None:
         a, b = drafter.cfg, reference.cfg
+        if drafter_kind(drafter) != drafter_kind(reference):
+            raise CandidateError(f"{d}: a {drafter_kind(drafter)} drafter, the serving one is a "
+                                 f"{drafter_kind(reference)} drafter")
         if tuple(a.aux_layers) != tuple(b.aux_layers):
             raise CandidateError(f"{d}: aux layers {a.aux_layers} differ from the serving drafter's {b.aux_layers}")
         if a.draft_vocab_size != b.draft_vocab_size or not torch.equal(drafter.d2t, reference.d2t.to(drafter.d2t.device)):
@@ -102,7 +107,8 @@ class Gate:
         """None while the window holds too little evidence to decide."""
         soft = SoftTargets(self.lm_head, candidate.draft_ids, 1)
         samples = [soft.prepare(c, 1.0, labels=False) for c in chunks]
-        cand, roots = simulated_acceptance(candidate, samples, self.cfg.ttt_steps, autocast=self.cfg.autocast)
+        cand, roots = simulated_acceptance(candidate, samples, candidate.unroll_steps(self.cfg.ttt_steps),
+                                           autocast=self.cfg.autocast)
         if roots < self.cfg.gate_min_positions:
             return None
         # The serving drafter's figure only changes with the window (or a swap): computed once per window.
@@ -110,7 +116,8 @@ class Gate:
         if self._cache is not None and self._cache[0] is current and self._cache[1] == key:
             cur = self._cache[2]
         else:
-            cur, _ = simulated_acceptance(current, samples, self.cfg.ttt_steps, autocast=self.cfg.autocast)
+            cur, _ = simulated_acceptance(current, samples, current.unroll_steps(self.cfg.ttt_steps),
+                                          autocast=self.cfg.autocast)
             self._cache = (current, key, cur)
         ok = cand >= cur + self.cfg.gate_margin
         reason = (f"held-out acceptance {cand:.3f} {'>=' if ok else '<'} serving {cur:.3f}"

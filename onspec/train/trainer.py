@@ -124,7 +124,8 @@ class Trainer:
         samples = self.heldout_window() if samples is None else samples
         self.drafter.eval()
         try:
-            return simulated_acceptance(self.drafter, samples, self.cfg.ttt_steps, autocast=self.cfg.autocast)
+            return simulated_acceptance(self.drafter, samples, self.drafter.unroll_steps(self.cfg.ttt_steps),
+                                        autocast=self.cfg.autocast)
         finally:
             self.drafter.train()
 
@@ -205,12 +206,12 @@ def drop_layers_below(target, keep_from: int) -> int:
 
 def load_version_for_training(root: Path, version: int, target):
     """(fp32 drafter, optimizer state or None, manifest) of a published version."""
-    from ..speculation.eagle import load_eagle3
+    from ..speculation.checkpoints import load_drafter
     from .publish import OPTIMIZER_FILE, read_manifest, verify_checksums, version_dir
 
     d = version_dir(root, version)
     manifest = verify_checksums(d, read_manifest(d))
-    drafter = load_eagle3(d, target, dtype=torch.float32)
+    drafter = load_drafter(d, target, dtype=torch.float32)
     opt_state = None
     if (d / OPTIMIZER_FILE).is_file():
         try:
