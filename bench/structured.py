@@ -31,16 +31,16 @@ from common import (busy_warning, machine_info, measure_interleaved, print_table
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"},
-    "hobbies": {"type": "array", "items": {"type": "string"}}},
+    "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 32}, "maxItems": 4}},
     "required": ["name", "age", "city", "hobbies"], "additionalProperties": False}
 PRODUCT = {"type": "object", "properties": {
     "product": {"type": "string"}, "price": {"type": "number"}, "currency": {"enum": ["USD", "EUR", "GBP"]},
-    "in_stock": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string"}}},
+    "in_stock": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 32}, "maxItems": 4}},
     "required": ["product", "price", "currency", "in_stock", "tags"], "additionalProperties": False}
 EVENT = {"type": "object", "properties": {
     "title": {"type": "string"}, "day": {"enum": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday",
                                                   "Saturday", "Sunday"]},
-    "location": {"type": "string"}, "attendees": {"type": "array", "items": {"type": "string"}}},
+    "location": {"type": "string"}, "attendees": {"type": "array", "items": {"type": "string", "maxLength": 32}, "maxItems": 6}},
     "required": ["title", "day", "location", "attendees"], "additionalProperties": False}
 
 NAMES = ["Alice", "Bob", "Carla", "Deepak", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Keiko", "Luis"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from .config import SPECULATION_MODES
 
@@ -32,6 +34,13 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
                    help="add BIAS (-100..100) to token ID's logit (repeatable)")
     p.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop before this many tokens")
+    g = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="SCHEMA", help="JSON output following this JSON schema "
+                   "(JSON text, or @FILE)")
+    g.add_argument("--json", action="store_true", help="a JSON object")
+    g.add_argument("--regex", help="output matching this regex")
+    g.add_argument("--choice", action="append", metavar="TEXT", help="exactly one of these strings (repeatable)")
+    g.add_argument("--grammar", metavar="EBNF", help="output in this EBNF grammar (xgrammar's; text or @FILE)")
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
@@ -59,7 +68,40 @@ def _params(args: argparse.Namespace):
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=args.stop, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-                          logit_bias=_logit_bias(args.logit_bias), min_tokens=args.min_tokens)
+                          logit_bias=_logit_bias(args.logit_bias), min_tokens=args.min_tokens,
+                          grammar=_grammar(args))
+
+
+def _text_or_file(value: str, field: str) -> str:
+    """A flag's value, or the contents of the file it names as ``@FILE``."""
+    if not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text()
+    except OSError as exc:
+        raise ValueError(f"{field}: cannot read {value[1:]!r}: {exc.strerror}") from None
+
+
+def _grammar(args: argparse.Namespace):
+    """The structured-output flags -> a GrammarSpec, or None."""
+    from .engine.grammar import GrammarSpec
+
+    if args.json_schema is not None:
+        text = _text_or_file(args.json_schema, "json_schema")
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"json_schema: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return GrammarSpec.json_schema(schema, "json_schema")
+    if args.json:
+        return GrammarSpec.json_schema(None, "json")
+    if args.regex is not None:
+        return GrammarSpec("regex", args.regex, "regex")
+    if args.choice:
+        return GrammarSpec.choice(args.choice, "choice")
+    if args.grammar is not None:
+        return GrammarSpec("ebnf", _text_or_file(args.grammar, "grammar"), "grammar")
+    return None
 
 
 def _logit_bias(items: list[str]) -> dict[str, float]:

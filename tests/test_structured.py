@@ -160,8 +160,9 @@ def test_bf16_speculation_equals_plain_under_a_grammar(tiny_llama) -> None:
         pytest.skip("this CPU's default bf16 path is not bit-exact (it says so)")
     lm = load_model(str(tiny_llama), "bfloat16")
     prompts = prompts_of(lm.arch.vocab_size)
-    for sampling in SAMPLING:
-        params = constrained(sampling, "json_schema", max_tokens=24)
+    for sampling, grammar in [("greedy", "json_schema"), ("seeded", "json_schema"), ("greedy", "regex"),
+                              ("seeded", "regex")]:
+        params = constrained(sampling, grammar, max_tokens=24)
         plain = outputs(bf16_engine(lm, "off", prefix_reuse=False), prompts, params, batched=False)
         eng = bf16_engine(lm, "suffix")
         for _ in range(2):
@@ -341,3 +342,36 @@ def test_bad_grammars_are_value_errors_naming_the_field_and_nothing_is_added(tin
 def test_unknown_grammar_kind_is_refused() -> None:
     with pytest.raises(GrammarError, match="unknown grammar kind"):
         GrammarSpec("yaml", "x")  # type: ignore[arg-type]
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------------
+
+
+def test_cli_structured_output_flags(tiny_llama, capsys, tmp_path) -> None:
+    from onspec import cli
+
+    base = ["generate", "Q:", "--raw", "--model", str(tiny_llama), "--dtype", "float32", "--max-tokens", "30"]
+    assert cli.main([*base, "--regex", "[ab]{3}-[0-9]{2}"]) == 0
+    assert re.fullmatch(r"[ab]{3}-[0-9]{2}", capsys.readouterr().out.strip())
+    assert cli.main([*base, "--choice", "yes", "--choice", "no"]) == 0
+    assert capsys.readouterr().out.strip() in ("yes", "no")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                                  "additionalProperties": False}))
+    assert cli.main([*base, "--json-schema", f"@{schema}"]) == 0
+    assert json.loads(capsys.readouterr().out) in ({"ok": True}, {"ok": False})
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--regex", "(unclosed"], "regex"),
+    (["--json-schema", "{not json"], "json_schema"),
+    (["--json-schema", '{"type": "objekt"}'], "json_schema"),
+    (["--json-schema", "@/nonexistent/schema.json"], "json_schema"),
+    (["--grammar", "root ::= "], "grammar"),
+])
+def test_cli_bad_grammars_are_one_line_exit_2(tiny_llama, capsys, args: list[str], field: str) -> None:
+    from onspec import cli
+
+    assert cli.main(["generate", "Q:", "--raw", "--model", str(tiny_llama), "--dtype", "float32", *args]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "compute path" not in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"onspec generate: error: {field}:"), lines

@@ -69,8 +69,9 @@ class GrammarSpec:
 
     @classmethod
     def json_schema(cls, schema: dict | None, field: str = "response_format") -> GrammarSpec:
-        if schema is not None and not isinstance(schema, dict):
-            raise GrammarError(field, "the JSON schema must be an object")
+        """A JSON schema (checked against the JSON Schema meta-schema), or None for any JSON object."""
+        if schema is not None:
+            check_schema(schema, field)
         return cls("json", json.dumps(schema) if schema is not None else "", field)  # key order is output order
 
     @classmethod
@@ -78,6 +79,20 @@ class GrammarSpec:
         if not options or not all(isinstance(o, str) and o for o in options):
             raise GrammarError(field, "must be a non-empty list of non-empty strings")
         return cls("choice", json.dumps(list(options)), field)
+
+
+def check_schema(schema: Any, field: str) -> dict:
+    """``schema`` if it is a valid JSON Schema object, else a ``GrammarError`` naming ``field`` and where."""
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise GrammarError(field, "the JSON schema must be an object")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "the top level"
+        raise GrammarError(field, f"invalid JSON schema at {where}: {exc.message}") from None
+    return schema
 
 
 def _xgrammar():

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import jsonschema
-
-from ..engine.grammar import GrammarError, GrammarSpec
+from ..engine.grammar import GrammarError, GrammarSpec, check_schema
 from .errors import APIError
 
 # vLLM's structured_outputs keys -> the engine's grammar kinds
@@ -25,14 +23,10 @@ GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice"
 
 def checked_schema(schema: Any, field: str) -> dict:
     """``schema`` if it is a valid JSON Schema object, else a 400 naming ``field``."""
-    if not isinstance(schema, dict):
-        raise APIError(400, f"{field}: the JSON schema must be an object", field)
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "the top level"
-        raise APIError(400, f"{field}: invalid JSON schema at {where}: {exc.message}", field) from None
-    return schema
+        return check_schema(schema, field)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), exc.field) from None
 
 
 def spec_of(kind: str, value: Any, field: str) -> GrammarSpec:
@@ -44,7 +38,7 @@ def spec_of(kind: str, value: Any, field: str) -> GrammarSpec:
                     value = json.loads(value)
                 except ValueError:
                     raise APIError(400, f"{field}: not valid JSON", field) from None
-            return GrammarSpec.json_schema(checked_schema(value, field), field)
+            return GrammarSpec.json_schema(value, field)
         if kind == "choice":
             if not isinstance(value, list):
                 raise APIError(400, f"{field}: must be a list of strings", field)
