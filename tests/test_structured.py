@@ -375,3 +375,19 @@ def test_cli_bad_grammars_are_one_line_exit_2(tiny_llama, capsys, args: list[str
     assert cli.main(["generate", "Q:", "--raw", "--model", str(tiny_llama), "--dtype", "float32", *args]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "compute path" not in ln]
     assert len(lines) == 1 and lines[0].startswith(f"onspec generate: error: {field}:"), lines
+
+
+def test_samples_of_one_request_each_follow_the_grammar_with_their_own_matcher(tiny) -> None:
+    """n > 1: the samples share the prompt's prefill but each has its own matcher; seeded, speculation changes
+    no sample, and every finished one matches the regex."""
+    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=60, grammar=DIGITS)
+    prompts = prompts_of(tiny.arch.vocab_size)[:2]
+    from onspec import LLM
+
+    plain = LLM(engine=engine_for(tiny)).generate(prompts, params)
+    spec = LLM(engine=engine_for(tiny, SpecConfig(mode="suffix", profile_at_start=False), FREE)).generate(prompts, params)
+    for a, b in zip(plain, spec):
+        assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+        assert len({tuple(o.token_ids) for o in a.outputs}) > 1  # the samples differ
+        for o in a.outputs:
+            assert o.finish_reason == "length" or re.fullmatch(DIGITS.source, o.text), o.text
