@@ -142,6 +142,15 @@ def test_corrupt_version_is_rejected_while_serving_goes_on(tmp_path, target) -> 
         ol.stop()
 
 
+def serve_until_rolled_back(engine, ol, clock: FakeClock) -> None:
+    """Every step 4x slower from now on (the injected regression); serve 4 requests until a rollback."""
+    clock.tick = 0.04
+    for i, p in enumerate(prompts(4, seed=3)):
+        engine.add_request(f"z{i}", p, SamplingParams(temperature=0, max_tokens=30))
+    while engine.has_unfinished() and ol.manager.counts["rollbacks"] == 0:
+        engine.step()
+
+
 def test_injected_live_regression_is_rolled_back(tmp_path, target) -> None:
     ps = prompts(4, seed=2)
     engine = make_engine(target, max_num_seqs=4)
@@ -153,11 +162,7 @@ def test_injected_live_regression_is_rolled_back(tmp_path, target) -> None:
         serve(engine, ps, 30)                                 # version 0's live record
         publish_version(ol.root, init_drafter(target, seed=5), Manifest(version=1, parent=0, kind="trained"))
         ol.promote(1)
-        clock.tick = 0.04                                     # the injected regression: every step 4x slower
-        for i, p in enumerate(prompts(4, seed=3)):
-            engine.add_request(f"z{i}", p, SamplingParams(temperature=0, max_tokens=30))
-        while engine.has_unfinished() and ol.manager.counts["rollbacks"] == 0:
-            engine.step()
+        serve_until_rolled_back(engine, ol, clock)
         st = ol.status()
         assert st["rollbacks"] == 1 and st["version"] == 0
         rb = next(g for g in st["gates"] if g["kind"] == "rollback")
@@ -308,6 +313,21 @@ def test_warmup_publishes_a_version_serve_resumes(tmp_path, capsys) -> None:
         ol.stop()
 
 
+def serve_until_gated(engine, ol, seconds: float = 240.0) -> dict:
+    """Keep 4 repetitive requests running until the gate promoted or rejected a version the trainer process
+    published (or ``seconds`` passed); the learner's status."""
+    deadline = time.time() + seconds
+    i = 0
+    r = random.Random(0)
+    while time.time() < deadline and not any(g["kind"] in ("promote", "reject") for g in ol.status()["gates"]):
+        if sum(not s.finished for s in engine.seqs.values()) < 4:
+            motif = [r.randrange(3, 500) for _ in range(3)]
+            engine.add_request(f"w{i}", motif * 4, SamplingParams(temperature=0, max_tokens=24))
+            i += 1
+        engine.step()
+    return ol.status()
+
+
 @pytest.mark.slow
 def test_trainer_process_learns_publishes_and_is_gated(tmp_path, target) -> None:
     root = tmp_path / "v"
@@ -316,16 +336,7 @@ def test_trainer_process_learns_publishes_and_is_gated(tmp_path, target) -> None
     ol = start_online_learning(engine, cfg_for(root, min_positions=32, batch_positions=128, publish_every_steps=5,
                                                poll_seconds=0.2, idle_after=0.2, busy_share=1.0))
     try:
-        deadline = time.time() + 240
-        i = 0
-        r = random.Random(0)
-        while time.time() < deadline and not any(g["kind"] in ("promote", "reject") for g in ol.status()["gates"]):
-            if sum(not s.finished for s in engine.seqs.values()) < 4:
-                motif = [r.randrange(3, 500) for _ in range(3)]
-                engine.add_request(f"w{i}", motif * 4, SamplingParams(temperature=0, max_tokens=24))
-                i += 1
-            engine.step()
-        st = ol.status()
+        st = serve_until_gated(engine, ol)
         assert st["trainer_steps"] > 0 and len(st["versions"]) >= 2
         assert any(g["kind"] in ("promote", "reject") for g in st["gates"])
         assert ol.lender.grants > 0  # the trainer computed on threads the stepping engine lent it

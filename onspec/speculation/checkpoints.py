@@ -41,6 +41,11 @@ def drafter_kind(drafter: EagleDrafter) -> str:
     return PARALLEL if isinstance(drafter, ParallelDrafter) else EAGLE
 
 
+def kind_text(kind: str) -> str:
+    """A kind in words, for messages."""
+    return "a parallel drafter" if kind == PARALLEL else "an EAGLE-3 head"
+
+
 def load_drafter(directory: str | Path, target, dtype: torch.dtype | None = None) -> EagleDrafter:
     """The drafter in ``directory``, of whichever kind it is; ``DrafterLoadError`` (a ``ValueError``) names
     the file and the problem."""
@@ -56,4 +61,4 @@ def save_drafter(directory: str | Path, drafter: EagleDrafter) -> Path:
     return save_eagle3(directory, drafter)
 
 
-__all__ = ["DRAFTER_KINDS", "EAGLE", "PARALLEL", "checkpoint_kind", "drafter_kind", "load_drafter", "save_drafter"]
+__all__ = ["DRAFTER_KINDS", "EAGLE", "PARALLEL", "checkpoint_kind", "drafter_kind", "kind_text", "load_drafter", "save_drafter"]

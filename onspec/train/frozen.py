@@ -46,7 +46,7 @@ log = logging.getLogger("onspec.train")
 
 def _speculator(path: Path, loaded, mode: str) -> tuple[str, Served]:
     """(kind, drafter) of a ``--speculator`` directory, checked against ``mode``."""
-    from ..speculation.checkpoints import checkpoint_kind, load_drafter
+    from ..speculation.checkpoints import checkpoint_kind, kind_text, load_drafter
     from .publish import VersionError, read_manifest
 
     if not path.is_dir():
@@ -56,7 +56,7 @@ def _speculator(path: Path, loaded, mode: str) -> tuple[str, Served]:
     if not mode_serves(mode, kind):
         want = "a parallel drafter (`onspec export-speculator --parallel DEPTHS` writes one)" if mode == "parallel" \
             else "a sequential EAGLE-3 head"
-        raise ValueError(f"speculator: {path} is {'a parallel drafter' if kind == PARALLEL else 'an EAGLE-3 head'}; "
+        raise ValueError(f"speculator: {path} is {kind_text(kind)}; "
                          f"speculation {mode!r} drafts with {want} (auto serves either)")
     drafter = load_drafter(path, loaded, dtype=torch.float32)  # DrafterLoadError is a ValueError
     try:

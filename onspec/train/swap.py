@@ -44,7 +44,7 @@ class CandidateError(ValueError):
 
 def load_candidate(root: Path, version: int, target, reference=None):
     """(fp32 drafter, manifest) of a version, validated against the target and the serving drafter."""
-    from ..speculation.checkpoints import drafter_kind, load_drafter
+    from ..speculation.checkpoints import drafter_kind, kind_text, load_drafter
     from ..speculation.eagle import DrafterLoadError
 
     d = version_dir(root, version)
@@ -56,8 +56,8 @@ def load_candidate(root: Path, version: int, target, reference=None):
     if reference is not None:
         a, b = drafter.cfg, reference.cfg
         if drafter_kind(drafter) != drafter_kind(reference):
-            raise CandidateError(f"{d}: a {drafter_kind(drafter)} drafter, the serving one is a "
-                                 f"{drafter_kind(reference)} drafter")
+            raise CandidateError(f"{d}: {kind_text(drafter_kind(drafter))}, the serving drafter is "
+                                 f"{kind_text(drafter_kind(reference))}")
         if tuple(a.aux_layers) != tuple(b.aux_layers):
             raise CandidateError(f"{d}: aux layers {a.aux_layers} differ from the serving drafter's {b.aux_layers}")
         if a.draft_vocab_size != b.draft_vocab_size or not torch.equal(drafter.d2t, reference.d2t.to(drafter.d2t.device)):
