@@ -20,7 +20,8 @@ from onspec.models.loader import load_model
 from onspec.speculation.checkpoints import load_drafter
 from onspec.speculation.eagle import init_drafter, save_eagle3
 from onspec.speculation.parallel_drafter import ParallelConfig, ParallelDrafter, init_parallel
-from onspec.train.online import build_online_learning, start_online_learning
+from onspec.server.settings import ServerConfig
+from onspec.train.online import build_online_learning, start_online_learning, trainer_config_from
 from onspec.train.publish import Manifest, VersionState, latest_promoted, list_versions, publish_version
 from onspec.train.trainer import Trainer, load_version_for_training
 
@@ -62,6 +63,10 @@ def test_day0_publishes_a_random_parallel_drafter_in_its_own_lineage(tmp_path, t
         ol.stop()
     with pytest.raises(ValueError, match="does not draft with the parallel drafter"):
         build_online_learning(make_engine(target, "learned"), pcfg(tmp_path / "w"), start_trainer=False)
+    # onspec serve --train online --train-drafter parallel: the learner's config, and the same refusal up front
+    assert trainer_config_from(ServerConfig(train="online", train_drafter="parallel")).drafter == "parallel"
+    with pytest.raises(ValueError, match="train_drafter: speculation 'hybrid'"):
+        ServerConfig(train="online", train_drafter="parallel", speculation="hybrid")
 
 
 def test_hot_swap_under_load_keeps_greedy_outputs(tmp_path, target) -> None:

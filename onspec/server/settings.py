@@ -49,6 +49,11 @@ class ServerConfig:
         _check(not (self.train == "online" and self.speculation == "off"), "train",
                "online drafter learning needs speculation on (not 'off')")
         _check(self.train_drafter in ("eagle", "parallel"), "train_drafter", "must be 'eagle' or 'parallel'")
+        # a forced mode must draft with the drafter being learned (learned, hybrid: eagle; parallel: parallel)
+        forced = {"learned": "eagle", "hybrid": "eagle", "parallel": "parallel"}.get(self.speculation)
+        _check(self.train != "online" or forced in (None, self.train_drafter), "train_drafter",
+               f"speculation {self.speculation!r} does not draft with the {self.train_drafter} drafter that "
+               "--train online would learn")
         _check(0 <= self.port <= 65535, "port", "must be in [0, 65535]")
         _check(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
         _check(self.max_queue >= 0, "max_queue", "must be >= 0")
