@@ -4,23 +4,31 @@ machinery as the EAGLE-3 head's (tests/test_train_online.py) on the parallel lin
 Hot swaps under load keep greedy outputs equal to speculation off; a corrupt version is rejected while
 serving goes on; a live regression is rolled back; the trainer's step lowers every depth's loss on a fixed
 batch of recorded traces and publishes parallel versions; day-0 (random), day-1 (an EAGLE-3 checkpoint made
-parallel) and resume from a promoted version.
+parallel, or ``onspec warmup --drafter parallel``) and resume from a promoted version; in auto a promoted
+sequential head serves beside it and outlives its trainer.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
+from conftest import make_tiny_model
 from helpers import FakeClock
 from test_eagle import force_all_drafts
 from test_train_online import (cfg_for, make_engine, prompts, reference, serve, serve_until_gated,
                                serve_until_rolled_back)
 
+from onspec.cli import main
+from onspec.config import SpecConfig
 from onspec.models.loader import load_model
 from onspec.speculation.checkpoints import load_drafter
 from onspec.speculation.eagle import init_drafter, save_eagle3
 from onspec.speculation.parallel_drafter import ParallelConfig, ParallelDrafter, init_parallel
 from onspec.server.settings import ServerConfig
+from onspec.train.frozen import attach_for_mode
 from onspec.train.online import build_online_learning, start_online_learning, trainer_config_from
 from onspec.train.publish import Manifest, VersionState, latest_promoted, list_versions, publish_version
 from onspec.train.trainer import Trainer, load_version_for_training
@@ -217,3 +225,58 @@ def test_trainer_process_learns_the_parallel_drafter_and_its_versions_are_gated(
                    for v in st["versions"])
     finally:
         ol.stop()
+
+
+def test_warmup_of_the_parallel_drafter_is_what_serving_and_learning_read(tmp_path, capsys) -> None:
+    """``onspec warmup --drafter parallel`` publishes a promoted day-1 version in the parallel lineage:
+    ``--speculation parallel`` serves it frozen (priced by its held-out figure) and the online learner of the
+    parallel drafter resumes it."""
+    model_dir = make_tiny_model(tmp_path / "m", "llama", vocab_size=49152)   # the prompts are text
+    root = tmp_path / "v"
+    assert main(["warmup", "--model", str(model_dir), "--dtype", "float32", "--speculator-dir", str(root),
+                 "--prompts", "4", "--max-tokens", "12", "--concurrency", "4", "--epochs", "1", "--threads", "1",
+                 "--drafter", "parallel", "--depths", str(DEPTHS)]) == 0
+    assert "answered 4 prompts" in capsys.readouterr().out
+    v = latest_promoted(root / "parallel")
+    assert v is not None and list_versions(root) == []
+    big = load_model(str(model_dir), "float32")
+    warm = load_drafter(root / "parallel" / f"v{v:04d}", big)
+    assert isinstance(warm, ParallelDrafter) and warm.depths == DEPTHS
+    engine = make_engine(big, "parallel")
+    spec = attach_for_mode(engine, SpecConfig(mode="parallel", profile_at_start=False), versions_dir=str(root))
+    assert set(spec.proposers) == {"suffix", "grammar", "parallel"}
+    assert spec.proposers["parallel"].expected_acceptance is not None                # its warm-up figure
+    engine2, ol = learner(big, root)
+    try:
+        assert ol.manager.current == v and torch.equal(ol.proposer.drafter.mask_hidden.float(), warm.mask_hidden)
+    finally:
+        ol.stop()
+
+
+def test_in_auto_a_promoted_sequential_head_serves_beside_it_and_outlives_its_trainer(tmp_path, target) -> None:
+    """Learning the parallel drafter in auto with a promoted sequential head: both are attached (the draft
+    policy measures both); when the trainer process dies only the parallel strategy goes, the frozen head
+    keeps drafting, and greedy output stays the plain output."""
+    root = tmp_path / "v"
+    publish_version(root, init_drafter(target, seed=6), Manifest(version=0, parent=None, kind="warmup",
+                                                                 heldout_acceptance=1.2))
+    VersionState(current=0, promoted=[0]).save(root)
+    engine = make_engine(target)
+    ol = start_online_learning(engine, pcfg(root))
+    try:
+        spec = engine.spec
+        assert set(spec.proposers) == {"suffix", "grammar", "learned", "hybrid", "parallel"}
+        assert ol.proposer is spec.proposers["parallel"] and ol.root == root / "parallel"
+        assert spec.proposers["learned"].expected_acceptance == 1.2
+        assert any(e["kind"] == "companion" for e in ol.status()["events"])
+        os.kill(ol.trainer.pid, signal.SIGKILL)                          # the process this test started
+        ol.trainer.process.join(30)
+        ol.poll_now()
+        ps = prompts(6, seed=4)
+        force_all_drafts(spec)
+        assert serve(engine, ps, 20) == reference(target, ps, 20)
+        assert "parallel" not in spec.proposers and {"learned", "hybrid"} <= set(spec.proposers)
+        assert ol.status()["fallback"]
+    finally:
+        ol.stop(save=False)
+    assert list_versions(root) == [0]                                     # the sequential lineage untouched

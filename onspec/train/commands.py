@@ -3,7 +3,9 @@
 warmup: the procedure of ``warmup.py`` (the model answers a generic prompt set, the drafter trains on the
 traces offline); the result is published as a version in the versions directory and marked promoted, so
 ``onspec serve --train online`` resumes from it (``--speculator <that version's directory>`` works too: it
-is an EAGLE-3 checkpoint).
+is an EAGLE-3 checkpoint). ``--drafter parallel`` warms up the parallel drafter in its own lineage
+(``<versions>/parallel``, train/heads.py), which ``--train-drafter parallel`` and ``--speculation parallel``
+read.
 
 export-speculator: copies a version (default: the latest promoted, else the first one; with no versions
 at all, a fresh day-0 drafter for the model) to ``--out`` as ``config.json`` + ``model.safetensors`` (+ the
@@ -49,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--epochs", type=float, default=6.0, help="passes over the recorded positions")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
         p.add_argument("--fresh", action="store_true", help="start from a random drafter, not the latest version")
+        p.add_argument("--drafter", default="eagle", choices=["eagle", "parallel"],
+                       help="which drafter to warm up: the sequential EAGLE-3 head, or the parallel drafter (its "
+                            "versions in <speculator-dir>/parallel, what --train-drafter parallel resumes)")
+        p.add_argument("--depths", type=int, default=TrainerConfig.parallel_depths,
+                       help="depths per forward of a fresh parallel drafter (--drafter parallel)")
         p.add_argument("--no-promote", action="store_true", help="publish without making it the serving version")
         p.add_argument("--seed", type=int, default=0)
 
@@ -146,7 +153,7 @@ def _export_parallel(args: argparse.Namespace, root: Path, loaded) -> int:
 def _warmup(args: argparse.Namespace) -> int:
     from ..config import EngineConfig, SpecConfig
     from ..engine.engine import Engine
-    from ..speculation.eagle import EagleConfig, attach_learned, init_drafter
+    from .heads import Served, attach_head, head_for
     from .publish import Manifest, VersionState, latest_promoted, next_version, publish_version
     from .swap import CandidateError, load_candidate
     from .warmup import WarmupSettings, warm_start
@@ -158,7 +165,9 @@ def _warmup(args: argparse.Namespace) -> int:
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.concurrency,
                                  num_threads=args.threads, spec=spec, seed=args.seed))
     loaded = engine.loaded
-    root = _root(args, loaded)
+    head = head_for(args.drafter)
+    root = head.root(_root(args, loaded))
+    cfg = TrainerConfig(versions_dir=str(root), seed=args.seed, drafter=args.drafter, parallel_depths=args.depths)
     parent = None if args.fresh else latest_promoted(root)
     drafter = None
     if parent is not None:
@@ -168,10 +177,9 @@ def _warmup(args: argparse.Namespace) -> int:
             print(f"warning: cannot continue from version {parent} ({exc}); starting fresh", file=sys.stderr)
             parent = None
     if drafter is None:
-        drafter = init_drafter(loaded, EagleConfig.for_target(loaded.arch), seed=args.seed)
-    # Suffix drafting makes the answers cheap; the learned proposer makes the engine record aux states.
-    attach_learned(engine, spec, drafter.to_dtype(loaded.model.embed_tokens.weight.dtype))
-    cfg = TrainerConfig(versions_dir=str(root), seed=args.seed)
+        drafter = head.day0(loaded, cfg)
+    # Suffix drafting makes the answers cheap; the drafter's proposer makes the engine record aux states.
+    attach_head(engine, spec, head, Served(drafter))
     ws = warm_start(engine, drafter, cfg, settings)
     rec, res = ws.recording, ws.training
     trainer = res.trainer

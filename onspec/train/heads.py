@@ -77,6 +77,12 @@ class Head:
                          "from it (learn the parallel drafter: --train-drafter parallel)")
 
 
+def attach_head(engine, spec_cfg, head: Head, served: Served):
+    """``attach_drafters`` with one drafter, of ``head``'s kind."""
+    parallel = head.kind == PARALLEL
+    return attach_drafters(engine, spec_cfg, None if parallel else served, served if parallel else None)
+
+
 def promoted_version(root: Path, loaded) -> Served | None:
     """The latest promoted version of the lineage in ``root``, float32 (None: none promoted); a ``ValueError``
     if it cannot be loaded."""
@@ -130,4 +136,4 @@ def attach_drafters(engine, spec_cfg, eagle: Served | None, parallel: Served | N
                            learned=learned)
 
 
-__all__ = ["PARALLEL_LINEAGE", "Head", "Served", "attach_drafters", "head_for", "mode_serves", "promoted_version"]
+__all__ = ["PARALLEL_LINEAGE", "Head", "Served", "attach_drafters", "attach_head", "head_for", "mode_serves", "promoted_version"]
