@@ -280,3 +280,15 @@ def test_in_auto_a_promoted_sequential_head_serves_beside_it_and_outlives_its_tr
     finally:
         ol.stop(save=False)
     assert list_versions(root) == [0]                                     # the sequential lineage untouched
+
+
+def test_export_speculator_copies_a_learned_parallel_version(tmp_path, tiny_llama, target) -> None:
+    root = tmp_path / "v"
+    publish_version(root / "parallel", parallel(target, 4), Manifest(version=0, parent=None, kind="trained"))
+    common = ["export-speculator", "--model", str(tiny_llama), "--dtype", "float32", "--speculator-dir", str(root)]
+    assert main([*common, "--drafter", "parallel", "--out", str(tmp_path / "o")]) == 0
+    out = load_drafter(tmp_path / "o", target)
+    assert isinstance(out, ParallelDrafter) and torch.equal(out.mask_hidden, parallel(target, 4).mask_hidden)
+    assert main([*common, "--drafter", "parallel", "--parallel", "3", "--out", str(tmp_path / "o2")]) == 2
+    assert main([*common, "--speculator-dir", str(tmp_path / "none"), "--drafter", "parallel",
+                 "--out", str(tmp_path / "o3")]) == 2

@@ -10,7 +10,8 @@ read.
 export-speculator: copies a version (default: the latest promoted, else the first one; with no versions
 at all, a fresh day-0 drafter for the model) to ``--out`` as ``config.json`` + ``model.safetensors`` (+ the
 manifest), ready for SGLang / vLLM EAGLE-3 loaders. With ``--parallel DEPTHS`` it writes that head as a
-parallel drafter instead (vLLM's P-EAGLE layout, speculation/parallel_checkpoint.py; ``load_parallel`` reads it).
+parallel drafter instead (vLLM's P-EAGLE layout, speculation/parallel_checkpoint.py; ``load_parallel`` reads it);
+with ``--drafter parallel`` it copies a version of the parallel drafter's own lineage (already in that layout).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                             "the parallel-drafting fields, for vLLM's parallel_drafting) drafting DEPTHS tokens "
                             "per forward, its layers copied from the version and its mask vector fresh; 0: the "
                             "version as it is")
+        p.add_argument("--drafter", default="eagle", choices=["eagle", "parallel"],
+                       help="which lineage to export from: the sequential head's, or the parallel drafter's "
+                            "(<speculator-dir>/parallel, learned online or warmed up; written as it is)")
     if name == "warmup":
         p.add_argument("--prompts", type=int, default=100, help="how many warm-up prompts to answer (max 100)")
         p.add_argument("--samples", type=int, default=1,
@@ -88,7 +92,17 @@ def _export(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, args.dtype)
         root = _root(args, loaded)
     if args.parallel:
+        if args.drafter == "parallel":
+            raise ValueError("parallel: --drafter parallel exports a parallel drafter as it is; --parallel DEPTHS "
+                             "makes one from the sequential head")
         return _export_parallel(args, root, loaded)
+    if args.drafter == "parallel":
+        from .heads import head_for
+
+        root = head_for("parallel").root(root)
+        if not list_versions(root):
+            raise ValueError(f"drafter: no parallel drafter versions in {root} (--parallel DEPTHS makes one from "
+                             "the sequential head)")
     if list_versions(root):
         try:
             version, path = export_version(root, out, args.version)
