@@ -100,6 +100,10 @@ def test_auto_serves_it_beside_suffix_and_a_promoted_sequential_head(tiny_llama,
     assert [o.outputs[0].token_ids for o in outs] == plain
     asked = spec.policy.rows_asked
     assert asked.get("parallel", 0) > 0 and asked.get("hybrid", 0) > 0, asked      # both were measured
+    # the sequential head is optional beside it: a damaged one is left out, serving starts
+    weights = root / "v0000" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert set(engine_for(tiny_llama, "auto", str(out), str(root)).spec.proposers) == {"suffix", "grammar", "parallel"}
 
 
 def test_wrong_kinds_and_bad_checkpoints_are_clear_errors(tiny_llama, target, tmp_path, empty_cache) -> None:

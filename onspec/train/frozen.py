@@ -38,7 +38,7 @@ import torch
 
 from ..config import SpecConfig
 from ..speculation.checkpoints import EAGLE, PARALLEL
-from .heads import Served, attach_drafters, head_for, mode_serves, promoted_version
+from .heads import Served, attach_drafters, companion, head_for, mode_serves, promoted_version
 
 NEEDS_DRAFTER = ("learned", "hybrid", "parallel")
 log = logging.getLogger("onspec.train")
@@ -76,11 +76,8 @@ def _frozen_drafters(engine, speculator: str, versions_dir: str, mode: str) -> d
     if speculator:
         kind, served = _speculator(Path(speculator), loaded, mode)
         out[kind] = served
-        if mode == "auto":  # the other kind joins it when a version of it was promoted: the policy measures both
-            other = EAGLE if kind == PARALLEL else PARALLEL
-            companion = promoted_version(head_for(other).root(base), loaded)
-            if companion is not None:
-                out[other] = companion
+        if mode == "auto" and (other := companion(base, kind, loaded)) is not None:
+            out[other[0]] = other[1]   # a promoted version of the other kind: the draft policy measures both
         return out
     kind = PARALLEL if mode == "parallel" else EAGLE
     root = head_for(kind).root(base)

@@ -99,6 +99,19 @@ def promoted_version(root: Path, loaded) -> Served | None:
     return Served(drafter, manifest.heldout_acceptance, f"version {version} of {root}")
 
 
+def companion(base: Path, kind: str, loaded) -> tuple[str, Served] | None:
+    """(kind, drafter) of the other kind's latest promoted version, served frozen beside a drafter of ``kind``
+    in auto so the draft policy measures both; None when there is none, or (with a warning) when it cannot
+    be loaded: it is optional, and a damaged one must not stop serving."""
+    other = EAGLE if kind == PARALLEL else PARALLEL
+    try:
+        served = promoted_version(head_for(other).root(base), loaded)
+    except ValueError as exc:
+        log.warning("not serving the %s drafter beside the %s one: %s", other, kind, exc)
+        return None
+    return None if served is None else (other, served)
+
+
 def head_for(kind: str) -> Head:
     if kind not in (EAGLE, PARALLEL):
         raise ValueError(f"drafter: must be {EAGLE!r} or {PARALLEL!r}, got {kind!r}")
@@ -136,4 +149,4 @@ def attach_drafters(engine, spec_cfg, eagle: Served | None, parallel: Served | N
                            learned=learned)
 
 
-__all__ = ["PARALLEL_LINEAGE", "Head", "Served", "attach_drafters", "attach_head", "head_for", "mode_serves", "promoted_version"]
+__all__ = ["PARALLEL_LINEAGE", "Head", "Served", "attach_drafters", "attach_head", "companion", "head_for", "mode_serves", "promoted_version"]

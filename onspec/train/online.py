@@ -43,7 +43,7 @@ from ..config import TrainerConfig
 from ..engine.events import EngineObserver
 from ..engine.step import StepResult
 from ..speculation.checkpoints import EAGLE, PARALLEL
-from .heads import Served, attach_drafters, head_for, mode_serves, promoted_version
+from .heads import Served, attach_drafters, companion, head_for, mode_serves
 from .publish import Manifest, latest_promoted, list_versions, next_version, publish_version
 
 log = logging.getLogger("onspec.train")
@@ -205,10 +205,9 @@ def build_online_learning(engine, cfg: TrainerConfig, start_trainer: bool = True
     # the engine's other event subscribers stay subscribed; estimate None (imported): unknown, so explored
     serve_dtype = loaded.model.embed_tokens.weight.dtype
     served = {head.kind: Served(start.drafter, start.estimate, start.origin)}
-    other = EAGLE if head.kind == PARALLEL else PARALLEL
-    if spec_cfg.mode == "auto" and (companion := promoted_version(head_for(other).root(base), loaded)) is not None:
-        served[other] = companion   # frozen: judged beside the learned one by the draft policy
-        events.add("companion", None, f"{other} drafter {companion.origin} served beside it (frozen)")
+    if spec_cfg.mode == "auto" and (other := companion(base, head.kind, loaded)) is not None:
+        served[other[0]] = other[1]   # frozen: judged beside the learned one by the draft policy
+        events.add("companion", None, f"{other[0]} drafter {other[1].origin} served beside it (frozen)")
     spec = attach_drafters(engine, spec_cfg, served.get(EAGLE), served.get(PARALLEL))
     manager = VersionManager(root, cfg, loaded, spec.proposers[head.strategy], start.version, start.drafter,
                              serve_dtype)
