@@ -61,4 +61,5 @@ def save_drafter(directory: str | Path, drafter: EagleDrafter) -> Path:
     return save_eagle3(directory, drafter)
 
 
-__all__ = ["DRAFTER_KINDS", "EAGLE", "PARALLEL", "checkpoint_kind", "drafter_kind", "kind_text", "load_drafter", "save_drafter"]
+__all__ = ["DRAFTER_KINDS", "EAGLE", "PARALLEL", "checkpoint_kind", "drafter_kind", "kind_text", "load_drafter",
+           "save_drafter"]

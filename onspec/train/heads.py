@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainerConfig
-from ..speculation.checkpoints import EAGLE, PARALLEL, drafter_kind
+from ..speculation.checkpoints import DRAFTER_KINDS, EAGLE, PARALLEL, drafter_kind
 
 log = logging.getLogger("onspec.train")
 PARALLEL_LINEAGE = "parallel"
@@ -113,7 +113,7 @@ def companion(base: Path, kind: str, loaded) -> tuple[str, Served] | None:
 
 
 def head_for(kind: str) -> Head:
-    if kind not in (EAGLE, PARALLEL):
+    if kind not in DRAFTER_KINDS:
         raise ValueError(f"drafter: must be {EAGLE!r} or {PARALLEL!r}, got {kind!r}")
     return Head(kind)
 
@@ -149,4 +149,5 @@ def attach_drafters(engine, spec_cfg, eagle: Served | None, parallel: Served | N
                            learned=learned)
 
 
-__all__ = ["PARALLEL_LINEAGE", "Head", "Served", "attach_drafters", "attach_head", "companion", "head_for", "mode_serves", "promoted_version"]
+__all__ = ["PARALLEL_LINEAGE", "Head", "Served", "attach_drafters", "attach_head", "companion", "head_for",
+           "mode_serves", "promoted_version"]
