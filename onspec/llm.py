@@ -57,8 +57,10 @@ class LLM:
     def __init__(self, model: str = "default", dtype: str = "bfloat16", speculation: str = "auto",
                  spec: SpecConfig | None = None, engine: Engine | None = None, speculator: str = "",
                  **engine_kwargs) -> None:
-        """``speculator``: an EAGLE-3 checkpoint directory for the learned drafter. ``"learned"`` and
-        ``"hybrid"`` need one, or a promoted version from ``onspec warmup`` (onspec/train/frozen.py)."""
+        """``speculator``: a drafter checkpoint directory: an EAGLE-3 head (strategies ``"learned"``,
+        ``"hybrid"``) or a parallel drafter (``"parallel"``; ``onspec export-speculator --parallel``), told
+        apart by its config. ``"learned"`` and ``"hybrid"`` need a head, ``"parallel"`` a parallel drafter,
+        either given here or a promoted version (``onspec warmup``; onspec/train/frozen.py)."""
         if engine is None:
             spec = replace(spec or SpecConfig(), mode=speculation)
             cfg = EngineConfig(model=model, dtype=dtype, spec=spec, **engine_kwargs)
