@@ -15,9 +15,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default', a model directory, a .gguf file or a hub id")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--speculation", default="auto", choices=SPECULATION_MODES,
-                   help="learned/hybrid need a drafter: --speculator, or a version from `onspec warmup`")
-    p.add_argument("--speculator", default="", metavar="PATH", help="an EAGLE-3 checkpoint directory for the "
-                   "learned drafter (default: the latest promoted version, for learned/hybrid only)")
+                   help="learned/hybrid/parallel need a drafter: --speculator, or a version from `onspec warmup`")
+    p.add_argument("--speculator", default="", metavar="PATH", help="a drafter checkpoint directory: EAGLE-3 "
+                   "(learned/hybrid) or a parallel drafter from `export-speculator --parallel` (default: the "
+                   "latest promoted version of the mode's kind)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
 
