@@ -184,6 +184,9 @@ def test_bad_request_inputs(tiny) -> None:
         eng.add_request("a", [], SamplingParams())
     with pytest.raises(ValueError, match="token ids"):
         eng.add_request("a", [1, tiny.arch.vocab_size], SamplingParams())
+    for bad in ({"input_ids": [5, 6]}, [5, "6"], [5.0, 6.0], [[5, 6]], [True, 5]):  # e.g. a tokenizer's encoding
+        with pytest.raises(ValueError, match="prompt: must be a string or a list of token ids"):
+            eng.add_request("a", bad, SamplingParams())
     with pytest.raises(PromptTooLongError, match="context length"):
         eng.add_request("a", [5] * 40, SamplingParams())
     eng.add_request("dup", [5, 6], SamplingParams())

@@ -141,8 +141,14 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
+        """Text -> token ids (no special tokens added); a list of token ids as it is. Anything else (a
+        tokenizer's ``BatchEncoding``, floats, nested lists) is a ValueError naming ``prompt``."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                            for t in prompt):
+            raise ValueError(f"prompt: must be a string or a list of token ids, not {type(prompt).__name__}"
+                             + (" of other values" if isinstance(prompt, (list, tuple)) else ""))
         return list(prompt)
 
     def _checked_prompt(self, prompt: str | list[int], request_ids: list[str]) -> list[int]:
