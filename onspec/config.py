@@ -153,6 +153,11 @@ class TrainerConfig:
     # engine's 2-thread forwards 28% slower (39 -> 50 ms per step: OpenMP threads waited at every barrier
     # for the core the trainer took); with it, 0.05 costs ~5% of serving throughput (bench/online.py cost).
     busy_share: float = 0.05
+    # ... where it starts: each version decision then moves it within [share_floor, share_ceiling] (more while
+    # versions improve serving by share_min_gain or more, less when they stop; train/share.py)
+    share_floor: float = 0.02
+    share_ceiling: float = 0.08
+    share_min_gain: float = 0.02
     trainer_nice: int = 0               # niceness of the trainer process (see trainer.py: why not 19)
     idle_after: float = 2.0             # seconds without an engine step after which the engine counts as idle
     seed: int = 0
@@ -192,6 +197,9 @@ class TrainerConfig:
         _check(self.idle_threads >= 0, "idle_threads", "must be >= 0")
         _check(self.max_branches >= 0, "max_branches", "must be >= 0")
         _check(0.0 < self.busy_share <= 1.0, "busy_share", "must be in (0, 1]")
+        _check(0.0 < self.share_floor <= self.share_ceiling <= 1.0, "share_floor",
+               "must satisfy 0 < share_floor <= share_ceiling <= 1")
+        _check(self.share_min_gain >= 0, "share_min_gain", "must be >= 0")
         _check(0 <= self.trainer_nice <= 19, "trainer_nice", "must be in [0, 19]")
         _check(self.idle_after > 0, "idle_after", "must be > 0")
         _check(self.publish_every_steps >= 1, "publish_every_steps", "must be >= 1")

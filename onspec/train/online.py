@@ -45,6 +45,7 @@ from ..engine.step import StepResult
 from ..speculation.checkpoints import EAGLE, PARALLEL
 from .heads import Served, attach_drafters, companion, head_for, mode_serves
 from .publish import Manifest, latest_promoted, list_versions, next_version, publish_version
+from .share import ShareConfig, TrainerShare
 
 log = logging.getLogger("onspec.train")
 
@@ -253,6 +254,9 @@ class OnlineLearning(EngineObserver):
         self.fallback = False
         self._stopped = False
         self._last_step_t = 0.0
+        # the trainer's CPU share while serving, moved by each version decision (train/share.py)
+        self.share = TrainerShare(cfg.busy_share, ShareConfig(cfg.share_floor, cfg.share_ceiling, cfg.share_min_gain))
+        self._decisions_seen = len(self.manager.decisions)
         self.recorder = TraceRecorder(cfg, self._sink)
         self._detach_recorder = attach_recorder(engine, self.recorder)
         if self.trainer is not None:
@@ -311,8 +315,23 @@ class OnlineLearning(EngineObserver):
         self.manager.take_results()  # what the poller judged since the last step
         if self.manager.apply_pending():
             self._event("swap", self.manager.current, "swapped between two steps")
+        self._follow_utility()
         if self._steps % 64 == 0:
             self.recorder.sweep({sid for sid, s in engine.seqs.items() if not s.finished})
+
+    def _follow_utility(self) -> None:
+        """Move the trainer's CPU share by the version decisions made since the last step (train/share.py)
+        and tell the trainer process."""
+        decisions = self.manager.decisions
+        for d in decisions[self._decisions_seen:]:
+            change = self.share.update(d.kind, d.figures)
+            if change is None:
+                continue
+            if self.trainer is not None:
+                self.trainer.send({"type": "share", "busy_share": change.share})
+            self._event("share", d.version, f"trainer share {change.previous:.3f} -> {change.share:.3f}: "
+                                            f"{change.reason}")
+        self._decisions_seen = len(decisions)
 
     def _fall_back_to_suffix(self) -> None:
         """Serve on with suffix drafting only (the trainer is gone; nothing would improve the drafter)."""
@@ -384,7 +403,8 @@ class OnlineLearning(EngineObserver):
         events = [{"t": d.t, "kind": d.kind, "version": d.version, "detail": d.detail} for d in m.decisions][-50:]
         events = sorted(events + self.events[-50:], key=lambda e: e["t"])[-100:]
         trainer = dict(self.trainer_info)
-        trainer.update({"alive": self.trainer.alive() if self.trainer is not None else False,
+        trainer.update({"busy_share": round(self.share.share, 4),
+                        "alive": self.trainer.alive() if self.trainer is not None else False,
                         "pid": self.trainer.pid if self.trainer is not None else None,
                         "error": self.trainer_error})
         rec = self.recorder

@@ -286,6 +286,7 @@ class _TrainerLoop:
         received = 0
         compute = 0.0
         pending: list[bytes] = []   # trace chunks received, not yet turned into samples
+        busy_share = cfg.busy_share  # moved by the engine's "share" messages (train/share.py)
 
         def publish_due(now: float) -> bool:
             return (trainer.steps - last_pub_step >= cfg.publish_every_steps
@@ -304,6 +305,8 @@ class _TrainerLoop:
                     last_pub_t, last_pub_step = time.monotonic(), trainer.steps
                 elif msg.get("type") == "publish":
                     force = True
+                elif msg.get("type") == "share":  # the engine moved the share by measured utility (share.py)
+                    busy_share = min(1.0, max(1e-3, float(msg["busy_share"])))
                 elif msg.get("type") == "stop":
                     force = bool(msg.get("save")) and trainer.steps > last_pub_step
                     self.stop_event.set()
@@ -346,13 +349,14 @@ class _TrainerLoop:
                             "chunks": received, "buffer_positions": trainer.buffer.positions,
                             "buffer_bytes": trainer.buffer.bytes, "heldout_positions": trainer.heldout.positions,
                             "evicted": trainer.buffer.evicted, "busy": busy, "threads": threads,
+                            "busy_share": busy_share,
                             "compute_seconds": compute, "loss": stats.get("loss", trainer.last.get("loss")),
                             "kl_steps": trainer.last.get("kl_steps"), "discard": trainer.last.get("discard")})
             if force and self.stop_event.is_set():
                 break
             # Throttle: while the engine is busy, compute only busy_share of the wall time.
-            if busy and dt > 0 and cfg.busy_share < 1.0:
-                self.stop_event.wait(dt * (1.0 - cfg.busy_share) / cfg.busy_share)
+            if busy and dt > 0 and busy_share < 1.0:
+                self.stop_event.wait(dt * (1.0 - busy_share) / busy_share)
         self._emit({"type": "stopped", "step": trainer.steps})
 
     def _emit(self, msg: dict) -> None:
