@@ -126,7 +126,7 @@ class LLM:
 
             bar = tqdm(total=len(ids), desc="generating", unit="req")
         pending = set(ids)
-        self.engine.closed_batch = True  # the call returns when the whole batch is done
+        self.engine.set_closed_batch(True)  # the call returns when the whole batch is done
         try:
             while pending:
                 self.engine.step()
@@ -135,7 +135,7 @@ class LLM:
                 if bar:
                     bar.update(len(done))
         finally:
-            self.engine.closed_batch = False
+            self.engine.set_closed_batch(False)
             if bar:
                 bar.close()
 

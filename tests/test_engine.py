@@ -770,17 +770,25 @@ def test_prefix_reuse_never_retains_rows_computed_across_a_weight_change(tiny) -
 
 def test_prefix_reuse_is_off_where_a_drafter_reads_aux_states_it_cannot_recall(tiny) -> None:
     """A drafter that reads every processed position's aux hidden states must get them for reused rows too."""
-    from types import SimpleNamespace
+    from conftest import StubProposer
+    from onspec.speculation.controller import attach_speculation
+
+    class AuxReader(StubProposer):   # reads aux states, keeps none for rows it did not see computed
+        wants_aux = True
 
     llm = make_llm(tiny)
     eng = llm.engine
-    eng._check_retained_rows()
+    outputs(llm, [[5, 6, 7]], GREEDY)
     assert eng.scheduler.reuse_prefixes
-    eng.spec = SimpleNamespace(wants_aux=True, recalls_aux=False)
-    eng._check_retained_rows()
-    assert not eng.scheduler.reuse_prefixes
-    eng.spec = None
-    assert not make_llm(tiny, prefix_reuse=False).engine.scheduler.reuse_prefixes
+    attach_speculation(eng, SpecConfig(mode="auto", profile_at_start=False), {"learned": AuxReader()})
+    outputs(llm, [[5, 6, 7]], GREEDY)
+    assert not eng.scheduler.reuse_prefixes and eng.counters.reused_prefix_tokens == 0
+    attach_speculation(eng, SpecConfig(mode="auto", profile_at_start=False))   # model-free drafters only
+    outputs(llm, [[5, 6, 7]], GREEDY)
+    assert eng.scheduler.reuse_prefixes
+    llm = make_llm(tiny, prefix_reuse=False)
+    outputs(llm, [[5, 6, 7]], GREEDY)
+    assert not llm.engine.scheduler.reuse_prefixes
 
 
 def test_prefix_reuse_gives_the_learned_drafter_the_reused_rows_aux_states(tiny) -> None:

@@ -130,14 +130,27 @@ class Engine:
         # Unseeded requests draw from this engine's generator (seeded by cfg.seed), not torch's global one:
         # a run is reproducible from its config, and nothing else in the process shifts its draws.
         self.rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-        self.spec = None  # set by attach_speculation(); None means plain decoding
-        # True while a caller waits for every running request at once (LLM.generate): speculation may then
-        # value tokens by how much they shorten the batch (SpecConfig.objective).
+        self.spec = None  # set by use_speculation() (speculation/controller.py attach_speculation); None: plain
+        # True while a caller waits for every running request at once (LLM.generate, set_closed_batch):
+        # speculation may then value tokens by how much they shorten the batch (SpecConfig.objective).
         self.closed_batch = False
         self.events = EngineEvents()  # prefill, step, finish, weights changed, drafter swapped (events.py)
         self.clock: Callable[[], float] = time.perf_counter  # what forwards are timed by (tests inject one)
         self._weights_seen = self._weights_key()  # what the rows that freed slots retain were computed with
         self._grammars = grammars  # structured outputs; built from the tokenizer on first use when not given
+
+    # ---- what drives the engine ----------------------------------------------------------------
+    def use_speculation(self, spec) -> None:
+        """Draft with ``spec`` (a ``Speculation``) from the next step on: it becomes the first subscriber of
+        the engine's events, in place of the one before it."""
+        if self.spec is not None:
+            self.events.unsubscribe(self.spec)
+        self.spec = spec
+        self.events.subscribe(spec, first=True)
+
+    def set_closed_batch(self, closed: bool) -> None:
+        """Whether the caller waits for every running request at once (``LLM.generate`` does)."""
+        self.closed_batch = closed
 
     # ---- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:

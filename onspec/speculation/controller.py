@@ -605,8 +605,5 @@ def attach_speculation(engine, cfg: SpecConfig, extra: dict[str, Proposer] | Non
         spec.controller.pad = bucket_tokens
     if cfg.profile_at_start:
         profile_costs(engine, spec.controller)
-    if engine.spec is not None:
-        engine.events.unsubscribe(engine.spec)
-    engine.spec = spec
-    engine.events.subscribe(spec, first=True)
+    engine.use_speculation(spec)
     return spec
