@@ -4,7 +4,9 @@
   (b) + context-aware scheduling (Seer)            probe-first, longest-estimate-first, anti-starvation,
                                                    and a group's responses prefill their prompt once
   (c) + grouped suffix drafting                    siblings share a suffix tree (lossless speculation)
-  (d) + co-trained learned drafter (TLT)           EAGLE-3 drafter trained in each rollout's tail
+  (d) + co-trained learned drafter (TLT)           EAGLE-3 drafter trained in each rollout's idle tail (few
+                                                   rows left and a core free: --threads 1 on 2 cores), used
+                                                   where the controller measures that it pays
 
 Each configuration runs ``--steps`` full RL steps (rollout, reward, GRPO update, weights back into the
 engine) from the same initial model. Reported per configuration: median rollout-phase seconds per RL
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-running", type=int, default=None, help="concurrent responses in the engine")
     p.add_argument("--chunk-tokens", type=int, default=0, help="divided rollout chunk (0: undivided)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is best on a busy 2-core CPU)")
+    p.add_argument("--cotrain-share", type=float, default=0.25,
+                   help="(d) co-trains only while at most this share of the rows is active and a core is free")
     p.add_argument("--only", default="", help="comma-separated config letters to run (e.g. a,c)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="results file name (default rl, or rl_long with --long)")
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     rollout=RolloutConfig(group_size=args.group_size, max_tokens=max_tokens, temperature=1.0,
                                           chunk_tokens=args.chunk_tokens, max_running=max_running, seed=args.seed),
                     grpo=GRPOConfig(), max_num_seqs=max_running, threads=args.threads,
-                    cotrain_tail=max(1, max_running // 4), seed=args.seed)
+                    cotrain_share=args.cotrain_share, seed=args.seed)
     chosen = {k: v for k, v in CONFIGS.items() if not args.only or k[0] in args.only.split(",")}
     if args.baseline_shares_prefill:
         chosen = {k: {**v, "share": True} for k, v in chosen.items()}

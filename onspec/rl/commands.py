@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--workers", type=int, default=1, help="Ray rollout workers (1: in-process)")
     p.add_argument("--ray-address", default="", help="Ray cluster to join ('' starts Ray locally)")
     p.add_argument("--cotrain", action="store_true", help="co-train a learned drafter in the rollout tail")
+    p.add_argument("--cotrain-share", type=float, default=0.25,
+                   help="co-train only while at most this share of the rollout's rows is active and a core "
+                        "is free (threads x 2 <= CPUs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="directory for metrics.jsonl (and curves.png)")
@@ -74,7 +77,8 @@ def config_from_args(args: argparse.Namespace):
                     steps=args.steps, rollout=rollout, grpo=grpo,
                     speculation=args.speculation or "auto",
                     max_num_seqs=args.max_num_seqs, threads=args.threads, workers=args.workers,
-                    ray_address=args.ray_address, cotrain=args.cotrain, out=args.out, plot=args.plot,
+                    ray_address=args.ray_address, cotrain=args.cotrain,
+                    cotrain_share=args.cotrain_share, out=args.out, plot=args.plot,
                     seed=args.seed)
 
 

@@ -32,7 +32,8 @@ class RLConfig:
     workers: int = 1                     # >1: Ray rollout workers, each with its own engine
     ray_address: str = ""                # "" starts Ray locally; else connect to this cluster
     cotrain: bool = False                # co-train a learned drafter on rollout traces (TLT)
-    cotrain_tail: int = 4                # train the drafter while at most this many chunks run
+    cotrain_share: float = 0.25          # co-train only while active rows <= this share of the rollout's peak
+                                         # rows, and a core is free (rl/cotrain.py, ``IdleRule``)
     out: str = ""                        # directory for metrics.jsonl (+ PNG curves with plot)
     plot: bool = False
     seed: int = 0
@@ -46,7 +47,7 @@ class RLConfig:
             (self.max_model_len >= 16, "max_model_len", "must be >= 16"),
             (self.threads >= 0, "threads", "must be >= 0"),
             (self.workers >= 1, "workers", "must be >= 1"),
-            (self.cotrain_tail >= 0, "cotrain_tail", "must be >= 0"),
+            (0 <= self.cotrain_share <= 1, "cotrain_share", "must be in [0, 1]"),
             (self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16"),
         ]
         for ok, name, msg in checks:

@@ -75,10 +75,7 @@ class LocalBackend:
         self.cotrainer = cotrainer
 
     def rollout(self, prompts: list[list[int]], step: int, progress=None) -> RolloutResult:
-        hook = None
-        if self.cotrainer is not None:
-            tail = self.cfg.cotrain_tail
-            hook = lambda running: self.cotrainer.idle(running, tail)  # noqa: E731
+        hook = self.cotrainer.observe if self.cotrainer is not None else None
         return run_rollout(self.runner, prompts, self.cfg.rollout, step, progress, hook)
 
     def sync_weights(self, policy) -> None:

@@ -158,6 +158,25 @@ class RolloutResult:
         return sum(r[1] for r in rows) / steps if steps else 0.0
 
 
+@dataclass(frozen=True)
+class RolloutLoad:
+    """How busy a single-engine rollout is, after an engine step: what the co-trainer's idle rule reads.
+
+    ``active`` counts the responses running *or waiting* (capped at the engine's capacity): the rows the
+    next step will run once the buffer has refilled the slots this step freed. Counting only the running
+    chunks would read a step that finished several responses as a tail although waiting ones take their
+    slots at once. With one engine ``active`` never rises within a rollout: unfinished responses only
+    decrease. ``peak`` is the most rows the rollout can run at once, min(capacity, responses)."""
+
+    active: int
+    peak: int
+
+    @property
+    def share(self) -> float:
+        """Active rows as a fraction of the peak (0 when the rollout is empty)."""
+        return self.active / self.peak if self.peak else 0.0
+
+
 def chunk_seed(seed: int, step: int, group: int, index: int, offset: int) -> int:
     """A deterministic 31-bit seed per (run, step, group, response, position): splitmix64 on the tuple."""
     x = 0
@@ -432,12 +451,13 @@ def strategy_delta(before: dict[str, list[int]], after: dict[str, list[int]]) ->
 
 def run_rollout(runner: ChunkRunner, prompts: list[list[int]], cfg: RolloutConfig, step: int = 0,
                 progress: Callable[[int, int], None] | None = None,
-                idle_hook: Callable[[int], None] | None = None) -> RolloutResult:
+                load_hook: Callable[[RolloutLoad], None] | None = None) -> RolloutResult:
     """Generate ``group_size`` responses per prompt on one engine (single-process driver).
 
-    ``idle_hook(running)`` is called after every engine step with the number of running chunks (the
-    drafter co-trainer uses the tail, when few are left, to train)."""
+    ``load_hook`` is called after every engine step with the rows the next step will run
+    (``RolloutLoad``; the drafter co-trainer trains only while few are left, rl/cotrain.py)."""
     coord = Coordinator(prompts, cfg, step, [runner.capacity])
+    peak = min(runner.capacity, len(coord.items))
     before = runner.counters()
     tokens0 = runner.engine.counters.generated_tokens
     shared0 = runner.engine.counters.shared_prompt_tokens
@@ -456,8 +476,8 @@ def run_rollout(runner: ChunkRunner, prompts: list[list[int]], cfg: RolloutConfi
                 coord.complete(0, res)
             if progress is not None and coord.num_finished != finished_before:
                 progress(coord.num_finished, len(coord.items))
-            if idle_hook is not None:
-                idle_hook(runner.load)
+            if load_hook is not None:
+                load_hook(RolloutLoad(active=min(runner.capacity, runner.load + len(coord.buffer)), peak=peak))
     finally:
         runner.unpin_all()
     seconds = time.perf_counter() - coord.t0
