@@ -1,6 +1,6 @@
 """How much can siblings draft for each other? The ceiling of grouped suffix drafting, by replay.
 
-Why: issue 3's workload (d) asks group drafting (Seer's idea: the samples of one prompt share text, so
+Why: workload (d) of bench/speculation.py asks group drafting (Seer's idea: the samples of one prompt share text, so
 sibling A's output drafts for sibling B) to beat per-request drafting by >= 1.2x in throughput. The
 engine bench mixes two things: how much more the group trees *could* accept, and how much of that the
 controller can afford to verify at batch 8 on this CPU. This bench measures the first alone, with
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.max_tokens} tokens max, {spec_cfg.max_draft_tokens}-node trees every step (free verification)",
                 ["temperature", "drafting", "accept len", "x per-request", "drafted/step"], rows)
     notes = ["acceptance ratio = the most group drafting could gain over per-request drafting if verifying "
-             "draft nodes cost nothing; issue 3 (d) wants >= 1.2x in tokens/s",
+             "draft nodes cost nothing; the target is >= 1.2x in tokens/s",
              f"total bench time {time.perf_counter() - t_start:.0f} s"]
     for n in notes:
         print(n)

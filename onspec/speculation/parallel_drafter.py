@@ -2,7 +2,7 @@
 
 Why: the sequential EAGLE-3 head (speculation/eagle_model.py) runs one drafter forward per draft depth; on a
 2-core CPU that is 2-3 ms a depth against a 12-14 ms target step, and drafting overhead, not draft
-quality, is what keeps a learned drafter from paying on small targets (issue 28). P-EAGLE (arXiv
+quality, is what keeps a learned drafter from paying on small targets. P-EAGLE (arXiv
 2602.01469; the same family as Medusa heads, arXiv 2401.10774, which predict several future tokens from
 one hidden state) makes a whole draft cost one forward.
 

@@ -294,7 +294,7 @@ def simulated_acceptance(drafter, samples: list[Sample], depth: int, batch_cells
     ``batch_cells`` (a single longer sample goes alone): the logits are ``cells x draft vocabulary`` floats
     per unroll step, and a group bounded only by its real positions (2048 before) padded to several
     thousand cells when short and long chunks met, a transient of hundreds of MiB before every publish
-    (trainer) and every gate decision (server) that the processes then kept (issue 5)."""
+    (trainer) and every gate decision (server) that the processes then kept."""
     if not samples:
         return 1.0, 0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

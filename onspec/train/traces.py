@@ -369,7 +369,7 @@ class TraceBuffer:
 
     Storage: the budget is one preallocated, touched arena (:class:`onspec.train.arena.ArenaRing`) and an
     added chunk's tensors are copied into it, so the buffer's resident footprint is fixed from the start
-    instead of growing for the first few hundred requests of a server (issue 5: memory must not grow).
+    instead of growing for the first few hundred requests of a server (memory must not grow with traffic).
     Entries are the added objects with their tensor fields replaced by views of the arena: they stay
     valid while the entry is in the buffer (collate/evaluate copy what they use before the next ``add``),
     and an evicted entry's tensors are overwritten by later ones. A chunk larger than the whole arena is
@@ -446,7 +446,7 @@ class TraceBuffer:
         such misses. Why: chunks run from a few positions to ``chunk_positions + chunk_context``, and one
         long chunk drawn with twenty short ones padded 512 positions to 24 x 320 = 7680, whose logits,
         softmaxes and gradients took well over a GiB for that one step; the rare large draws set the
-        trainer process's high-water mark, which then rose in steps over a long-running server (issue 5).
+        trainer process's high-water mark, which then rose in steps over a long-running server.
         The first chunk is always taken, so a batch is never empty."""
         if not self.items:
             return []

@@ -194,7 +194,7 @@ def drop_layers_below(target, keep_from: int) -> int:
     Why: the trainer process reads only the target's embeddings and lm_head (soft targets, the drafter's
     shared embeddings) and its layers from the highest aux layer up (``PromptHidden`` recomputes prompt
     hidden states from there). The layers below are most of the model, ~190 MiB of the default model in
-    bfloat16 that this process held for nothing (issue 5: server + trainer under 3 GiB)."""
+    bfloat16 that this process held for nothing (server + trainer stay under 3 GiB)."""
     layers = target.model.layers
     freed = 0
     for i in range(min(keep_from, len(layers))):
