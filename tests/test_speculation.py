@@ -957,3 +957,24 @@ def test_drafters_are_asked_less_where_their_nodes_keep_not_paying(tiny) -> None
     assert counts["plan"] == len(losing) and set(counts) == {"unpaid", "plan"}
     paying, _ = asks(FREE)                      # nodes cost nothing: asked at every decoding step
     assert paying == list(range(paying[0], paying[0] + len(paying)))
+
+
+def test_one_slow_proposal_does_not_make_a_cheap_drafter_look_expensive(tiny) -> None:
+    """A cheap drafter's cost is the lower median of its recent proposals: a one-off pause (GC, a lazy
+    build) neither closes gate 6 on it nor lingers; a drafter that is always slow is priced as slow."""
+    eng = Engine(EngineConfig(model=str(tiny.path), dtype="float32",
+                              spec=SpecConfig(mode="auto", profile_at_start=False)), loaded=tiny)
+    spec = attach_speculation(eng, eng.cfg.spec)
+    spec.controller.cost = FixedCost(lambda n: 0.015)          # a 15 ms plain step: cheap is under 0.75 ms
+    policy = spec.policy
+    for _ in range(5):
+        policy.asked("suffix", 2, 0.0001)
+    policy.asked("suffix", 2, 0.05)                            # one 50 ms pause
+    assert policy.draft_cost["suffix"] == pytest.approx(0.0001)
+    assert spec.controller.worth_drafting("suffix", 2, 2, policy.draft_cost["suffix"])
+    policy.asked("slow", 1, 0.004)                             # the first call of a drafter is its figure
+    assert policy.draft_cost["slow"] == pytest.approx(0.004)
+    for _ in range(9):
+        policy.asked("slow", 1, 0.004)
+    policy.asked("slow", 1, 0.0001)                            # one fast call does not make it cheap either
+    assert policy.draft_cost["slow"] == pytest.approx(0.004)

@@ -34,6 +34,8 @@ costs more than it can add, priced here by ``price``).
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,6 +54,7 @@ NO_STRATEGY, BATCH_SIZE, UNPAID, PROBE = "no_strategy", "batch_size", "unpaid", 
 ESTIMATE, RECORD, UTILITY = "estimate", "record", "utility"
 # how a step that passed the step gates ended
 STRATEGIES, NO_DRAFTS, PLAN, DRAFTED = "strategies", "no_drafts", "plan", "drafted"
+COST_WINDOW = 9  # proposal times a strategy's cost is the lower median of
 STEP_REASONS = (NO_STRATEGY, BATCH_SIZE, UNPAID, PROBE, STRATEGIES, NO_DRAFTS, PLAN, DRAFTED)
 STRATEGY_GATES = (ESTIMATE, RECORD, UTILITY)
 
@@ -97,7 +100,8 @@ class DraftPolicy:
         self.proposers = proposers          # the Speculation's, shared: strategies come and go there
         self.counts = DraftCounts()
         self.steps = 0                      # decoding steps past gates 1-2 (the back-offs count in these)
-        self.draft_cost: dict[str, float] = {}   # EMA seconds per propose() call, by strategy
+        self.draft_cost: dict[str, float] = {}   # seconds per propose() call, by strategy (``asked``)
+        self._recent: dict[str, deque[float]] = {}  # the last COST_WINDOW proposal times, by strategy
         self.rows_asked: dict[str, int] = {}     # decoding rows each strategy was asked to draft for
         self._unpaid: dict[int, Backoff] = {}    # by the batch size's bit length
         self._record: dict[str, Backoff] = {}    # by strategy
@@ -229,10 +233,14 @@ class DraftPolicy:
                              self.controller.calibration(name))
 
     def asked(self, name: str, rows: int, seconds: float) -> None:
-        """``name`` proposed for ``rows`` decoding rows in ``seconds``."""
+        """``name`` proposed for ``rows`` decoding rows in ``seconds``. Its proposal time is the lower median
+        of its last ``COST_WINDOW`` calls: one slow call (a garbage-collection pause, a lazy build) must not
+        make a cheap drafter look expensive, or gate 6 shuts it out and, asked only on retries, its figure
+        would take hundreds of steps to come back down (docs/decisions.md, 'Cheap drafters')."""
         self.rows_asked[name] = self.rows_asked.get(name, 0) + rows
-        prev = self.draft_cost.get(name)
-        self.draft_cost[name] = seconds if prev is None else 0.9 * prev + 0.1 * seconds
+        recent = self._recent.setdefault(name, deque(maxlen=COST_WINDOW))
+        recent.append(seconds)
+        self.draft_cost[name] = statistics.median_low(recent)
 
     # ---- the plan's verdict ----------------------------------------------------------------------
     def planned(self, inp: DraftInput, asked: bool, proposed: bool, budget: int) -> None:
