@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine.grammar import GrammarSpec
 from ..engine.sampler import SamplingParams
 from .errors import APIError
-from .structured import checked_schema, grammar_of
+from .structured import GUIDED_FIELDS, checked_schema, grammar_of
 
 MAX_SEED = 2**62
 MAX_TOP_LOGPROBS = 20
@@ -140,8 +140,7 @@ class _Sampling(_Base):
 
     def grammar(self) -> GrammarSpec | None:
         """The request's structured-output constraint, or None (a 400 names a bad or doubled one)."""
-        guided = {k: getattr(self, k) for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-                  if getattr(self, k) is not None}
+        guided = {k: getattr(self, k) for k in GUIDED_FIELDS if getattr(self, k) is not None}
         return grammar_of(self.response_format, self.structured_outputs, guided)
 
     def stops(self) -> list[str]:

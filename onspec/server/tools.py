@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.engine import stop_holdback
 from ..engine.grammar import GrammarSpec
 from .errors import APIError
 
@@ -102,14 +103,6 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     return (rest or None), calls
 
 
-def _held_prefix(text: str, marker: str) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of ``marker``."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
-
-
 class ToolCallStream:
     """Streamed text -> content deltas and whole tool calls, for one choice.
 
@@ -128,7 +121,7 @@ class ToolCallStream:
         while True:
             start = self.buffer.find(OPEN)
             if start < 0:
-                keep = _held_prefix(self.buffer, OPEN)
+                keep = stop_holdback(self.buffer, [OPEN])  # the tail that could still open a call
                 ready = self.buffer[:len(self.buffer) - keep]
                 self.buffer = self.buffer[len(ready):]
                 out.append(ready)
