@@ -17,14 +17,23 @@ must agree within sampling noise; the speed ratios are against (a) measured in t
     .venv/bin/python bench/rl.py --quick        # a few minutes on a shared 2-core CPU
     .venv/bin/python bench/rl.py                # bigger: more steps, prompts and tokens
     .venv/bin/python bench/rl.py --long         # long, variable-length reasoning rollouts (gsm_symbolic)
+    .venv/bin/python bench/rl.py --tail         # short answers with a heavy tail (chain_sum, 512 tokens)
+    .venv/bin/python bench/rl.py --keep-up --steps 30 --cotrain-from DIR   # (d) only: co-trained vs frozen
 
 ``--long`` is the setting Seer (arXiv 2511.14617) and TLT target: step-by-step answers to grade-school word
 problems (reasoning-gym ``gsm_symbolic``) up to 512 tokens, whose lengths vary widely within a group, so
-the last responses form a long tail. The default workload (one-digit sums, ~30-token answers) has almost
+the last responses form a long tail. ``--tail`` is a heavy tail on a short-answer task: most chain_sum
+answers are a dozen tokens, a few run on to max_tokens, so each step waits on a handful of long
+responses, the shape TLT measures in real RL runs. The default workload (one-digit sums, ~30-token answers) has almost
 no tail and a large prompt-prefill share. ``--baseline-shares-prefill`` gives (a) the group prefill
 sharing too (as a vLLM prefix cache would), to separate that gain from scheduling and speculation.
 
 Writes bench/results/rl.json and bench/results/rl.png (reward, rollout time, tail, acceptance by step).
+
+``--keep-up``: configuration (d) alone, with a copy of the drafter frozen at step 0 scored on every step's
+held-out rollout traces beside the co-trained one (TLT's claim: the co-trained drafter keeps up with the
+policy, the frozen one goes stale). ``--cotrain-from DIR`` starts both from a warm head (``onspec warmup``)
+instead of a day-0 one. Writes rl_keep_up.json / .png.
 """
 
 from __future__ import annotations
@@ -57,15 +66,19 @@ CONFIGS = {
 # --long: reason step by step (long, variable-length answers) and end with a gradable line
 LONG_TASK = "gsm_symbolic"
 LONG_INSTRUCTION = "Solve it step by step, then give the final number on a last line: Answer: <number>"
+# --tail: a short-answer task whose few long responses run on (default model, temperature 1, max_tokens 512:
+# p50 12 tokens, p90 49, p99 at the cut, 2% cut; docs/results.md)
+TAIL_TASK = "chain_sum"
 
 
-def run_config(name: str, spec: dict, base: RLConfig) -> list[dict]:
+def run_config(name: str, spec: dict, base: RLConfig, keep_up: bool = False, cotrain_from: str = "") -> list[dict]:
     from onspec.rl.cotrain import make_cotrainer
     from onspec.rl.loop import RLRunner
 
     rollout = replace(base.rollout, schedule=spec["schedule"], grouped_drafting=spec["grouped"],
                       share_prefill=spec["share"])
-    cfg = replace(base, rollout=rollout, speculation=spec["speculation"], cotrain=spec["cotrain"])
+    cfg = replace(base, rollout=rollout, speculation=spec["speculation"], cotrain=spec["cotrain"],
+                  cotrain_keep_up=keep_up and spec["cotrain"], cotrain_from=cotrain_from if spec["cotrain"] else "")
     cotrainer = make_cotrainer(cfg) if cfg.cotrain else None
     runner = RLRunner(cfg, cotrainer=cotrainer)
     t0 = time.perf_counter()
@@ -108,8 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small run (2 steps, 2 prompts x 8, 96 tokens)")
     p.add_argument("--long", action="store_true",
                    help=f"long reasoning rollouts: task {LONG_TASK}, step-by-step instruction, 512 tokens")
+    p.add_argument("--tail", action="store_true",
+                   help=f"heavy-tailed short answers: task {TAIL_TASK}, 512 tokens")
     p.add_argument("--task", default=None, help="reasoning-gym task (default basic_arithmetic; --long: "
-                   f"{LONG_TASK})")
+                   f"{LONG_TASK}; --tail: {TAIL_TASK})")
+    p.add_argument("--keep-up", action="store_true",
+                   help="(d) only, default 30 steps: co-trained drafter vs a copy frozen at step 0")
+    p.add_argument("--cotrain-from", default="", metavar="DIR", help="(d) starts from this EAGLE-3 checkpoint")
     p.add_argument("--baseline-shares-prefill", action="store_true",
                    help="(a) also prefills each group's prompt once (isolates that gain)")
     p.add_argument("--model", default="default")
@@ -126,12 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="results file name (default rl, or rl_long with --long)")
     args = p.parse_args(argv)
-    args.name = args.name or ("rl_long" if args.long else "rl")
-    steps = args.steps or (2 if args.quick else 5)
+    if args.long and args.tail:
+        p.error("--long and --tail are two workloads: choose one")
+    args.name = args.name or ("rl_keep_up" if args.keep_up else "rl_long" if args.long else
+                              "rl_tail" if args.tail else "rl")
+    steps = args.steps or (2 if args.quick else 30 if args.keep_up else 5)
     prompts = args.prompts or (2 if args.quick else 4)
-    max_tokens = args.max_tokens or (96 if args.quick else 512 if args.long else 128)
+    max_tokens = args.max_tokens or (96 if args.quick else 512 if args.long or args.tail else 128)
     max_running = args.max_running or (8 if args.quick else 16)
-    task_name = args.task or (LONG_TASK if args.long else None)
+    task_name = args.task or (LONG_TASK if args.long else TAIL_TASK if args.tail else None)
     task = TaskConfig(seed=args.seed, **({"name": task_name} if task_name else {}),
                       **({"instruction": LONG_INSTRUCTION} if args.long else {}))
     base = RLConfig(model=args.model, task=task, prompts_per_step=prompts, steps=steps,
@@ -139,13 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                                           chunk_tokens=args.chunk_tokens, max_running=max_running, seed=args.seed),
                     grpo=GRPOConfig(), max_num_seqs=max_running, threads=args.threads,
                     cotrain_share=args.cotrain_share, seed=args.seed)
-    chosen = {k: v for k, v in CONFIGS.items() if not args.only or k[0] in args.only.split(",")}
+    only = "d" if args.keep_up else args.only
+    chosen = {k: v for k, v in CONFIGS.items() if not only or k[0] in only.split(",")}
     if args.baseline_shares_prefill:
         chosen = {k: {**v, "share": True} for k, v in chosen.items()}
     warn = busy_warning(args.threads or 2)
     runs: dict[str, list[dict]] = {}
     for name, spec in chosen.items():
-        runs[name] = run_config(name, spec, base)
+        runs[name] = run_config(name, spec, base, args.keep_up, args.cotrain_from)
+    if args.keep_up:
+        return report_keep_up(args, base, runs)
     summary = {name: summarise(rows) for name, rows in runs.items()}
     base_name = next(iter(summary))
     b = summary[base_name]
@@ -180,6 +204,33 @@ def main(argv: list[str] | None = None) -> int:
                       panels=(("reward", "mean reward"), ("rollout_seconds", "rollout seconds / step"),
                               ("tail_seconds", "tail seconds (last 10%)"), ("acceptance_length", "acceptance length"),
                               ("tokens_per_second", "rollout tokens/s"), ("response_tokens", "mean response tokens")))
+    print(f"results: {jpath}\nplot: {ppath}")
+    return 0
+
+
+def report_keep_up(args, base: RLConfig, runs: dict[str, list[dict]]) -> int:
+    """The co-trained drafter against the step-0 copy, step by step, on the same held-out traces."""
+    from onspec.rl.plots import plot_runs
+
+    rows = next(iter(runs.values()))
+    curve = [{"step": r["step"], "reward": r["reward"], **r["drafter"].get("keep_up", {}),
+              "version": r["drafter"].get("version"), "tail_train_seconds": r["drafter"].get("tail_train_seconds")}
+             for r in rows]
+    table = [[c["step"], c.get("cotrained", float("nan")), c.get("frozen", float("nan")),
+              c.get("cotrained", float("nan")) - c.get("frozen", float("nan")), c.get("roots", 0), c["version"],
+              c["tail_train_seconds"], c["reward"]] for c in curve]
+    start = f"warm head {args.cotrain_from}" if args.cotrain_from else "a day-0 head"
+    notes = [f"held-out simulated acceptance length (1 + accepted drafts of greedy chains) on the newest rollouts' "
+             f"traces; both drafters start from {start}; the frozen one never trains"]
+    print_table("Co-trained drafter against a copy frozen at step 0", ["step", "co-trained", "frozen", "gap", "roots",
+                "version", "tail train s", "reward"], table, notes)
+    payload = {"machine": machine_info(args.threads), "config": asdict(base), "cotrain_from": args.cotrain_from,
+               "curve": curve, "runs": runs, "notes": notes}
+    jpath, _ = write_results(args.name, payload)
+    series = {"co-trained": [{"step": c["step"], "acceptance": c["cotrained"]} for c in curve if "cotrained" in c],
+              "frozen at step 0": [{"step": c["step"], "acceptance": c["frozen"]} for c in curve if "frozen" in c]}
+    ppath = plot_runs(series, RESULTS_DIR / f"{args.name}.png", title="Drafter keep-up during RL (held-out)",
+                      panels=(("acceptance", "held-out acceptance length"),))
     print(f"results: {jpath}\nplot: {ppath}")
     return 0
 

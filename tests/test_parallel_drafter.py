@@ -185,13 +185,13 @@ def test_training_unroll_is_what_one_proposal_computes(tiny, trained) -> None:
 
 
 def perturbed(inp: ParallelInput, rows: torch.Tensor, seed: int) -> ParallelInput:
-    """``inp`` with random tokens and aux states at ``rows`` [B, n] (row indices per sequence)."""
+    """``inp`` with random tokens and features at ``rows`` [B, n] (row indices per sequence)."""
     g = torch.Generator().manual_seed(seed)
-    tokens, aux = inp.tokens.clone(), inp.aux.clone()
+    tokens, features = inp.tokens.clone(), inp.features.clone()
     b = torch.arange(tokens.shape[0])[:, None].expand_as(rows)
     tokens[b, rows] = torch.randint(0, 500, rows.shape, generator=g)
-    aux[b, rows] = 3.0 * torch.randn(*rows.shape, aux.shape[-1], generator=g)
-    return ParallelInput(tokens, aux, inp.positions, inp.mask, inp.depth_rows, inp.past_k, inp.past_v)
+    features[b, rows] = 3.0 * torch.randn(*rows.shape, features.shape[-1], generator=g, dtype=features.dtype)
+    return ParallelInput(tokens, features, inp.positions, inp.mask, inp.depth_rows, inp.past_k, inp.past_v)
 
 
 def test_depth_d_cannot_see_the_rows_of_deeper_depths(tiny, trained) -> None:
@@ -241,6 +241,33 @@ def test_one_drafter_forward_per_proposal_whatever_the_depth(tiny, cfg, depths) 
         hook.remove()
     assert len(calls) == 1 and prop.stats.forwards == 1
     assert len(trees) == 3 and all(t.is_chain() and t.num_draft == depths for t in trees.values())
+
+
+def test_only_the_depth_rows_run_the_layer_and_a_small_budget_computes_fewer_depths(tiny, trained) -> None:
+    """Context rows give keys and values only: the query, MLP and lm_head see the depth rows alone, and a
+    budget of b nodes (a tree at most b deep) computes only min(depths, b) of them. The outputs are those of
+    the full forward (same logits for the depths computed, same cache rows)."""
+    prop = ParallelProposer(trained, topk=1)
+    full = greedy_continuations(tiny, [PROMPTS[0], PROMPTS[2]], 8)
+    seqs = [prefilled(prop, tiny, i, c[:-3]) for i, c in enumerate(full)]
+    with torch.no_grad():
+        prop.propose(seqs, {0: 8, 1: 8})
+        for s, c in zip(seqs, full):                       # three committed tokens: three context rows
+            for _ in range(3):
+                commit_one(prop, tiny, s, c[len(s.tokens)])
+        rows_seen = []
+        hook = trained.midlayer.mlp.gate_proj.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+        try:
+            small = trained.draft_parallel(prop.parallel_input(active_rows(prop, seqs, budget=2)))
+            big = trained.draft_parallel(prop.parallel_input(active_rows(prop, seqs, budget=16)))
+        finally:
+            hook.remove()
+    assert small.logits.shape[1] == 2 and big.logits.shape[1] == DEPTHS
+    assert rows_seen[0] <= 2 * 2 < rows_seen[1] <= 2 * DEPTHS < 2 * (3 + DEPTHS - 1)
+    torch.testing.assert_close(small.logits, big.logits[:, :2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(small.k[:, :, :3], big.k[:, :, :3], atol=1e-5, rtol=1e-5)
+    trees = prop.propose(seqs, {0: 2, 1: 2})
+    assert all(t.num_draft == 2 and t.is_chain() for t in trees.values())
 
 
 def test_swap_takes_the_new_drafters_depths_and_rebuilds_the_cache(tiny, cfg, trained) -> None:

@@ -13,6 +13,7 @@ from onspec.config import TrainerConfig
 from onspec.rl.config import RLConfig
 from onspec.rl.cotrain import DAY0_ACCEPTANCE, DrafterCoTrainer, IdleRule, make_cotrainer
 from onspec.rl.grpo import GRPOConfig
+from onspec.rl.interference import InterferenceConfig, InterferenceGuard
 from onspec.rl.loop import RLRunner
 from onspec.rl.rollout import RolloutConfig, RolloutLoad
 from test_rl_loop import ParityTask, chat_tiny  # noqa: F401  (fixture)
@@ -34,9 +35,9 @@ class SpyCoTrainer(DrafterCoTrainer):
     the gate is open with traces to train on, holds the engine thread there until the worker has made an
     optimiser step, so that the test does not depend on how fast this machine trains."""
 
-    def __init__(self, rule: IdleRule, wait: bool = True) -> None:
+    def __init__(self, rule: IdleRule, wait: bool = True, **kw) -> None:
         ticks = itertools.count()
-        super().__init__(TRAINER, rule=rule, clock=lambda: next(ticks))
+        super().__init__(TRAINER, rule=rule, clock=lambda: next(ticks), **kw)
         self.loads: list[tuple[float, RolloutLoad]] = []
         self.wait = wait
         self.initial: list[torch.Tensor] = []
@@ -65,6 +66,33 @@ def test_idle_rule_needs_few_rows_and_a_free_core():
     assert IdleRule.measure(0.5).trainer_threads == torch.get_num_threads()
     with pytest.raises(ValueError, match="share"):
         IdleRule(share=1.5)
+
+
+def test_interference_guard_halves_the_duty_when_training_slows_steps_and_grows_it_when_not():
+    """Loaded steps (training overlapped them) against clean ones at the same row count: 20% slower halves
+    the duty, 2% slower (under the 5% tolerance) grows it; other row counts are never compared; the duty
+    stays in [min, max] and sets the pause after each unit of work."""
+    g = InterferenceGuard(InterferenceConfig(samples=3, tolerance=0.05, start_duty=0.5, min_duty=0.1,
+                                             max_duty=0.8, grow=1.25))
+    for _ in range(3):
+        assert g.record(1, 0.100, loaded=False) is None
+    assert g.record(1, 0.120, loaded=True) is None and g.record(1, 0.120, loaded=True) is None
+    v = g.record(1, 0.120, loaded=True)
+    assert v is not None and v.active == 1 and v.ratio == pytest.approx(1.2) and g.duty == 0.25
+    for _ in range(3):
+        g.record(2, 0.200, loaded=False)
+        g.record(1, 0.300, loaded=True)                  # no clean steps at 1 row left since the verdict
+    assert len(g.verdicts) == 1
+    for _ in range(3):
+        g.record(1, 0.295, loaded=False)
+    assert g.verdicts[-1].ratio == pytest.approx(0.300 / 0.295) and g.duty == pytest.approx(0.3125)
+    assert g.pause_after(1.0) == pytest.approx(1.0 * (1 - 0.3125) / 0.3125)
+    for _ in range(10):                                  # a slowdown every time: down to the floor
+        for loaded, t in ((False, 0.1), (True, 0.2)) * 3:
+            g.record(4, t, loaded)
+    assert g.duty == 0.1 and g.pause_after(1.0) == pytest.approx(9.0)
+    with pytest.raises(ValueError, match="duty"):
+        InterferenceConfig(start_duty=0.9, max_duty=0.8)
 
 
 def test_cotraining_never_runs_while_more_than_the_share_of_rows_is_active(chat_tiny):  # noqa: F811
@@ -101,6 +129,42 @@ def test_an_idle_rollout_trains_the_drafter_and_it_is_swapped_in_with_its_heldou
     assert serving is not trained  # a copy: training never touches the drafter the engine is using
     for (n, a), (_, b) in zip(serving.named_parameters(), trained.named_parameters()):
         assert torch.equal(a, b.to(a.dtype)), n
+
+
+def test_a_warm_start_is_measured_first_and_keep_up_scores_the_frozen_copy_beside_it(chat_tiny, tmp_path):  # noqa: F811
+    """--cotrain-from starts from a saved head (unmeasured: explored until the first held-out figure);
+    --cotrain-keep-up scores that head, frozen, beside the co-trained one on the same held-out traces."""
+    from onspec.models.loader import load_model
+    from onspec.speculation.eagle_model import init_drafter, load_eagle3, save_eagle3
+    from onspec.train.objective import simulated_acceptance
+
+    warm_dir = tmp_path / "warm"
+    save_eagle3(warm_dir, init_drafter(load_model(str(chat_tiny), "float32"), seed=11))
+    cfg = _cfg(chat_tiny, speculation="auto", steps=2, cotrain_from=str(warm_dir), cotrain_keep_up=True)
+    ct = SpyCoTrainer(IdleRule(share=1.0, **FREE_CORE), keep_up=True, start_from=str(warm_dir))
+    runner = RLRunner(cfg, cotrainer=ct, task=ParityTask(cfg.task))
+    warm = load_eagle3(warm_dir, runner.backend.engine.loaded, dtype=torch.float32)
+    learned = runner.backend.engine.spec.proposers["learned"]
+    assert learned.estimate() is None                         # unmeasured: not gated out as a day-0 head is
+    assert all(torch.equal(a, b) for a, b in zip(warm.parameters(), ct.trainer.drafter.parameters()))
+    history = runner.run(progress_bar=False)
+    assert ct.error is None
+    first = history[0].drafter
+    assert first["heldout_acceptance"] is not None and learned.estimate() is not None
+    for step in history:
+        assert step.drafter["keep_up"]["roots"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(warm.parameters(), ct.frozen.parameters()))
+    last = history[-1].drafter["keep_up"]
+    samples = ct.trainer.heldout_window()
+    depth = warm.unroll_steps(TRAINER.ttt_steps)
+    assert last["frozen"] == simulated_acceptance(warm, samples, depth)[0]
+    assert last["cotrained"] == simulated_acceptance(ct.trainer.drafter, samples, depth)[0]
+    assert ct.total_steps >= 1                                 # it trained: the two drafters differ
+    assert not all(torch.equal(a, b) for a, b in zip(warm.parameters(), ct.trainer.drafter.parameters()))
+    with pytest.raises(ValueError, match="cotrain_keep_up"):
+        _cfg(chat_tiny, cotrain=False, cotrain_keep_up=True)
+    with pytest.raises(ValueError, match="cotrain_from"):
+        _cfg(chat_tiny, cotrain=False, cotrain_from=str(warm_dir))
 
 
 def test_no_free_core_means_no_cotraining(chat_tiny):  # noqa: F811

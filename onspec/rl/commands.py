@@ -51,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--cotrain-share", type=float, default=0.25,
                    help="co-train only while at most this share of the rollout's rows is active and a core "
                         "is free (threads x 2 <= CPUs)")
+    p.add_argument("--cotrain-keep-up", action="store_true",
+                   help="also score a copy of the drafter frozen at step 0 on each step's held-out traces "
+                        "(metrics: drafter.keep_up)")
+    p.add_argument("--cotrain-from", default="", metavar="DIR",
+                   help="start co-training from this EAGLE-3 checkpoint (onspec warmup's, export-speculator's) "
+                        "instead of a day-0 head")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="directory for metrics.jsonl (and curves.png)")
@@ -78,7 +84,9 @@ def config_from_args(args: argparse.Namespace):
                     speculation=args.speculation or "auto",
                     max_num_seqs=args.max_num_seqs, threads=args.threads, workers=args.workers,
                     ray_address=args.ray_address, cotrain=args.cotrain,
-                    cotrain_share=args.cotrain_share, out=args.out, plot=args.plot,
+                    cotrain_share=args.cotrain_share, cotrain_keep_up=args.cotrain_keep_up,
+                    cotrain_from=args.cotrain_from, out=args.out,
+                    plot=args.plot,
                     seed=args.seed)
 
 

@@ -34,6 +34,8 @@ class RLConfig:
     cotrain: bool = False                # co-train a learned drafter on rollout traces (TLT)
     cotrain_share: float = 0.25          # co-train only while active rows <= this share of the rollout's peak
                                          # rows, and a core is free (rl/cotrain.py, ``IdleRule``)
+    cotrain_keep_up: bool = False        # also score a copy of the drafter frozen at step 0, every step
+    cotrain_from: str = ""               # EAGLE-3 checkpoint to co-train from ("": a day-0 head)
     out: str = ""                        # directory for metrics.jsonl (+ PNG curves with plot)
     plot: bool = False
     seed: int = 0
@@ -56,5 +58,9 @@ class RLConfig:
         if self.speculation in ("learned", "hybrid") and not self.cotrain:
             raise ValueError(f"speculation: {self.speculation!r} in RL needs --cotrain (a drafter that trains "
                              "on the rollouts: the policy changes every step)")
+        if self.cotrain_from and not self.cotrain:
+            raise ValueError("cotrain_from: the drafter to co-train from needs --cotrain")
+        if self.cotrain_keep_up and not self.cotrain:
+            raise ValueError("cotrain_keep_up: compares the co-trained drafter with a frozen copy; needs --cotrain")
         if self.plot and not self.out:
             raise ValueError("plot: needs --out DIR to write the PNG into")

@@ -16,7 +16,8 @@ How, with the pieces of ``onspec/train`` and ``onspec/speculation/eagle.py``:
 * During the rollout the engine thread reports a ``RolloutLoad`` after every step (``observe``); a
   background thread trains only while ``IdleRule`` says the rollout is idle (few rows left AND a core
   free), one unit at a time (ingest one chunk, or one optimiser step) and re-reads the rule before each
-  unit. The thread needs no CPU priority trick: the rule only opens where a core is free.
+  unit. Within that, it trains in a duty cycle that ``InterferenceGuard`` sizes from measured engine step
+  times, loaded against clean (rl/interference.py): a free core on a CPU can still slow the rollout.
 * ``on_rollout_end``: the gate closes; the unit in progress completes; remaining traces are flushed.
 * ``between_steps``: after the GRPO update has copied the new policy into the engine, the trainer's soft
   targets are rebuilt from the *new* policy's lm_head, and a drafter that trained is measured on the
@@ -43,6 +44,7 @@ from typing import Callable
 
 import torch
 
+from .interference import InterferenceConfig, InterferenceGuard
 from .rollout import RolloutLoad
 
 log = logging.getLogger("onspec.rl")
@@ -139,10 +141,16 @@ class DrafterCoTrainer:
 
     ``rule``: the idle rule; None measures it at ``attach`` (``IdleRule.measure(share)``, after the RL runner
     has set torch's thread count). ``clock``: seconds, for the training slices and idle time (tests inject a
-    logical clock)."""
+    logical clock). ``keep_up``: also score a copy of the drafter frozen at attach (step 0) on the same
+    held-out traces after every step, next to the co-trained one (TLT's claim that a co-trained drafter keeps
+    up with the policy while a frozen one goes stale); it costs one more held-out evaluation per step.
+    ``start_from``: an EAGLE-3 checkpoint directory (``onspec warmup``, ``export-speculator``) to start from
+    instead of a day-0 head; unmeasured on the policy's rollouts, it is explored until the first step's
+    held-out figure is taken. ``interference``: the duty cycle's settings (rl/interference.py)."""
 
     def __init__(self, trainer_cfg=None, seed: int = 0, share: float = 0.25, rule: IdleRule | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, keep_up: bool = False,
+                 start_from: str = "", interference: InterferenceConfig | None = None) -> None:
         from ..config import TrainerConfig
 
         self.tcfg = trainer_cfg or TrainerConfig(min_positions=64, batch_positions=512, autocast=False, seed=seed)
@@ -167,6 +175,13 @@ class DrafterCoTrainer:
         self.total_steps = 0
         self.last_loss: float | None = None
         self.error: str | None = None
+        self.keep_up = keep_up
+        self.frozen = None                   # the step-0 copy scored beside it when keep_up
+        self.start_from = start_from
+        self.guard = InterferenceGuard(interference or InterferenceConfig())
+        self._busy = False                   # a unit of work is running (read by the engine thread)
+        self._units = 0                      # units started so far
+        self._units_seen = 0                 # ... as of the previous engine step
 
     # ---- wiring ----------------------------------------------------------------------------------
     def proposers(self) -> dict | None:
@@ -175,6 +190,7 @@ class DrafterCoTrainer:
     def attach(self, engine) -> None:
         from ..models.loader import DTYPES
         from ..speculation.eagle import EagleConfig, attach_learned, init_drafter
+        from ..speculation.eagle_model import load_eagle3
         from ..train.traces import TraceRecorder, attach_recorder
         from ..train.trainer import Trainer
 
@@ -189,11 +205,17 @@ class DrafterCoTrainer:
                         self.rule.cpus)
         self.engine = engine
         self.serve_dtype = DTYPES[engine.cfg.dtype]
-        drafter = init_drafter(engine.loaded, EagleConfig.for_target(engine.loaded.arch), seed=self.seed)
+        if self.start_from:
+            drafter = load_eagle3(self.start_from, engine.loaded, dtype=torch.float32)
+            self.estimate = None
+        else:
+            drafter = init_drafter(engine.loaded, EagleConfig.for_target(engine.loaded.arch), seed=self.seed)
         spec = attach_learned(engine, engine.cfg.spec, drafter.to_dtype(self.serve_dtype),
                               expected_acceptance=self.estimate)
         self.proposer = spec.proposers["learned"]
         self.trainer = Trainer(drafter, engine.loaded, self.tcfg)
+        if self.keep_up:
+            self.frozen = drafter.to_dtype(drafter.dtype)
         self.recorder = TraceRecorder(self.tcfg, self._chunks.append)
         self._detach = attach_recorder(engine, self.recorder)
         self._thread = threading.Thread(target=self._run, name="onspec-cotrain", daemon=True)
@@ -204,9 +226,13 @@ class DrafterCoTrainer:
         while not self._stop.is_set():
             if not self._go.wait(0.05):
                 continue
+            pause = 0.0
             with self._lock:
                 if self._stop.is_set() or not self._go.is_set():
                     continue
+                self._busy = True
+                self._units += 1
+                t0 = time.perf_counter()
                 try:
                     worked = self._work_once()
                 except Exception as exc:  # never take the rollout down: stop co-training, say why
@@ -214,23 +240,30 @@ class DrafterCoTrainer:
                     self._go.clear()
                     self._stop.set()
                     continue
+                finally:
+                    self._busy = False
+                if worked == "step":
+                    pause = self.guard.pause_after(time.perf_counter() - t0)
             if not worked:
                 time.sleep(0.01)
+            elif pause > 0:
+                self._stop.wait(pause)       # the duty cycle's pause: clean engine steps to compare with
 
-    def _work_once(self) -> bool:
-        """One unit of work: ingest one recorded chunk, else one optimiser step; False when there was none."""
+    def _work_once(self) -> str:
+        """One unit of work: ingest one recorded chunk ("ingest"), else one optimiser step ("step"); "" when
+        there was none."""
         if self._chunks:
             self.trainer.add(self._chunks.popleft())
-            return True
+            return "ingest"
         if not self.trainer.ready():
-            return False
+            return ""
         start = self.clock()
         stats = self.trainer.step()
         self.rollout.slices.append(TrainSlice(start, self.clock()))
         self.total_steps += 1
         if "loss" in stats:
             self.last_loss = float(stats["loss"])
-        return True
+        return "step"
 
     # ---- the RL loop's hooks ---------------------------------------------------------------------
     @property
@@ -249,7 +282,13 @@ class DrafterCoTrainer:
 
     def observe(self, load: RolloutLoad) -> None:
         """After every engine step, on the engine thread: open the gate while the rule says idle, close it
-        otherwise (the unit of work in progress completes; none starts until the rule holds again)."""
+        otherwise (the unit of work in progress completes; none starts until the rule holds again). A step
+        of the idle tail is also recorded for the interference guard, as loaded if a unit of work ran
+        during it."""
+        loaded = self._busy or self._units != self._units_seen
+        self._units_seen = self._units
+        if self._go.is_set() and load.step_seconds > 0:
+            self.guard.record(load.active, load.step_seconds, loaded)
         if self.rule is not None and self.rule.idle(load) and not self._stop.is_set():
             if not self._go.is_set():
                 self._idle_since = self.clock()
@@ -276,17 +315,33 @@ class DrafterCoTrainer:
             tr = self.trainer
             tr.set_target_head(self.engine.loaded.model.lm_head.weight)
             heldout = None
-            if self.rollout.steps > 0:
+            if self.rollout.steps > 0 or self.estimate is None:     # trained, or a warm start not yet measured
                 acceptance, roots = tr.evaluate()
                 if roots:
                     heldout = acceptance
                     self.estimate = acceptance
                     self.proposer.swap(tr.drafter.to_dtype(self.serve_dtype), expected_acceptance=acceptance)
                     self.version += 1
-            return {"version": self.version, "tail_steps": self.rollout.steps, "total_steps": self.total_steps,
-                    "tail_train_seconds": self.rollout.train_seconds, "idle_seconds": self.rollout.idle_seconds,
-                    "heldout_acceptance": heldout, "estimate": self.estimate, "core_free": self.rule.core_free,
-                    "buffer_positions": tr.buffer.positions, "backlog": self.backlog, "loss": self.last_loss, "error": self.error}
+            out = {"version": self.version, "tail_steps": self.rollout.steps, "total_steps": self.total_steps,
+                   "tail_train_seconds": self.rollout.train_seconds, "idle_seconds": self.rollout.idle_seconds,
+                   "heldout_acceptance": heldout, "estimate": self.estimate, "core_free": self.rule.core_free,
+                   "buffer_positions": tr.buffer.positions, "backlog": self.backlog, "loss": self.last_loss,
+                   "duty": self.guard.duty, "slowdown": self.guard.last_ratio, "error": self.error}
+            if self.frozen is not None:
+                out["keep_up"] = self._keep_up()
+            return out
+
+    def _keep_up(self) -> dict:
+        """The co-trained drafter's and the step-0 copy's simulated acceptance length on the same held-out
+        window (the newest rollouts' traces, soft labels from the policy that produced them)."""
+        from ..train.objective import simulated_acceptance
+
+        tr = self.trainer
+        samples = tr.heldout_window()
+        cotrained, roots = tr.evaluate(samples)
+        frozen, _ = simulated_acceptance(self.frozen, samples, self.frozen.unroll_steps(self.tcfg.ttt_steps),
+                                         autocast=self.tcfg.autocast)
+        return {"cotrained": cotrained, "frozen": frozen, "roots": roots}
 
     def close(self) -> None:
         self._stop.set()
@@ -302,4 +357,5 @@ def make_cotrainer(cfg) -> DrafterCoTrainer:
     if cfg.workers > 1:
         raise ValueError("cotrain: drafter co-training runs with one in-process worker for now (--workers 1)")
     torch.manual_seed(cfg.seed)
-    return DrafterCoTrainer(seed=cfg.seed, share=cfg.cotrain_share)
+    return DrafterCoTrainer(seed=cfg.seed, share=cfg.cotrain_share, keep_up=cfg.cotrain_keep_up,
+                            start_from=cfg.cotrain_from)

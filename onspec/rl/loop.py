@@ -178,8 +178,10 @@ class RLRunner:
             bar = tqdm(total=len(prompts) * G, desc=f"step {i + 1}/{self.cfg.steps} rollout", unit="resp",
                        leave=True, dynamic_ncols=True)
 
-            def progress(done: int, total: int) -> None:
+            def advance(done: int, total: int) -> None:
                 bar.update(done - bar.n)
+
+            progress = advance
 
         if self.cotrainer is not None:
             self.cotrainer.on_rollout_start(i)

@@ -166,10 +166,13 @@ class RolloutLoad:
     next step will run once the buffer has refilled the slots this step freed. Counting only the running
     chunks would read a step that finished several responses as a tail although waiting ones take their
     slots at once. With one engine ``active`` never rises within a rollout: unfinished responses only
-    decrease. ``peak`` is the most rows the rollout can run at once, min(capacity, responses)."""
+    decrease. ``peak`` is the most rows the rollout can run at once, min(capacity, responses).
+    ``step_seconds``: the wall time of the engine step just run (the co-trainer measures what its training
+    costs the rollout from it, rl/interference.py)."""
 
     active: int
     peak: int
+    step_seconds: float = 0.0
 
     @property
     def share(self) -> float:
@@ -472,12 +475,15 @@ def run_rollout(runner: ChunkRunner, prompts: list[list[int]], cfg: RolloutConfi
                     raise RuntimeError("rollout stalled: nothing running, nothing waiting, responses unfinished")
                 continue
             finished_before = coord.num_finished
+            t_step = time.perf_counter()
             for res in runner.step():
                 coord.complete(0, res)
+            step_seconds = time.perf_counter() - t_step
             if progress is not None and coord.num_finished != finished_before:
                 progress(coord.num_finished, len(coord.items))
             if load_hook is not None:
-                load_hook(RolloutLoad(active=min(runner.capacity, runner.load + len(coord.buffer)), peak=peak))
+                load_hook(RolloutLoad(active=min(runner.capacity, runner.load + len(coord.buffer)), peak=peak,
+                                      step_seconds=step_seconds))
     finally:
         runner.unpin_all()
     seconds = time.perf_counter() - coord.t0

@@ -271,37 +271,47 @@ class EagleDrafter(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _mid(self, emb: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    def _mid(self, emb: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, attend,
+             queries: torch.Tensor | None = None) -> torch.Tensor:
         """One midlayer pass over [B, T, H] inputs; returns the prenorm output [B, T, H].
 
-        ``attend(q [B, T, h, D], k [B, T, kvh, D], v [B, T, kvh, D]) -> [B, T, h * D]`` (q, k rotated):
-        inference and training differ only in what the new rows attend to."""
+        ``attend(q [B, Q, h, D], k [B, T, kvh, D], v [B, T, kvh, D]) -> [B, Q, h * D]`` (q, k rotated):
+        inference and training differ only in what the new rows attend to. ``queries`` [B, Q]: the rows whose
+        output is wanted (default: all, Q = T); every row still gives its key and value, but only these run the
+        query, attention, o_proj and MLP, which is most of a row's cost (the parallel drafter's context rows
+        are only cached)."""
         c, m = self.cfg, self.midlayer
         B, T = emb.shape[:2]
         x = torch.cat((m.input_layernorm(emb), m.hidden_norm(hidden)), dim=-1)
         a = m.self_attn
-        x, n = self._rows(x)    # padded once for q, k and v (see ``_rows``)
-        q = a.q_proj(x)[:n].view(B, T, c.num_heads, c.head_dim)
-        k = a.k_proj(x)[:n].view(B, T, c.num_kv_heads, c.head_dim)
-        v = a.v_proj(x)[:n].view(B, T, c.num_kv_heads, c.head_dim)
         cos, sin = self.rope(positions)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rows, n = self._rows(x)    # padded once for q, k and v (see ``_rows``)
+        k = apply_rope(a.k_proj(rows)[:n].view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
+        v = a.v_proj(rows)[:n].view(B, T, c.num_kv_heads, c.head_dim)
+        if queries is not None:
+            g = torch.arange(B, device=x.device)[:, None]
+            x, hidden, cos, sin = x[g, queries], hidden[g, queries], cos[g, queries], sin[g, queries]
+            rows, n = self._rows(x)
+        Q = x.shape[1]
+        q = apply_rope(a.q_proj(rows)[:n].view(B, Q, c.num_heads, c.head_dim), cos, sin)
         r = hidden + self._linear(a.o_proj, attend(q, k, v))
         h, n = self._rows(m.post_attention_layernorm(r))
-        return r + m.mlp.down_proj(F.silu(m.mlp.gate_proj(h)) * m.mlp.up_proj(h))[:n].view(B, T, -1)
+        return r + m.mlp.down_proj(F.silu(m.mlp.gate_proj(h)) * m.mlp.up_proj(h))[:n].view(B, Q, -1)
 
     # ---- inference -------------------------------------------------------------------------------
     def draft_step(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                    past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None,
-                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   mask: torch.Tensor | None = None, queries: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One drafter forward over ``T`` new positions of ``B`` sequences, against a KV cache.
 
         token_ids [B, T]; hidden [B, T, H] features (``project(aux)`` for positions the target has
         processed, the parent's prenorm output for drafted ones); positions [B, T] rotary positions;
         past_k/past_v [B, kvh, P, D] cached rows (None: P = 0); mask bool [B, T, P + T] (True = may attend;
         None = every past row plus a causal mask over the new ones). Every row must allow at least one key.
+        ``queries`` [B, Q]: only these rows' outputs are computed (see ``_mid``); ``mask`` is then [B, Q, P + T].
 
-        Returns (prenorm [B, T, H], k [B, kvh, T, D], v [B, kvh, T, D]); the caller stores k/v where it keeps
+        Returns (prenorm [B, T, H], or [B, Q, H] with ``queries``, k [B, kvh, T, D], v [B, kvh, T, D]); the caller stores k/v where it keeps
         this sequence's cache (the drafter owns no state, so batching and trees are the caller's choice).
         """
         c = self.cfg
@@ -321,7 +331,7 @@ class EagleDrafter(nn.Module):
                                                  enable_gqa=c.num_kv_heads != c.num_heads)
             return out.transpose(1, 2).reshape(q.shape[0], T, c.num_heads * c.head_dim)
 
-        prenorm = self._mid(self.embed(token_ids), hidden.to(self.dtype), positions, attend)
+        prenorm = self._mid(self.embed(token_ids), hidden.to(self.dtype), positions, attend, queries)
         return prenorm, new_kv[0], new_kv[1]
 
     # ---- training ------------------------------------------------------------------------------

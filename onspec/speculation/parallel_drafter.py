@@ -68,20 +68,22 @@ class ParallelInput:
     """One parallel-drafting forward over B sequences and R new rows each (built by the proposer).
 
     Rows of sequence b: its uncached context rows (the last of them the root, depth 1), then the rows of
-    depths 2..k, then padding. ``depth_rows[b, d - 1]`` is the row of depth d."""
+    depths 2..k_b, then padding. ``depth_rows[b, d - 1]`` is the row of depth d: the rows whose outputs are
+    computed (the other context rows only give their keys and values to the cache). A sequence drafting
+    fewer depths than the batch's most repeats its last depth row in the remaining columns."""
 
-    tokens: torch.Tensor          # [B, R] int64
-    aux: torch.Tensor             # [B, R, 3 Ht] (mask_hidden at depths >= 2)
+    tokens: torch.Tensor          # [B, R] int64 (the mask token at depths >= 2)
+    features: torch.Tensor        # [B, R, H] fc(aux) for context rows, fc(mask_hidden) at depths >= 2
     positions: torch.Tensor       # [B, R] rotary positions
-    mask: torch.Tensor            # [B, R, P + R] bool, True = may attend
-    depth_rows: torch.Tensor      # [B, k] int64
+    mask: torch.Tensor            # [B, Q, P + R] bool, True = may attend: the depth rows' attention
+    depth_rows: torch.Tensor      # [B, Q] int64
     past_k: torch.Tensor | None   # [B, kvh, P, D] cached context rows (None: P = 0)
     past_v: torch.Tensor | None
 
 
 @dataclass
 class ParallelOutput:
-    logits: torch.Tensor          # [B, k, draft_vocab]: depth d's logits at [:, d - 1]
+    logits: torch.Tensor          # [B, Q, draft_vocab]: depth d's logits at [:, d - 1]
     k: torch.Tensor               # [B, kvh, R, D] the new rows' keys (the caller caches the context rows')
     v: torch.Tensor
 
@@ -120,12 +122,16 @@ class ParallelDrafter(EagleDrafter):
         # Depth step + 1 reads placeholders, not the data's next token nor its own previous output.
         return self.placeholders(*input_ids.shape)
 
+    def placeholder_feature(self) -> torch.Tensor:
+        """fc(mask_hidden) [H]: the feature of every row standing for a token not drafted yet."""
+        return self.project(self.mask_hidden.detach())
+
     def draft_parallel(self, inp: ParallelInput) -> ParallelOutput:
-        """The one forward of a proposal: every depth's logits (see ``ParallelInput``)."""
-        prenorm, k, v = self.draft_step(inp.tokens, self.project(inp.aux), inp.positions, inp.past_k,
-                                        inp.past_v, inp.mask)
-        rows = prenorm[torch.arange(prenorm.shape[0])[:, None], inp.depth_rows]      # [B, k, H]
-        return ParallelOutput(self.logits(rows), k, v)
+        """The one forward of a proposal: every depth's logits (see ``ParallelInput``). Only the depth rows
+        run attention, the MLP and the lm_head; the other context rows give their keys and values."""
+        prenorm, k, v = self.draft_step(inp.tokens, inp.features, inp.positions, inp.past_k, inp.past_v,
+                                        inp.mask, queries=inp.depth_rows)
+        return ParallelOutput(self.logits(prenorm), k, v)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -50,31 +50,41 @@ class ParallelProposer(EagleProposer):
         """The forward's inputs for ``(seq, state, budget)`` rows whose roots are pending.
 
         Sequence b has ``pend = n_aux - n_kv`` uncached context rows (drafter positions ``n_kv + 1 .. n_aux``;
-        the last pairs the newest aux row with the root: depth 1), then depths ``2..k`` at positions
-        ``n_aux + 1 .. n_aux + k - 1`` (anchor ``n_aux - 1`` plus the depth): so row r sits at ``n_kv + 1 + r``
-        whatever it is. Attention: every row sees the sequence's cached rows and the rows before it (causal),
-        so depth d sees the context and depths < d; padding rows after them see themselves too."""
+        the last pairs the newest aux row with the root: depth 1), then depths ``2..k_b`` at positions
+        ``n_aux + 1 .. n_aux + k_b - 1`` (anchor ``n_aux - 1`` plus the depth): so row r sits at ``n_kv + 1 + r``
+        whatever it is. ``k_b = min(depths, budget)``: a tree of ``budget`` nodes is at most that deep, so
+        rows it cannot use are not computed. Attention (the depth rows' only): every depth row sees the
+        sequence's cached rows and the rows up to itself (causal), so depth d sees the context and depths < d.
+
+        Built from Python lists and one ``fc`` product over all context rows: at batch 1 the drafter's
+        forward is ~1 ms, so per-sequence tensor ops here would be a visible share of the proposal."""
         d = self.drafter
-        k = d.depths
         B = len(active)
-        past = torch.tensor([st.n_kv for _, st, _ in active])
-        pend = torch.tensor([st.n_aux - st.n_kv for _, st, _ in active])
-        P, R = int(past.max()), int(pend.max()) + k - 1
+        n_kv = [st.n_kv for _, st, _ in active]
+        pend = [st.n_aux - st.n_kv for _, st, _ in active]
+        depths = [min(d.depths, budget) for _, _, budget in active]
+        P = max(n_kv)
+        R = max(p + k - 1 for p, k in zip(pend, depths))
+        Q = max(depths)
+        mask_token = d.parallel.mask_token_id
+        tokens, depth_rows = [], []
+        for (seq, _, _), lo, n, k in zip(active, n_kv, pend, depths):
+            tokens.append(seq.tokens[lo + 1:lo + 1 + n] + [mask_token] * (R - n))
+            depth_rows.append([min(n - 1 + i, n + k - 2) for i in range(Q)])
+        ctx = torch.cat([st.aux[lo:lo + n] for (_, st, _), lo, n in zip(active, n_kv, pend)])
+        ctx_features = d.project(ctx)
+        features = d.placeholder_feature().expand(B, R, -1).clone()
+        used = torch.tensor([[r < n for r in range(R)] for n in pend])                 # [B, R] context rows
+        features[used] = ctx_features
+        rows = torch.tensor(depth_rows)                                                 # [B, Q]
+        past = torch.tensor(n_kv)
         r = torch.arange(R)
-        tokens = torch.full((B, R), d.parallel.mask_token_id, dtype=torch.long)
-        aux = d.mask_hidden.detach().expand(B, R, -1).clone()
-        for b, (seq, st, _) in enumerate(active):
-            lo, n = st.n_kv, int(pend[b])
-            tokens[b, :n] = torch.tensor(seq.tokens[lo + 1:lo + 1 + n])
-            aux[b, :n] = st.aux[lo:lo + n].to(aux.dtype)
-        used = r[None, :] < (pend + k - 1)[:, None]                                    # [B, R] not padding
-        new = ((r[None, :] <= r[:, None])[None] & used[:, None, :]) | torch.eye(R, dtype=torch.bool)[None]
-        old = (torch.arange(P)[None, None, :] < past[:, None, None]).expand(B, R, P)
+        new = r[None, None, :] <= rows[:, :, None]                                      # causal, to itself
+        old = (torch.arange(P)[None, None, :] < past[:, None, None]).expand(B, Q, P)
         past_k, past_v = self._past_kv(active, P)
-        return ParallelInput(tokens=tokens, aux=aux, positions=past[:, None] + 1 + r[None, :],
-                             mask=torch.cat((old, new), dim=-1),
-                             depth_rows=(pend - 1)[:, None] + torch.arange(k)[None, :],
-                             past_k=past_k, past_v=past_v)
+        return ParallelInput(tokens=torch.tensor(tokens), features=features,
+                             positions=past[:, None] + 1 + r[None, :], mask=torch.cat((old, new), dim=-1),
+                             depth_rows=rows, past_k=past_k, past_v=past_v)
 
     def _draft(self, active: list) -> dict[int, DraftTree]:
         d = self.drafter
@@ -85,8 +95,9 @@ class ParallelProposer(EagleProposer):
         self.stats.catch_up_tokens += sum(pend)
         self._cache_rows(active, pend, out.k, out.v)
         val, idx = torch.log_softmax(out.logits.float(), dim=-1).topk(min(self.topk, d.cfg.draft_vocab_size), dim=-1)
-        vals, tids = val.tolist(), d.draft_ids[idx].tolist()                          # [B][k][topk]
-        return {seq.seq_id: tree_from_depths(seq.tokens[-1], vals[b], tids[b], budget)
+        vals, tids = val.tolist(), d.draft_ids[idx].tolist()                          # [B][Q][topk]
+        return {seq.seq_id: tree_from_depths(seq.tokens[-1], vals[b][:min(d.depths, budget)],
+                                             tids[b][:min(d.depths, budget)], budget)
                 for b, (seq, _, budget) in enumerate(active)}
 
 

@@ -150,7 +150,7 @@ def _verify_sample(tree: DraftTree, target: torch.Tensor, generator: torch.Gener
     us = iter(_uniforms(len(tree), generator))  # <= n-1 accept tests + 1 final draw
     node, accepted = 0, [0]
     while True:
-        p = r = target[node]
+        r = target[node]
         q = tree.child_dists.get(node)
         if q is not None:
             q = q.to(device=r.device, dtype=r.dtype)

@@ -95,9 +95,11 @@ def run(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=len(cfg.workers) * len(cfg.policies), desc="simulating", unit="run", dynamic_ncols=True)
 
-        def progress(policy: str, workers: int) -> None:
+        def advance(policy: str, workers: int) -> None:
             bar.set_postfix_str(f"N={workers} {policy}")
             bar.update(1)
+
+        progress = advance
 
     try:
         sweep = run_sweep(cfg, workload, cost, acceptance, progress)
