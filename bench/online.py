@@ -10,7 +10,8 @@ Scenarios
            drafter, per strategy: ``off`` (baseline), ``suffix`` (model-free only), ``learned`` and
            ``hybrid`` (forced, learning online), ``auto`` (the controller chooses; learning online).
            Acceptance length and speedup over ``off`` against requests served and wall time, drafter
-           versions marked.
+           versions marked. ``parallel`` and ``auto-parallel`` learn the parallel drafter instead of the
+           sequential head (``--train-drafter parallel``).
   day1     the same from a warm start (``onspec warmup``'s procedure on its generic prompt set, which is
            disjoint from AlpacaEval).
   shift    chat, then code (HumanEval), then math (gsm_symbolic): the online drafter against a copy frozen
@@ -190,6 +191,13 @@ def finish_run(run: Run, engine, learner) -> None:
 
 
 # ---- scenarios ----------------------------------------------------------------------------------------
+# Strategies that learn online, and the engine mode of the names that are not modes: auto-suffix is the
+# controller with no learned drafter; parallel / auto-parallel learn the parallel drafter (--train-drafter
+# parallel) instead of the sequential head.
+LEARNING_STRATEGIES = ("learned", "hybrid", "auto", "parallel", "auto-parallel")
+STRATEGY_MODES = {"auto-suffix": "auto", "auto-parallel": "auto"}
+
+
 def scenario_strategies(loaded, texts, args, tag: str, start_dir: Path | None) -> dict[str, Run]:
     """One run per strategy over the same traffic; learning strategies start from ``start_dir``'s latest
     promoted version (a warm start) or from a random drafter."""
@@ -200,8 +208,8 @@ def scenario_strategies(loaded, texts, args, tag: str, start_dir: Path | None) -
                              for s in args.strategies]:
         name = f"{tag}-{strategy}-c{c}" + (f"-r{rep}" if rep else "")
         print(f"[{name}] {len(texts)} requests, {args.max_tokens} tokens max", flush=True)
-        learning = strategy in ("learned", "hybrid", "auto")
-        mode = "auto" if strategy == "auto-suffix" else strategy  # the controller, no learned drafter
+        learning = strategy in LEARNING_STRATEGIES
+        mode = STRATEGY_MODES.get(strategy, strategy)
         engine = make_engine(loaded, mode, args.threads, c, attach=not learning)
         learner = None
         tmp = Path(tempfile.mkdtemp(prefix=f"onspec-bench-{name}-"))
@@ -209,7 +217,8 @@ def scenario_strategies(loaded, texts, args, tag: str, start_dir: Path | None) -
             if learning:
                 if start_dir is not None:
                     shutil.copytree(start_dir, tmp / "v")
-                learner = start_learner(engine, tmp / "v", args)
+                drafter = {"drafter": "parallel"} if strategy in ("parallel", "auto-parallel") else {}
+                learner = start_learner(engine, tmp / "v", args, **drafter)
                 wait_trainer(learner)
             run = Run(name, strategy, c, repeat=rep)
             drive(engine, texts, ["chat"] * len(texts), c, args.max_tokens, run, learner)
@@ -529,7 +538,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=None, help="requests per run (default 120, quick 16)")
     ap.add_argument("--max-tokens", type=int, default=None, help="default 128, quick 64")
     ap.add_argument("--concurrency", default=None, help="comma list (default 1,4; quick 2)")
-    ap.add_argument("--strategies", default="off,suffix,learned,hybrid,auto")
+    ap.add_argument("--strategies", default="off,suffix,learned,hybrid,auto",
+                    help="comma list: off, suffix, learned, hybrid, auto, auto-suffix (no learned drafter), "
+                         "parallel, auto-parallel (learning the parallel drafter)")
     ap.add_argument("--scenarios", default=None, help="comma list of day0,day1,shift,cost (default all; quick: "
                                                       "day0,cost)")
     ap.add_argument("--shift-requests", type=int, default=None, help="requests per shift phase (default 40)")

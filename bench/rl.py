@@ -87,6 +87,19 @@ def run_config(name: str, spec: dict, base: RLConfig, keep_up: bool = False, cot
     return [asdict(m) for m in history]
 
 
+def length_distribution(rows: list[dict]) -> dict:
+    """Response lengths over every step of a run: p50, p90, p99, max and the share cut at max_tokens."""
+    lengths = sorted(n for r in rows for n in r.get("response_lengths", []))
+    if not lengths:
+        return {}
+
+    def q(p: float) -> int:
+        return lengths[min(len(lengths) - 1, int(p * len(lengths)))]
+
+    return {"responses": len(lengths), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": lengths[-1],
+            "cut": statistics.mean(r.get("truncated", 0.0) for r in rows)}
+
+
 def summarise(rows: list[dict]) -> dict:
     med = statistics.median
     strategies: dict[str, list[float]] = {}
@@ -113,6 +126,7 @@ def summarise(rows: list[dict]) -> dict:
         "tail_curve": [r["tail_seconds"] for r in rows],
         "acceptance_curve": [r["acceptance_length"] for r in rows],
         "drafter": [r.get("drafter", {}) for r in rows],
+        "lengths": length_distribution(rows),
     }
 
 
@@ -192,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
              + "); prefill tok: prompt tokens computed per step (a group's "
              f"responses share one prefill from (b) on"
              + (", and in (a) too: --baseline-shares-prefill)." if args.baseline_shares_prefill else ").")]
+    lengths = summary[base_name]["lengths"]
+    if lengths:
+        notes.append(f"(a)'s response lengths over {lengths['responses']} responses: p50 {lengths['p50']}, p90 "
+                     f"{lengths['p90']}, p99 {lengths['p99']}, max {lengths['max']}, cut {lengths['cut']:.1%}")
     if warn:
         notes.append(warn)
     print_table("RL rollout phase (same seeds, same prompts)", cols, table, notes)
@@ -220,12 +238,16 @@ def report_keep_up(args, base: RLConfig, runs: dict[str, list[dict]]) -> int:
               c.get("cotrained", float("nan")) - c.get("frozen", float("nan")), c.get("roots", 0), c["version"],
               c["tail_train_seconds"], c["reward"]] for c in curve]
     start = f"warm head {args.cotrain_from}" if args.cotrain_from else "a day-0 head"
+    lengths = length_distribution(rows)
     notes = [f"held-out simulated acceptance length (1 + accepted drafts of greedy chains) on the newest rollouts' "
              f"traces; both drafters start from {start}; the frozen one never trains"]
+    if lengths:
+        notes.append(f"response lengths: p50 {lengths['p50']}, p90 {lengths['p90']}, p99 {lengths['p99']}, "
+                     f"max {lengths['max']}, cut {lengths['cut']:.1%} ({lengths['responses']} responses)")
     print_table("Co-trained drafter against a copy frozen at step 0", ["step", "co-trained", "frozen", "gap", "roots",
                 "version", "tail train s", "reward"], table, notes)
     payload = {"machine": machine_info(args.threads), "config": asdict(base), "cotrain_from": args.cotrain_from,
-               "curve": curve, "runs": runs, "notes": notes}
+               "curve": curve, "lengths": lengths, "runs": runs, "notes": notes}
     jpath, _ = write_results(args.name, payload)
     series = {"co-trained": [{"step": c["step"], "acceptance": c["cotrained"]} for c in curve if "cotrained" in c],
               "frozen at step 0": [{"step": c["step"], "acceptance": c["frozen"]} for c in curve if "frozen" in c]}

@@ -64,6 +64,12 @@ def test_one_rl_step_updates_engine_weights(chat_tiny, tmp_path):
                 "acceptance_by_strategy", "train_seconds", "shared_prompt_tokens", "truncated"):
         assert key in rows[0]
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+    # the simulator replays the recorded lengths, group by group
+    from onspec.rl.simulate.workload import load_recorded
+
+    assert len(rows[0]["response_lengths"]) == 8 and sum(rows[0]["response_lengths"]) / 8 == m.response_tokens
+    groups = load_recorded(str(tmp_path / "out" / "metrics.jsonl")).groups
+    assert [list(g) for g in groups] == [rows[0]["response_lengths"][:4], rows[0]["response_lengths"][4:]]
 
 
 def test_bfloat16_engine_holds_the_rounded_trained_weights(chat_tiny, tmp_path):

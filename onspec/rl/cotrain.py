@@ -242,7 +242,7 @@ class DrafterCoTrainer:
                     continue
                 finally:
                     self._busy = False
-                if worked == "step":
+                if worked:       # ingesting a chunk computes the policy's soft labels: as costly as a step
                     pause = self.guard.pause_after(time.perf_counter() - t0)
             if not worked:
                 time.sleep(0.01)

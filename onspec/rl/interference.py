@@ -6,7 +6,8 @@ thread on a 2-core CPU) training on the other core at full duty lengthened the t
 same run with the trainer attached but never training matched the run without it (docs/decisions.md,
 'Co-training only in idle time'). TLT's idle GPU has no such cost; a CPU has to measure it.
 
-How: after each optimiser step the trainer pauses, so that it runs ``duty`` of the time. Engine steps in
+How: after each unit of work (an optimiser step, or ingesting a chunk, which computes the policy's soft
+labels for it) the trainer pauses, so that it runs ``duty`` of the time. Engine steps in
 the idle tail are sorted by whether training overlapped them ("loaded") or not ("clean"), per number of
 active rows (a step's cost depends on its rows). Once both kinds have ``samples`` steps at the same row
 count, their medians are compared: a loaded median more than ``tolerance`` above the clean one means

@@ -114,6 +114,8 @@ class StepMetrics:
     shared_prompt_tokens: int = 0        # prompt cache rows copied between siblings instead of prefilled
     reused_prefix_tokens: int = 0        # context cache rows found in a freed slot instead of prefilled
     truncated: float = 0.0               # fraction of responses cut at max_tokens (a cap flattens the tail)
+    response_lengths: list[int] = field(default_factory=list)   # tokens per response, group by group (what
+    group_size: int = 0                  # ``onspec simulate-rollout --lengths recorded:metrics.jsonl`` replays)
 
 
 class RLRunner:
@@ -233,7 +235,8 @@ class RLRunner:
             train_seconds=upd.seconds, loss=upd.loss, grad_norm=upd.grad_norm, clip_frac=upd.clip_frac,
             kl=upd.kl, trained_sequences=upd.trained_sequences, step_seconds=seconds, drafter=drafter,
             shared_prompt_tokens=result.shared_prompt_tokens, reused_prefix_tokens=result.reused_prefix_tokens,
-            truncated=sum(it.finish_reason == "length" for it in result.items) / n)
+            truncated=sum(it.finish_reason == "length" for it in result.items) / n,
+            response_lengths=[len(it.generated) for it in result.items], group_size=self.cfg.rollout.group_size)
 
     def run(self, progress_bar: bool = True) -> list[StepMetrics]:
         try:
