@@ -175,6 +175,18 @@ def test_no_free_core_means_no_cotraining(chat_tiny):  # noqa: F811
     assert history[-1].drafter["core_free"] is False
 
 
+def test_heldout_figures_follow_the_newest_rollout_even_with_no_idle_time(chat_tiny):  # noqa: F811
+    """No core free: nothing is trained or ingested during the rollouts, yet every step's keep-up figures
+    are taken on that step's held-out traces (taken in between steps, when the rollout is not running)."""
+    cfg = _cfg(chat_tiny, speculation="auto", steps=2)
+    ct = SpyCoTrainer(IdleRule(share=1.0, engine_threads=1, trainer_threads=1, cpus=1), wait=False, keep_up=True)
+    history = RLRunner(cfg, cotrainer=ct, task=ParityTask(cfg.task)).run(progress_bar=False)
+    assert ct.total_steps == 0 and ct.rollout.idle_seconds == 0
+    roots = [step.drafter["keep_up"]["roots"] for step in history]
+    assert roots[0] > 0 and roots[1] > roots[0]          # the second rollout's traces joined the window
+    assert all(step.drafter["keep_up"]["cotrained"] == step.drafter["keep_up"]["frozen"] for step in history)
+
+
 class RecordingTask(ParityTask):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -313,6 +313,7 @@ class DrafterCoTrainer:
         held-out traces and swapped in with that figure, for the controller to judge."""
         with self._lock:
             tr = self.trainer
+            self._take_heldout()
             tr.set_target_head(self.engine.loaded.model.lm_head.weight)
             heldout = None
             if self.rollout.steps > 0 or self.estimate is None:     # trained, or a warm start not yet measured
@@ -330,6 +331,15 @@ class DrafterCoTrainer:
             if self.frozen is not None:
                 out["keep_up"] = self._keep_up()
             return out
+
+    def _take_heldout(self) -> None:
+        """Ingest the held-out chunks still waiting: between steps the rollout is not running, so this costs
+        it nothing, and the held-out figures are then taken on the newest rollouts even when the rollout left
+        no idle time to ingest them (training chunks still wait for idle time)."""
+        held = [c for c in self._chunks if c.heldout]
+        for c in held:
+            self._chunks.remove(c)
+            self.trainer.add(c)
 
     def _keep_up(self) -> dict:
         """The co-trained drafter's and the step-0 copy's simulated acceptance length on the same held-out
