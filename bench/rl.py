@@ -226,10 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report_keep_up(args, base: RLConfig, runs: dict[str, list[dict]]) -> int:
-    """The co-trained drafter against the step-0 copy, step by step, on the same held-out traces."""
+def plot_keep_up(curve: list[dict], path: Path) -> Path:
+    """Held-out acceptance of both drafters by RL step, and the policy's reward beside it."""
     from onspec.rl.plots import plot_runs
 
+    series = {"co-trained": [{"step": c["step"], "acceptance": c["cotrained"], "reward": c["reward"]}
+                             for c in curve if "cotrained" in c],
+              "frozen at step 0": [{"step": c["step"], "acceptance": c["frozen"]} for c in curve if "frozen" in c]}
+    return plot_runs(series, path, title="Drafter keep-up during RL (held-out rollout traces)",
+                     panels=(("acceptance", "held-out acceptance length"), ("reward", "policy's mean reward")))
+
+
+def report_keep_up(args, base: RLConfig, runs: dict[str, list[dict]]) -> int:
+    """The co-trained drafter against the step-0 copy, step by step, on the same held-out traces."""
     rows = next(iter(runs.values()))
     curve = [{"step": r["step"], "reward": r["reward"], **r["drafter"].get("keep_up", {}),
               "version": r["drafter"].get("version"), "tail_train_seconds": r["drafter"].get("tail_train_seconds")}
@@ -249,10 +258,7 @@ def report_keep_up(args, base: RLConfig, runs: dict[str, list[dict]]) -> int:
     payload = {"machine": machine_info(args.threads), "config": asdict(base), "cotrain_from": args.cotrain_from,
                "curve": curve, "lengths": lengths, "runs": runs, "notes": notes}
     jpath, _ = write_results(args.name, payload)
-    series = {"co-trained": [{"step": c["step"], "acceptance": c["cotrained"]} for c in curve if "cotrained" in c],
-              "frozen at step 0": [{"step": c["step"], "acceptance": c["frozen"]} for c in curve if "frozen" in c]}
-    ppath = plot_runs(series, RESULTS_DIR / f"{args.name}.png", title="Drafter keep-up during RL (held-out)",
-                      panels=(("acceptance", "held-out acceptance length"),))
+    ppath = plot_keep_up(curve, RESULTS_DIR / f"{args.name}.png")
     print(f"results: {jpath}\nplot: {ppath}")
     return 0
 

@@ -27,7 +27,7 @@ def plot_runs(runs: dict[str, list[dict]], path: Path, title: str = "onspec rl",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = 3
+    cols = min(3, len(panels))
     nrows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, (key, label) in zip(axes.flat, panels):
