@@ -180,7 +180,7 @@ class DrafterCoTrainer:
         self.start_from = start_from
         self.guard = InterferenceGuard(interference or InterferenceConfig())
         self._busy = False                   # a unit of work is running (read by the engine thread)
-        self._units = 0                      # units started so far
+        self._units = 0                      # units of work done so far (a look that found none is not one)
         self._units_seen = 0                 # ... as of the previous engine step
 
     # ---- wiring ----------------------------------------------------------------------------------
@@ -231,7 +231,6 @@ class DrafterCoTrainer:
                 if self._stop.is_set() or not self._go.is_set():
                     continue
                 self._busy = True
-                self._units += 1
                 t0 = time.perf_counter()
                 try:
                     worked = self._work_once()
@@ -243,6 +242,7 @@ class DrafterCoTrainer:
                 finally:
                     self._busy = False
                 if worked:       # ingesting a chunk computes the policy's soft labels: as costly as a step
+                    self._units += 1
                     pause = self.guard.pause_after(time.perf_counter() - t0)
             if not worked:
                 time.sleep(0.01)
