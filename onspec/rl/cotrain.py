@@ -176,7 +176,7 @@ class DrafterCoTrainer:
         self.last_loss: float | None = None
         self.error: str | None = None
         self.keep_up = keep_up
-        self.frozen = None                   # the step-0 copy scored beside it when keep_up
+        self.frozen: torch.nn.Module | None = None   # the step-0 copy scored beside it when keep_up
         self.start_from = start_from
         self.guard = InterferenceGuard(interference or InterferenceConfig())
         self._busy = False                   # a unit of work is running (read by the engine thread)

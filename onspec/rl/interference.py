@@ -53,14 +53,13 @@ class InterferenceGuard:
     """See the module docstring. ``record`` runs on the engine thread, ``pause_after`` on the trainer's."""
 
     cfg: InterferenceConfig = field(default_factory=InterferenceConfig)
-    duty: float = -1.0
-    verdicts: list[Verdict] = field(default_factory=list)
-    _clean: dict[int, list[float]] = field(default_factory=dict)
-    _loaded: dict[int, list[float]] = field(default_factory=dict)
+    duty: float = field(init=False)
+    verdicts: list[Verdict] = field(init=False, default_factory=list)
+    _clean: dict[int, list[float]] = field(init=False, repr=False, default_factory=dict)   # step seconds by rows
+    _loaded: dict[int, list[float]] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.duty < 0:
-            self.duty = self.cfg.start_duty
+        self.duty = self.cfg.start_duty
 
     def record(self, active: int, seconds: float, loaded: bool) -> Verdict | None:
         """One engine step of the idle tail: its rows, its seconds, whether training overlapped it."""
