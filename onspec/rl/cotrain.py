@@ -249,21 +249,20 @@ class DrafterCoTrainer:
             elif pause > 0:
                 self._stop.wait(pause)       # the duty cycle's pause: clean engine steps to compare with
 
-    def _work_once(self) -> str:
-        """One unit of work: ingest one recorded chunk ("ingest"), else one optimiser step ("step"); "" when
-        there was none."""
+    def _work_once(self) -> bool:
+        """One unit of work: ingest one recorded chunk, else one optimiser step; False when there was none."""
         if self._chunks:
             self.trainer.add(self._chunks.popleft())
-            return "ingest"
+            return True
         if not self.trainer.ready():
-            return ""
+            return False
         start = self.clock()
         stats = self.trainer.step()
         self.rollout.slices.append(TrainSlice(start, self.clock()))
         self.total_steps += 1
         if "loss" in stats:
             self.last_loss = float(stats["loss"])
-        return "step"
+        return True
 
     # ---- the RL loop's hooks ---------------------------------------------------------------------
     @property
@@ -316,20 +315,21 @@ class DrafterCoTrainer:
             self._take_heldout()
             tr.set_target_head(self.engine.loaded.model.lm_head.weight)
             heldout = None
-            if self.rollout.steps > 0 or self.estimate is None:     # trained, or a warm start not yet measured
-                acceptance, roots = tr.evaluate()
-                if roots:
-                    heldout = acceptance
-                    self.estimate = acceptance
-                    self.proposer.swap(tr.drafter.to_dtype(self.serve_dtype), expected_acceptance=acceptance)
-                    self.version += 1
+            samples = tr.heldout_window()
+            swap = self.rollout.steps > 0 or self.estimate is None    # trained, or a warm start not yet measured
+            acceptance, roots = tr.evaluate(samples) if swap or self.frozen is not None else (None, 0)
+            if swap and roots:
+                heldout = acceptance
+                self.estimate = acceptance
+                self.proposer.swap(tr.drafter.to_dtype(self.serve_dtype), expected_acceptance=acceptance)
+                self.version += 1
             out = {"version": self.version, "tail_steps": self.rollout.steps, "total_steps": self.total_steps,
                    "tail_train_seconds": self.rollout.train_seconds, "idle_seconds": self.rollout.idle_seconds,
                    "heldout_acceptance": heldout, "estimate": self.estimate, "core_free": self.rule.core_free,
                    "buffer_positions": tr.buffer.positions, "backlog": self.backlog, "loss": self.last_loss,
                    "duty": self.guard.duty, "slowdown": self.guard.last_ratio, "error": self.error}
             if self.frozen is not None:
-                out["keep_up"] = self._keep_up()
+                out["keep_up"] = self._keep_up(samples, acceptance, roots)
             return out
 
     def _take_heldout(self) -> None:
@@ -341,14 +341,12 @@ class DrafterCoTrainer:
             self._chunks.remove(c)
             self.trainer.add(c)
 
-    def _keep_up(self) -> dict:
-        """The co-trained drafter's and the step-0 copy's simulated acceptance length on the same held-out
-        window (the newest rollouts' traces, soft labels from the policy that produced them)."""
+    def _keep_up(self, samples: list, cotrained: float, roots: int) -> dict:
+        """The co-trained drafter's simulated acceptance length on the held-out window (the newest rollouts'
+        traces, soft labels from the policy that produced them; scored by the caller) and the step-0 copy's
+        on the same samples."""
         from ..train.objective import simulated_acceptance
 
-        tr = self.trainer
-        samples = tr.heldout_window()
-        cotrained, roots = tr.evaluate(samples)
         frozen, _ = simulated_acceptance(self.frozen, samples, self.frozen.unroll_steps(self.tcfg.ttt_steps),
                                          autocast=self.tcfg.autocast)
         return {"cotrained": cotrained, "frozen": frozen, "roots": roots}

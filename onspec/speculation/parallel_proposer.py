@@ -49,6 +49,11 @@ class ParallelProposer(EagleProposer):
             self._placeholder = (self.drafter, self.drafter.placeholder_feature())
         return self._placeholder[1]
 
+    def depths_for(self, budget: int) -> int:
+        """Depths a row with a budget of ``budget`` nodes computes: a tree of that many nodes is at most that
+        deep."""
+        return min(self.drafter.depths, budget)
+
     def swap(self, drafter: ParallelDrafter, expected_acceptance: float | None = None) -> None:
         self.max_depth = drafter.depths
         super().swap(drafter, expected_acceptance)
@@ -70,7 +75,7 @@ class ParallelProposer(EagleProposer):
         B = len(active)
         n_kv = [st.n_kv for _, st, _ in active]
         pend = [st.n_aux - st.n_kv for _, st, _ in active]
-        depths = [min(d.depths, budget) for _, _, budget in active]
+        depths = [self.depths_for(budget) for _, _, budget in active]
         P = max(n_kv)
         R = max(p + k - 1 for p, k in zip(pend, depths))
         Q = max(depths)
@@ -103,8 +108,8 @@ class ParallelProposer(EagleProposer):
         self._cache_rows(active, pend, out.k, out.v)
         val, idx = torch.log_softmax(out.logits.float(), dim=-1).topk(min(self.topk, d.cfg.draft_vocab_size), dim=-1)
         vals, tids = val.tolist(), d.draft_ids[idx].tolist()                          # [B][Q][topk]
-        return {seq.seq_id: tree_from_depths(seq.tokens[-1], vals[b][:min(d.depths, budget)],
-                                             tids[b][:min(d.depths, budget)], budget)
+        return {seq.seq_id: tree_from_depths(seq.tokens[-1], vals[b][:self.depths_for(budget)],
+                                             tids[b][:self.depths_for(budget)], budget)
                 for b, (seq, _, budget) in enumerate(active)}
 
 
